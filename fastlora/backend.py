@@ -1,0 +1,36 @@
+"""The one place that decides which backend runs a fused LoRA op.
+
+    CUDA tensors                         -> "triton" (compiled kernels)
+    CPU tensors with TRITON_INTERPRET=1  -> "triton" (the same kernels, interpreted)
+    CPU tensors otherwise                -> "torch"  (fastlora.reference, the readable maths)
+
+An override — the ``backend=`` argument, else the FASTLORA_BACKEND environment
+variable — forces "triton" or "torch". An impossible choice is an error, never a
+silent fallback.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def select_backend(device: torch.device, override: str | None = None) -> str:
+    choice = override if override is not None else os.environ.get("FASTLORA_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    triton_ok = device.type == "cuda" or (device.type == "cpu" and interpreting())
+    if choice == "auto":
+        return "triton" if triton_ok else "torch"
+    if choice == "triton" and not triton_ok:
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got tensors on {device}")
+    return choice

@@ -1,0 +1,81 @@
+"""Counter-based dropout masks, bit-identical to the Triton kernels.
+
+A LoRA dropout mask is a pure function of (seed, row, col) of x seen as a 2-D
+(M, K) matrix: element (m, k) is kept when
+
+    u = uniform(philox(seed, offset = m * K + k)) >= p.
+
+This module is the pure-torch statement of that function. It replays exactly
+what ``triton.language.rand(seed, offset)`` computes (Philox-4x32, 10 rounds,
+int64 offsets split into two 32-bit counters, the first output word turned
+into a float in [0, 1)), so the pure-torch backend, the Triton kernels and the
+tests all see the same mask for the same seed. Nothing ever stores a mask: the
+backward pass regenerates it from the seed.
+"""
+from __future__ import annotations
+
+import torch
+
+# Philox-4x32 constants (Salmon et al. 2011), as in triton/language/random.py.
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+_N_ROUNDS = 10
+# Largest float32 s with (2**31 - 1) * s < 1 after rounding (Triton's constant).
+_UINT_TO_UNIFORM = 4.6566127342e-10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 tensor b (in int64)."""
+    # a * b < 2**64 overflows int64; split b into 16-bit halves to stay exact.
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    lo_part = a * b_lo                       # < 2**48
+    hi_part = a * b_hi                       # < 2**48
+    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _MASK32
+    carry = (lo_part + ((hi_part & 0xFFFF) << 16)) >> 32
+    hi = ((hi_part >> 16) + carry) & _MASK32
+    return hi, lo
+
+
+def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) for int64 ``offsets``; equals ``tl.rand(seed, offsets)``.
+
+    ``seed`` is a Python int or a 0-d integer tensor (read on its device, no host sync).
+    """
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=offsets.device, dtype=torch.int64)
+    else:
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    # uint32 -> int32 bit pattern -> fold negatives (~x) -> float32 * scale.
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
+
+
+def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float, device=None) -> torch.Tensor:
+    """Boolean (M, K) keep-mask of LoRA dropout with probability ``p`` (True = kept)."""
+    rows = torch.arange(M, device=device, dtype=torch.int64)
+    cols = torch.arange(K, device=device, dtype=torch.int64)
+    u = philox_uniform(seed, rows[:, None] * K + cols[None, :])
+    return u >= torch.tensor(p, dtype=torch.float32, device=device)
+
+
+def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh 31-bit seed as a 0-d int64 tensor drawn on ``device`` by torch's generator there.
+
+    It respects torch.manual_seed, needs no host sync and traces under torch.compile.
+    """
+    return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)

@@ -1,0 +1,120 @@
+"""fastlora.lora_linear: the fused LoRA linear op, with its input checks."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .dropout import new_seed
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out):
+    """Validate arguments; raise TypeError/ValueError naming the argument and what was expected.
+
+    Returns (N, K, r).
+    """
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {_shape(weight)}")
+    K = x.shape[-1]
+    N, Kw = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    layout = "(in_features, out_features) with fan_in_fan_out=True" if fan_in_fan_out \
+        else "(out_features, in_features)"
+    if Kw != K:
+        raise ValueError(f"weight must have shape {layout} with in_features = x.shape[-1] = {K}, "
+                         f"got {_shape(weight)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_A must be (r, {K}) and lora_B ({N}, r); got lora_A {_shape(lora_A)}, "
+                         f"lora_B {_shape(lora_B)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must be (r, {K}) with r >= 1, got {_shape(lora_A)}")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape (r, {K}) (in_features = x.shape[-1]), got {_shape(lora_A)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape ({N}, {r}) (out_features, r), got {_shape(lora_B)}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A and lora_B must share one dtype, either x's ({x.dtype}) or float32; "
+                        f"got {lora_A.dtype} and {lora_B.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},) (out_features), got {_shape(bias)}")
+        if bias.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"bias must have x's dtype {x.dtype} or float32, got {bias.dtype}")
+    devices = {t.device for t in (x, weight, lora_A, lora_B, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, weight, bias, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(scaling, Tensor):
+        if scaling.numel() != 1 or scaling.dim() > 1:
+            raise ValueError(f"scaling must be a float or a 0-d tensor, got shape {_shape(scaling)}")
+        if scaling.device.type == "cpu" and not torch.isfinite(scaling).all():
+            raise ValueError(f"scaling must be finite, got {scaling.item()}")
+    elif isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
+        if not math.isfinite(scaling):
+            raise ValueError(f"scaling must be finite, got {scaling}")
+    else:
+        raise TypeError(f"scaling must be a float or a 0-d tensor, got {type(scaling).__name__}")
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return N, K, r
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scaling: float | Tensor, dropout_p: float = 0.0, training: bool = True,
+                fan_in_fan_out: bool = False, *, seed: int | Tensor | None = None,
+                backend: str | None = None, deterministic: bool | None = None) -> Tensor:
+    """y = x·Wᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ, fused.
+
+    Args:
+        x: (..., K) float32/float16/bfloat16, any strides.
+        weight: frozen base weight, (N, K); (K, N) when ``fan_in_fan_out`` (GPT-2 Conv1D), read
+            through strides, never copied. Same dtype as x.
+        bias: (N,) or None; gets a gradient when it requires one.
+        lora_A: (r, K); lora_B: (N, r). x's dtype, or float32 on a half base (PEFT's default).
+        scaling: alpha/r (or alpha/sqrt(r)); a float or 0-d tensor, a runtime value (no recompiles).
+        dropout_p: LoRA dropout on the adapter input, in [0, 1); applied only when ``training``.
+        seed: dropout seed (int or 0-d int tensor). Default: drawn from torch's generator on x's
+            device, so torch.manual_seed makes runs repeatable. The mask is a pure function of
+            (seed, row, col) and is regenerated in backward, never stored.
+        backend: "auto" (default), "triton" or "torch"; see fastlora.backend.
+        deterministic: backward without atomics (split reductions), bitwise repeatable. Default:
+            torch.are_deterministic_algorithms_enabled().
+
+    Returns (..., N) in x's dtype; accumulation in float32, rounded once.
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    p = float(dropout_p) if training else 0.0
+    if isinstance(scaling, Tensor):
+        scale = scaling.detach().reshape(()).to(device=x.device, dtype=torch.float32)
+    else:
+        scale = torch.full((), float(scaling), dtype=torch.float32, device=x.device)
+    if p > 0:
+        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    else:
+        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    save_s = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
+                               save_s, bool(deterministic), backend or "auto")
+    return y

@@ -1,0 +1,96 @@
+"""The maths, in plain torch.
+
+Two things live here and both are the readable statement of what the kernels do:
+
+* ``lora_linear_reference`` — a differentiable one-liner used as the float64
+  oracle in the tests (autograd derives its gradients independently of ours).
+* ``torch_forward`` / ``torch_backward`` — the pure-torch *backend*: the same
+  forward/backward contract as the Triton launchers in ``fastlora.kernels``,
+  used on CPU when the Triton interpreter is off. Fused where torch allows
+  (addmm with alpha/beta), no x-sized temporaries beyond what the maths needs.
+
+Notation (loralib / PEFT): x (M, K) · W (N, K) · bias (N,) · A (r, K) · B (N, r)
+s = scaling · D = dropout(x) = x ⊙ keep / (1 − p) · S = D·Aᵀ (M, r)
+
+    y      = x·Wᵀ + bias + s · S·Bᵀ
+    dS     = s · dY·B                      (M, r)
+    dB     = s · dYᵀ·S                     (N, r)
+    dx     = dY·W + (dS·A) ⊙ keep / (1 − p)
+    dA     = dSᵀ·D                         (r, K)
+    dbias  = Σ_m dY
+"""
+from __future__ import annotations
+
+import torch
+
+from .dropout import keep_mask
+
+
+def _weight_nk(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """W as (N, K): a transposed *view* for GPT-2 Conv1D weights stored as (K, N)."""
+    return weight.t() if fan_in_fan_out else weight
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
+                          fan_in_fan_out=False):
+    """y = x·Wᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ with autograd; the mask is the kernels' mask for ``seed``."""
+    K = x.shape[-1]
+    d = x
+    if dropout_p > 0:
+        keep = keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape)
+        d = x * keep / (1 - dropout_p)
+    y = x @ _weight_nk(weight, fan_in_fan_out).t().to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y + scaling * ((d @ lora_A.t()) @ lora_B.t())
+
+
+# ---------------------------------------------------------------------------
+# pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd)
+# ---------------------------------------------------------------------------
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
+    """Returns (y of shape (..., N), S of shape (M, r) in float32, or (0, r) when not saved)."""
+    K = x.shape[-1]
+    w = _weight_nk(weight, fan_in_fan_out)
+    x2 = x.reshape(-1, K)
+    d = x2.to(lora_A.dtype)
+    if dropout_p > 0:
+        d = d * keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
+    S = d @ lora_A.t()                                   # (M, r), adapter dtype
+    if dropout_p > 0:
+        S = S * (1.0 / (1.0 - dropout_p))
+    y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+    lora = (S * scale.to(S.dtype)) @ lora_B.t()           # scale the (M, r) side: no x-sized temp
+    y.add_(lora.to(y.dtype))
+    S_saved = S.float() if save_s else S.new_empty((0, S.shape[1]), dtype=torch.float32)
+    return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
+
+
+def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
+                   needs_dx, needs_dA, needs_dB, needs_dbias):
+    """Returns (dx, dA, dB, dbias); entries not needed are None."""
+    K = x.shape[-1]
+    w = _weight_nk(weight, fan_in_fan_out)
+    dy2 = dy.reshape(-1, w.shape[0])
+    x2 = x.reshape(-1, K)
+    ad = lora_A.dtype
+    dyl = dy2.to(ad)
+    s = scale.to(ad)
+    keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device) if dropout_p > 0 else None
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dx = dA = dB = dbias = None
+    dS = (dyl @ lora_B) * s                                # computed once, reused below
+    if needs_dB:
+        dB = (dyl.t() @ S.to(ad)) * s
+    if needs_dbias:
+        dbias = dy2.sum(0, dtype=torch.float32)
+    if needs_dA:
+        d = x2.to(ad) if keep is None else x2.to(ad) * keep
+        dA = (dS.t() @ d) * (inv_keep if keep is not None else 1.0)
+    if needs_dx:
+        lora_dx = dS @ lora_A                              # (M, K)
+        if keep is not None:
+            lora_dx = lora_dx * keep * inv_keep
+        dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
+    return dx, dA, dB, dbias

@@ -1,0 +1,16 @@
+"""Test setup. TRITON_INTERPRET must be set before anything imports triton, so it is set here,
+at the top of the first file pytest imports. With it, fastlora's dispatch sends CPU tensors to
+the real Triton kernels, run by the interpreter (see fastlora/backend.py)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silence triton 3.9's default-change warning
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
