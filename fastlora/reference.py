@@ -61,8 +61,11 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
     if dropout_p > 0:
         S = S * (1.0 / (1.0 - dropout_p))
     y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-    lora = (S * scale.to(S.dtype)) @ lora_B.t()           # scale the (M, r) side: no x-sized temp
-    y.add_(lora.to(y.dtype))
+    Ss = S * scale.to(S.dtype)                           # scale the (M, r) side: no (M, N) temp
+    if lora_B.dtype == y.dtype:
+        y.addmm_(Ss, lora_B.t())                         # fused: y += s·S·Bᵀ in place
+    else:                                                # fp32 adapters on a half base, like PEFT
+        y.add_((Ss @ lora_B.t()).to(y.dtype))
     S_saved = S.float() if save_s else S.new_empty((0, S.shape[1]), dtype=torch.float32)
     return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
 
