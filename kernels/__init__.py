@@ -5,3 +5,10 @@ Every kernel module exposes ``compile_specs()``: the (kernel, signature, constex
 launch options) of every shipped config, which ``python -m fastlora.inspect`` compiles
 for sm_80 and sm_90 without a GPU.
 """
+from ._common import interpreting  # noqa: E402
+
+if interpreting():   # bf16 dots are wrong in the stock interpreter; see _interpreter.py
+    from ._interpreter import patch_bf16_dot
+    patch_bf16_dot()
+
+from .lora_fwd import lora_fwd  # noqa: E402,F401

@@ -1,0 +1,98 @@
+"""Pieces shared by the LoRA kernels: jit helpers (dropout mask, mixed-dtype MMA, strided x rows)
+and launcher helpers (views of x without copies, block sizes, config lists per target)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------
+# @triton.jit helpers
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _x_row_offsets(rows, T, stride_xb, stride_xt):
+    """Element offsets (int64) of x's rows for x viewed as (M // T, T, K) with arbitrary strides.
+
+    A 2-D x is T = M, stride_xb = 0; a 3-D x whose leading dims do not collapse into one stride
+    (e.g. (B, T, K).transpose(0, 1)) is read in place instead of being copied.
+    """
+    rows = rows.to(tl.int64)
+    return (rows // T) * stride_xb + (rows % T) * stride_xt
+
+
+@triton.jit
+def _keep(seed, rows, cols, K, p):
+    """Dropout keep-mask (BLOCK_M, BLOCK_K) for x seen as (M, K): Philox(seed, row·K + col) >= p.
+
+    Bit-identical to fastlora.dropout.keep_mask; regenerated wherever needed, never stored.
+    """
+    offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _mma(a, b, acc, FP32_PRECISION: tl.constexpr):
+    """acc += a·b with fp32 accumulation. Equal half dtypes go to the tensor cores as they are;
+    mixed operands (fp32 adapters or fp32 S on a half base) are both promoted to fp32."""
+    if a.dtype == b.dtype:
+        return tl.dot(a, b, acc, input_precision=FP32_PRECISION)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
+
+
+# ---------------------------------------------------------------------------
+# launcher helpers
+# ---------------------------------------------------------------------------
+
+MAX_FUSED_R = 64   # the one-launch forward keeps S (BLOCK_M × BLOCK_R fp32) in registers up to this rank
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def x_as_3d(x: torch.Tensor):
+    """Describe x (..., K) as (M // T, T, K) with strides, without a copy where strides allow.
+
+    Returns (x_used, M, T, stride_xb, stride_xt, stride_xk). Leading dims collapse into one row
+    index when their strides allow it; a 3-D x that does not collapse (e.g. (B, T, K).transpose(0, 1))
+    keeps its batch stride apart. Only a 4-D+ x that fits neither is reshaped (copied).
+    """
+    K = x.shape[-1]
+    for _ in range(2):
+        try:
+            v = x.view(-1, K)
+            return x, v.shape[0], max(v.shape[0], 1), 0, v.stride(0), v.stride(1)
+        except RuntimeError:
+            pass
+        try:
+            v = x.view(-1, x.shape[-2], K)
+            return x, v.shape[0] * v.shape[1], max(v.shape[1], 1), v.stride(0), v.stride(1), v.stride(2)
+        except RuntimeError:
+            x = x.reshape(-1, K)
+    raise AssertionError("unreachable: a reshaped tensor always views")
+
+
+def block_r(r: int) -> int:
+    """Rank block: a tl.dot-legal power of two ≥ 16, capped so registers stay bounded."""
+    return max(16, min(triton.next_power_of_2(r), MAX_FUSED_R))
+
+
+def fp32_precision(x_dtype: torch.dtype) -> str:
+    """input_precision for fp32 dots: follow torch's matmul setting on an fp32 base; tf32 on a half
+    base (there fp32 only carries adapters/S, whose contribution is rounded to half at the end)."""
+    if x_dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for the token count: next power of two (so a new M rarely re-tunes)."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

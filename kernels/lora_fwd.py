@@ -1,0 +1,304 @@
+"""Fused LoRA linear, forward.
+
+    y = x·Wᵀ + bias + s · S·Bᵀ          S = dropout(x)·Aᵀ = (x ⊙ keep)·Aᵀ / (1 − p)
+
+Shapes: x (M, K) seen through strides as (M // T, T, K) · W (N, K), or (K, N) for fan_in_fan_out
+(strides, never a copy) · bias (N,) · A (r, K) · B (N, r) · S (M, r) float32 · y (M, N) in x's dtype.
+
+Two variants, both exact, chosen per shape by timing on the device (``FASTLORA_FWD_VARIANT`` pins one):
+  one-launch  the GEMM's K-loop also accumulates S_tile = drop(x_tile)·A_tileᵀ (BLOCK_M × BLOCK_R, fp32)
+              from the x tile it already holds; the epilogue adds s·S_tile·B_tileᵀ and bias and rounds
+              once. No extra HBM traffic; R/BLOCK_N extra MMA work per tile; S is written by the
+              pid_n == 0 programs when backward needs it. Ranks up to MAX_FUSED_R.
+  two-launch  _lora_shrink_kernel writes S (small); the GEMM's epilogue reads it, in rank chunks of
+              BLOCK_R, so any rank works. One extra read of x, but the dropout mask is drawn once per
+              element of x instead of once per N tile, which wins when p > 0.
+Dropout: keep = Philox(seed, row·K + col) >= p (see _common._keep); p = 0 draws nothing.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets, block_r,
+                      fp32_precision, interpreting, m_bucket, x_as_3d)
+from ._specs import CompileSpec
+
+# ---------------------------------------------------------------------------
+# autotune configs, one function per target
+# ---------------------------------------------------------------------------
+
+
+def _gemm_configs():
+    if interpreting():   # the interpreter is slow and has no tiles to tune: one small config
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
+    cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [cfg(128, 128, 64, 8, 3), cfg(128, 256, 64, 8, 3), cfg(64, 128, 64, 4, 4),
+            cfg(128, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4), cfg(16, 128, 128, 4, 4)]
+
+
+def _shrink_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    cfg = lambda bm, bk, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)  # noqa: E731
+    return [cfg(64, 128, 4, 4), cfg(128, 64, 4, 4), cfg(32, 256, 4, 3), cfg(16, 256, 4, 3)]
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, s_ptr, seed_ptr,
+    # sizes
+    M, K, R, T, M_BUCKET,
+    # dropout
+    p, inv_keep,
+    # strides
+    stride_xb, stride_xt, stride_xk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """S[rows, rank chunk] = (x ⊙ keep)[rows, :]·Aᵀ[:, rank chunk] / (1 − p).  Grid (M / BLOCK_M, R / BLOCK_R)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    r_ok = rr < R
+
+    x_ptrs = x_ptr + _x_row_offsets(rm, T, stride_xb, stride_xt)[:, None] + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar          # (BLOCK_K, BLOCK_R) of Aᵀ
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, rm, k0 + rk, K, p), x, 0.0)
+        acc = _mma(x, a, acc, FP32_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+
+    s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    tl.store(s_ptrs, acc * inv_keep, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, scale_ptr, seed_ptr,
+    # sizes
+    M, N, K, R, T, M_BUCKET,
+    # dropout
+    p, inv_keep,
+    # strides
+    stride_xb, stride_xt, stride_xk,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_ym, stride_yn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
+    STORE_S: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y tile (BLOCK_M, BLOCK_N). SHRINK_IN_LOOP: one-launch (S from the K-loop, BLOCK_R ≥ R);
+    else two-launch (S read from s_ptr in the epilogue, rank chunks of BLOCK_R). Grid: tiles of y."""
+    # grouped tile order: GROUP_M row-tiles share their W column-tiles in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    n_ok = rn < N
+    r_ok = rr < R
+
+    x_ptrs = x_ptr + _x_row_offsets(rm, T, stride_xb, stride_xt)[:, None] + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn          # (BLOCK_K, BLOCK_N) of Wᵀ
+    a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar          # (BLOCK_K, BLOCK_R) of Aᵀ
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(x, w, acc, FP32_PRECISION)
+        if SHRINK_IN_LOOP:
+            a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(_keep(seed, rm, k0 + rk, K, p), x, 0.0)
+            s_acc = _mma(x, a, s_acc, FP32_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # epilogue: lora = S·Bᵀ for this tile, fp32
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SHRINK_IN_LOOP:
+        s_tile = s_acc * inv_keep
+        if STORE_S:
+            if pid_n == 0:   # one writer per row tile
+                s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+                tl.store(s_ptrs, s_tile, mask=m_ok[:, None] & r_ok[None, :])
+        b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)              # (BLOCK_R, BLOCK_N) of Bᵀ
+        lora = _mma(s_tile, b, lora, FP32_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            rc_ok = (r0 + rr) < R
+            s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
+                             mask=m_ok[:, None] & rc_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + (r0 + rr)[:, None] * stride_br + rn[None, :] * stride_bn,
+                        mask=rc_ok[:, None] & n_ok[None, :], other=0.0)
+            lora = _mma(s_tile, b, lora, FP32_PRECISION)
+
+    acc += tl.load(scale_ptr).to(tl.float32) * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "SHRINK_IN_LOOP", "HAS_DROPOUT"])(_lora_fwd_kernel)
+_shrink = triton.autotune(configs=_shrink_configs(), key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(_lora_shrink_kernel)
+
+# ---------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------
+
+VARIANTS = ("one", "two")
+_variant_cache: dict = {}
+
+
+def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan_in_fan_out, save_s):
+    N = w.shape[1] if fan_in_fan_out else w.shape[0]
+    K, R = a.shape[1], a.shape[0]
+    stride_wn, stride_wk = (w.stride(1), w.stride(0)) if fan_in_fan_out else (w.stride(0), w.stride(1))
+    y = torch.empty((M, N), device=x3.device, dtype=x3.dtype)
+    one = variant == "one"
+    S = torch.empty((M, R) if (save_s or not one) else (0, R), device=x3.device, dtype=torch.float32)
+    common = dict(HAS_DROPOUT=p > 0, FP32_PRECISION=fp32_precision(x3.dtype), BLOCK_R=block_r(R))
+    inv_keep = 1.0 / (1.0 - p)
+    if not one:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
+        _shrink[grid](x3, a, S, seed, M, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk,
+                      a.stride(0), a.stride(1), S.stride(0), S.stride(1), **common)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm[grid](x3, w, bias if bias is not None else y, a, b, S, y, scale, seed,
+                M, N, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk, stride_wn, stride_wk,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
+                y.stride(0), y.stride(1),
+                HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=one and save_s, **common)
+    return y, (S if save_s else S[:0])
+
+
+def _choose_variant(args, key):
+    """FASTLORA_FWD_VARIANT pins one; the interpreter uses one-launch (two-launch with dropout);
+    on a GPU both are timed once per shape key and the faster kept."""
+    pinned = os.environ.get("FASTLORA_FWD_VARIANT", "auto")
+    if pinned not in ("auto",) + VARIANTS:
+        raise ValueError(f"FASTLORA_FWD_VARIANT must be 'auto', 'one' or 'two', got {pinned!r}")
+    R = args[8].shape[0]
+    if R > MAX_FUSED_R:
+        return "two"                      # S of this rank does not fit in registers next to the tile
+    if pinned != "auto":
+        return pinned
+    if interpreting() or not args[1].is_cuda:
+        return "two" if args[11] > 0 else "one"
+    if key not in _variant_cache:
+        ms = {v: triton.testing.do_bench(lambda v=v: _launch(v, *args)) for v in VARIANTS}
+        _variant_cache[key] = min(ms, key=ms.get)
+    return _variant_cache[key]
+
+
+def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
+    """Returns (y (..., N) in x's dtype, S (M, r) float32 — or (0, r) when not ``save_s``)."""
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    x3, M, T, sxb, sxt, sxk = x_as_3d(x)
+    if M == 0 or x.shape[-1] == 0:
+        y = torch.zeros((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+        if bias is not None and M:
+            y += bias.to(x.dtype)
+        return y, torch.zeros((M if save_s else 0, lora_A.shape[0]), device=x.device, dtype=torch.float32)
+    args = (x3, M, T, sxb, sxt, sxk, weight, bias, lora_A, lora_B, scale, seed, float(dropout_p),
+            fan_in_fan_out, save_s)
+    key = (m_bucket(M), N, x.shape[-1], lora_A.shape[0], x.dtype, lora_A.dtype, dropout_p > 0,
+           bias is not None, save_s)
+    y, S = _launch(_choose_variant(args, key), *args)
+    return y.reshape(*x.shape[:-1], N), S
+
+
+# ---------------------------------------------------------------------------
+# shipped configs, for python -m fastlora.inspect (compile for sm_80 / sm_90 without a GPU)
+# ---------------------------------------------------------------------------
+
+
+def compile_specs():
+    specs = []
+    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+        prec = "ieee" if xdt == "fp32" else "tf32"
+        for drop in (False, True):
+            for cfg in _gemm_configs():
+                for one in (True, False):
+                    meta = dict(cfg.kwargs, HAS_BIAS=True, HAS_DROPOUT=drop, SHRINK_IN_LOOP=one,
+                                STORE_S=one, FP32_PRECISION=prec, BLOCK_R=MAX_FUSED_R if one else 16)
+                    sig = _signature(_lora_fwd_kernel, meta, {
+                        "x_ptr": xdt, "w_ptr": xdt, "bias_ptr": xdt, "a_ptr": adt, "b_ptr": adt,
+                        "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"})
+                    name = (f"lora_fwd[{'one' if one else 'two'}-launch] x={xdt} ab={adt} drop={int(drop)} "
+                            f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} "
+                            f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
+                    specs.append(CompileSpec(name, _lora_fwd_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+            for cfg in _shrink_configs():
+                meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=prec, BLOCK_R=MAX_FUSED_R)
+                sig = _signature(_lora_shrink_kernel, meta, {"x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32",
+                                                             "seed_ptr": "i64"})
+                name = (f"lora_shrink x={xdt} ab={adt} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
+                        f"{cfg.kwargs['BLOCK_K']} r{MAX_FUSED_R} w{cfg.num_warps} s{cfg.num_stages}")
+                specs.append(CompileSpec(name, _lora_shrink_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+    return specs
+
+
+def _signature(fn, constexprs, pointers):
+    """Triton signature dict: pointers as given, constexprs marked, floats fp32, other scalars i32."""
+    floats = {"p", "inv_keep"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+__all__ = ["lora_fwd", "compile_specs", "VARIANTS", "TORCH_TO_TRITON"]
