@@ -1,0 +1,435 @@
+"""Batched multi-adapter LoRA (gather-matmul): every token picks its own adapter, forward and backward.
+
+    y[m] = x[m]·W0ᵀ + bias + s_k · S[m]·B_kᵀ        S[m] = drop(x)[m]·A_kᵀ,  k = ids[m]  (−1: base only)
+
+Shapes. x (M, K) · W0 (N, K), or (K, N) with fan_in_fan_out · bias (N,) · ids (M,) int32 in [−1, n) ·
+adapter bank packed WITHOUT padding along the rank: A (R_tot, K) rows off[k] … off[k+1]−1 are A_k (r_k, K),
+B (N, R_tot) columns off[k] … off[k+1]−1 are B_k (N, r_k), R_tot = Σ r_k · off (n+1,) int32 ·
+scales (n,) float32 (runtime values, never constexpr) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
+(zero elsewhere) · seed: 0-d int64 tensor (dropout keep-mask = Philox(seed, m·K + col) ≥ p, the single-
+adapter op's mask, regenerated in backward, never stored).
+
+Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
+kernel serves forward and backward by swapping strides:
+  _shrink_kernel   out[m, j]  = σ_k · Σ_c in[m, c]·W[off_k + j, c]          fwd: S = x·A_kᵀ;  bwd: dS = s_k·dY·B_k
+  _expand_kernel   out[m, c] += σ_k · Σ_j in[m, j]·W[off_k + j, c]          fwd: y += s_k·S·B_kᵀ; bwd: dx += dS·A_k
+  _grad_kernel     G[off_k + j, c] = σ_k · Σ_{m: ids[m]=k} L[m, j]·R[m, c]  bwd: dB_k = s_k·Sᵀ·dY, dA_k = dSᵀ·drop(x)
+The base GEMM x·W0ᵀ (+bias) and dY·W0 are torch matmuls (cuBLAS).
+
+Two regimes, planned on the device from fixed-size tensors (no host sync; grids from host-known M, n, r_max):
+  "decode"   one tile per token, no sorting (BGMV-like): tile t = token t, adapter ids[t].
+  "grouped"  tokens sorted by adapter (stable argsort); tiles of BLOCK_M tokens of one adapter (SGMV-like);
+             at most cdiv(M, BLOCK_M) + n tiles, unused ones are empty. The gradient kernel always groups.
+Ranks are looped per tile up to the tile's own r_k (rank blocks past r_k do no work): heterogeneous ranks
+cost what they are, not r_max. fp32 accumulation; the LoRA term is added to the base output in fp32 and
+rounded once more (the base GEMM rounds to x's dtype first, as in PEFT).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TORCH_TO_TRITON, _keep, _mma, fp32_precision, interpreting
+from ._specs import CompileSpec
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M: tl.constexpr):
+    """Tile t -> (token rows (BLOCK_M,), row mask, adapter k (≥0 or −1), off_k, r_k (0 when k = −1))."""
+    k = tl.load(tile_adapter_ptr + t)
+    lo = tl.load(tile_lo_ptr + t)
+    hi = tl.load(tile_hi_ptr + t)
+    pos = lo + tl.arange(0, BLOCK_M)
+    m_ok = pos < hi
+    rows = tl.load(rows_ptr + pos, mask=m_ok, other=0)
+    k_safe = tl.maximum(k, 0)
+    off = tl.load(off_ptr + k_safe)
+    rank = tl.where(k >= 0, tl.load(off_ptr + k_safe + 1) - off, 0)
+    return rows, m_ok, k_safe, off, rank
+
+
+@triton.jit
+def _shrink_kernel(
+    # pointers
+    in_ptr, w_ptr, out_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr, seed_ptr,
+    # sizes
+    C,
+    # dropout
+    p, inv_keep,
+    # strides
+    stride_im, stride_ic,
+    stride_wr, stride_wc,
+    stride_om, stride_or,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[rows, j] = σ_k·Σ_c drop(in)[rows, c]·W[off_k + j, c] for a rank block j. Grid (tiles, r_max / BLOCK_R)."""
+    t = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
+    rr = r0 + tl.arange(0, BLOCK_R)
+    rc = tl.arange(0, BLOCK_C)
+    r_ok = rr < rank
+    rows64 = rows.to(tl.int64)
+    in_ptrs = in_ptr + rows64[:, None] * stride_im + rc[None, :] * stride_ic
+    w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr   # (BLOCK_C, BLOCK_R) of Wᵀ
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    c_end = tl.where(r0 < rank, C, 0)          # a rank block past r_k (or a base-only tile) does no work
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, c_end, BLOCK_C):
+        c_ok = (c0 + rc) < C
+        a = tl.load(in_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            a = tl.where(_keep(seed, rows, c0 + rc, C, p), a, 0.0)
+        acc = _mma(a, w, acc, FP32_PRECISION)
+        in_ptrs += BLOCK_C * stride_ic
+        w_ptrs += BLOCK_C * stride_wc
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + k)
+    out_ptrs = out_ptr + rows64[:, None] * stride_om + rr[None, :] * stride_or
+    tl.store(out_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    # pointers
+    in_ptr, w_ptr, out_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr, seed_ptr,
+    # sizes
+    C,
+    # dropout (applied to the product, column index c: the mask of x seen as (M, C))
+    p, inv_keep,
+    # strides
+    stride_im, stride_ir,
+    stride_wr, stride_wc,
+    stride_om, stride_oc,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[rows, c] += σ_k·(Σ_{j<r_k} in[rows, j]·W[off_k + j, c]) (⊙ keep/(1−p)). Grid (tiles, C / BLOCK_C)."""
+    t = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rc = c0 + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    m_ok = m_ok & ((rows * 0 + rank) > 0)      # base-only tokens: out is left untouched
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        j_ok = (j0 + rr) < rank
+        a = tl.load(in_ptr + rows64[:, None] * stride_im + (j0 + rr)[None, :] * stride_ir,
+                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (off + j0 + rr).to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
+                    mask=j_ok[:, None] & c_ok[None, :], other=0.0)           # (BLOCK_R, BLOCK_C)
+        acc = _mma(a, w, acc, FP32_PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + k)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc = tl.where(_keep(seed, rows, rc, C, p), acc * inv_keep, 0.0)
+    o_ptrs = out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc
+    o_mask = m_ok[:, None] & c_ok[None, :]
+    o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (o + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _grad_kernel(
+    # pointers
+    l_ptr, r_ptr, g_ptr, rows_ptr, bounds_ptr, off_ptr, scale_ptr, seed_ptr,
+    # sizes
+    C,
+    # dropout (on R, the mask of x seen as (M, C))
+    p, inv_keep,
+    # strides
+    stride_lm, stride_lr,
+    stride_rm, stride_rc,
+    stride_gr, stride_gc,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """G[off_k + j, c] = σ_k·Σ_{m in segment k} L[m, j]·drop(R)[m, c]. Grid (n, r_max / BLOCK_R, C / BLOCK_C).
+
+    Rows are the tokens sorted by adapter; segment k is rows[bounds[k] : bounds[k+1]]. Every program
+    writes its own block: no atomics, bitwise repeatable; an adapter absent from the batch gets zeros.
+    """
+    k = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    c0 = tl.program_id(2) * BLOCK_C
+    off = tl.load(off_ptr + k)
+    rank = tl.load(off_ptr + k + 1) - off
+    lo = tl.load(bounds_ptr + k)
+    hi = tl.where(r0 < rank, tl.load(bounds_ptr + k + 1), lo)
+    rr = r0 + tl.arange(0, BLOCK_R)
+    rc = c0 + tl.arange(0, BLOCK_C)
+    rm = tl.arange(0, BLOCK_M)
+    r_ok = rr < rank
+    c_ok = rc < C
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        m_ok = (m0 + rm) < hi
+        rows = tl.load(rows_ptr + m0 + rm, mask=m_ok, other=0)
+        rows64 = rows.to(tl.int64)
+        lt = tl.load(l_ptr + rr[:, None] * stride_lr + rows64[None, :] * stride_lm,
+                     mask=r_ok[:, None] & m_ok[None, :], other=0.0)          # (BLOCK_R, BLOCK_M) of Lᵀ
+        rt = tl.load(r_ptr + rows64[:, None] * stride_rm + rc[None, :] * stride_rc,
+                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)          # (BLOCK_M, BLOCK_C)
+        if HAS_DROPOUT:
+            rt = tl.where(_keep(seed, rows, rc, C, p), rt, 0.0)
+        acc = _mma(lt, rt, acc, FP32_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + k)
+    g_ptrs = g_ptr + (off + rr).to(tl.int64)[:, None] * stride_gr + rc[None, :] * stride_gc
+    tl.store(g_ptrs, acc.to(g_ptr.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
+
+
+# ---------------------------------------------------------------------------
+# configs: one function per kernel, chosen from host-known sizes (no autotuning: capture-safe)
+# ---------------------------------------------------------------------------
+
+REGIMES = ("auto", "decode", "grouped")
+
+
+def _cfg(kernel: str, regime: str) -> dict:
+    """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=32, num_warps=1, num_stages=1)
+    if kernel == "shrink":
+        return dict(BLOCK_M=16 if regime == "decode" else 64, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
+    if kernel == "expand":
+        return dict(BLOCK_M=16 if regime == "decode" else 64, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3)   # grad
+
+
+def choose_regime(M: int, n: int, regime: str = "auto") -> str:
+    """'decode' when tokens per adapter are few (< 4 on average), else 'grouped'. Host-known numbers only."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    if regime != "auto":
+        return regime
+    return "decode" if M < 4 * max(n, 1) else "grouped"
+
+
+@dataclass
+class Plan:
+    """Device-side token plan. rows (M,) token order · tile_adapter/lo/hi (T,) · bounds (n+1,) or None."""
+    rows: torch.Tensor
+    tile_adapter: torch.Tensor
+    tile_lo: torch.Tensor
+    tile_hi: torch.Tensor
+    bounds: torch.Tensor | None
+    regime: str
+    block_m: int
+
+
+def plan_tokens(ids: torch.Tensor, n: int, regime: str, block_m: int) -> Plan:
+    """Tiles of tokens per adapter, built with fixed-size device ops (sort + searchsorted + cumsum).
+
+    decode: tile t = token t. grouped: tokens stably sorted by adapter; adapter k's tokens occupy sorted
+    positions bounds[k] … bounds[k+1]−1 and are cut into cdiv(count_k, block_m) tiles; T = cdiv(M, block_m) + n
+    is an upper bound known on the host, unused tiles are empty (lo = hi = 0, adapter −1).
+    """
+    M, dev = ids.numel(), ids.device
+    i32 = torch.int32
+    if regime == "decode":
+        ar = torch.arange(M, device=dev, dtype=i32)
+        return Plan(ar, ids, ar, ar + 1, None, regime, block_m)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=dev, dtype=ids.dtype), out_int32=True)
+    counts = bounds[1:] - bounds[:-1]
+    tiles = (counts + (block_m - 1)) // block_m
+    tile_end = torch.cumsum(tiles, 0, dtype=i32)
+    T = triton.cdiv(M, block_m) + n
+    t = torch.arange(T, device=dev, dtype=i32)
+    k = torch.searchsorted(tile_end, t, right=True, out_int32=True)      # adapter whose tile range holds t
+    valid = k < n
+    kc = k.clamp(max=n - 1)
+    lo = bounds[kc] + (t - (tile_end[kc] - tiles[kc])) * block_m
+    hi = torch.minimum(lo + block_m, bounds[kc + 1])
+    zero = torch.zeros((), device=dev, dtype=i32)
+    return Plan(order.to(i32), torch.where(valid, kc, -1).to(i32), torch.where(valid, lo, zero),
+                torch.where(valid, hi, zero), bounds, regime, block_m)
+
+
+# ---------------------------------------------------------------------------
+# launchers (tensors in, tensors out)
+# ---------------------------------------------------------------------------
+
+
+def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, dropout):
+    """out (M, r_max) fp32 [rows, j] = σ_k·drop(inp)·W_kᵀ; W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
+    M, C = inp.shape
+    cfg = _cfg("shrink", plan.regime)
+    grid = (plan.tile_adapter.numel(), triton.cdiv(r_max, cfg["BLOCK_R"]))
+    _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
+                         C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
+                         out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
+                         FP32_PRECISION=fp32_precision(inp.dtype), **cfg)
+    return out
+
+
+def expand(inp, w, w_strides, out, plan, off, scale, seed, p, *, scaled, dropout, base_dtype):
+    """out (M, C) += σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p)); W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
+    M, C = out.shape
+    cfg = _cfg("expand", plan.regime)
+    grid = (plan.tile_adapter.numel(), triton.cdiv(C, cfg["BLOCK_C"]))
+    _expand_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
+                         C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
+                         out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
+                         FP32_PRECISION=fp32_precision(base_dtype), **cfg)
+    return out
+
+
+def segment_grad(L, R, g, g_strides, plan, off, scale, seed, p, r_max, *, scaled, dropout, base_dtype):
+    """g[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·drop(R)[m, c]; g element (row, c) at row·g_strides[0] + c·g_strides[1]."""
+    n = off.numel() - 1
+    C = R.shape[1]
+    cfg = _cfg("grad", plan.regime)
+    grid = (n, triton.cdiv(r_max, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    _grad_kernel[grid](L, R, g, plan.rows, plan.bounds, off, scale, seed, C, p, 1.0 / (1.0 - p),
+                       L.stride(0), L.stride(1), R.stride(0), R.stride(1), g_strides[0], g_strides[1],
+                       HAS_DROPOUT=dropout, HAS_SCALE=scaled, FP32_PRECISION=fp32_precision(base_dtype), **cfg)
+    return g
+
+
+def _base(x2, weight, bias, fan_in_fan_out):
+    w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
+    return torch.addmm(bias.to(x2.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+
+
+def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, ids, r_max, dropout_p, seed, fan_in_fan_out,
+                   save_s, regime="auto"):
+    """Returns (y (..., N) in x's dtype, S (M, r_max) float32 — (0, r_max) when not ``save_s``).
+
+    ids (M,) int32 on x's device, in [−1, n); r_max, n = off.numel() − 1 and M are host-known.
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, n = x2.shape[0], off.numel() - 1
+    y = _base(x2, weight, bias, fan_in_fan_out)
+    S = torch.zeros((M if save_s or n else 0, r_max), device=x.device, dtype=torch.float32)
+    if n and M and r_max:
+        regime = choose_regime(M, n, regime)
+        plan = plan_tokens(ids, n, regime, _cfg("shrink", regime)["BLOCK_M"])
+        drop = dropout_p > 0
+        shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), S, plan, off, scales, seed, dropout_p, r_max,
+               scaled=False, dropout=drop)
+        expand(S, lora_B, (lora_B.stride(1), lora_B.stride(0)), y, plan, off, scales, seed, 0.0,
+               scaled=True, dropout=False, base_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), (S if save_s else S[:0])
+
+
+def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, ids, S, r_max, dropout_p, seed, fan_in_fan_out,
+                   needs_dx, needs_dA, needs_dB, regime="auto"):
+    """Returns (dx (..., K) or None, dA (R_tot, K) or None, dB (N, R_tot) or None); S from the forward.
+
+    dS = s_k·dY·B_k (M, r_max) · dB_k = s_k·dY_kᵀ·S_k · dA_k = dS_kᵀ·drop(x_k) · dx = dY·W0 + (dS·A_k) ⊙ keep/(1−p).
+    """
+    K = x.shape[-1]
+    N = dy.shape[-1]
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    M, n = x2.shape[0], off.numel() - 1
+    w = weight.t() if fan_in_fan_out else weight
+    drop = dropout_p > 0
+    dx = (dy2 @ w.to(dy2.dtype)) if needs_dx else None
+    dA = torch.zeros_like(lora_A) if needs_dA else None
+    dB = torch.zeros_like(lora_B) if needs_dB else None
+    if n and M and r_max:
+        regime = choose_regime(M, n, regime)
+        plan = plan_tokens(ids, n, regime, _cfg("shrink", regime)["BLOCK_M"])
+        groups = plan if plan.bounds is not None else plan_tokens(ids, n, "grouped", _cfg("grad", "grouped")["BLOCK_M"])
+        if needs_dx or needs_dA:
+            dS = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
+            shrink(dy2, lora_B, (lora_B.stride(1), lora_B.stride(0)), dS, plan, off, scales, seed, 0.0, r_max,
+                   scaled=True, dropout=False)
+            if needs_dx:
+                expand(dS, lora_A, (lora_A.stride(0), lora_A.stride(1)), dx, plan, off, scales, seed, dropout_p,
+                       scaled=False, dropout=drop, base_dtype=x.dtype)
+            if needs_dA:
+                segment_grad(dS, x2, dA, (dA.stride(0), dA.stride(1)), groups, off, scales, seed, dropout_p, r_max,
+                             scaled=False, dropout=drop, base_dtype=x.dtype)
+        if needs_dB:
+            segment_grad(S, dy2, dB, (dB.stride(1), dB.stride(0)), groups, off, scales, seed, 0.0, r_max,
+                         scaled=True, dropout=False, base_dtype=x.dtype)
+    return (dx.reshape(x.shape) if dx is not None else None), dA, dB
+
+
+# ---------------------------------------------------------------------------
+# shipped configs, for python -m fastlora.inspect (compile for sm_80 / sm_90 without a GPU)
+# ---------------------------------------------------------------------------
+
+_POINTERS = {  # pointer args -> "x" (base dtype), "a" (adapter dtype), fixed types otherwise
+    "_shrink_kernel": dict(in_ptr="x", w_ptr="a", out_ptr="fp32"),
+    "_expand_kernel": dict(in_ptr="fp32", w_ptr="a", out_ptr="x"),
+    "_grad_kernel": dict(l_ptr="fp32", r_ptr="x", g_ptr="a"),
+}
+_INDEX_PTRS = ("rows_ptr", "tile_adapter_ptr", "tile_lo_ptr", "tile_hi_ptr", "off_ptr", "bounds_ptr")
+
+
+def compile_specs():
+    """Every shipped (kernel, dtype pair, dropout, regime) config as a CompileSpec."""
+    specs = []
+    kernels = (("shrink", _shrink_kernel), ("expand", _expand_kernel), ("grad", _grad_kernel))
+    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32")):
+        prec = "ieee" if xdt == "fp32" else "tf32"
+        for drop in (False, True):
+            for kname, fn in kernels:
+                for regime in (("decode", "grouped") if kname != "grad" else ("grouped",)):
+                    cfg = dict(_gpu_cfg(kname, regime))
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=True, FP32_PRECISION=prec)
+                    ptrs = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in _POINTERS[fn.__name__].items()}
+                    specs.append(CompileSpec(
+                        f"multi_lora_{kname}[{regime}] x={xdt} ab={adt} drop={int(drop)} "
+                        f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
+                        fn, _signature(fn, meta, ptrs), meta, warps, stages))
+    return specs
+
+
+def _gpu_cfg(kernel, regime):
+    """The GPU config even when the interpreter is on (compile_specs describes the shipped GPU configs)."""
+    import os
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return _cfg(kernel, regime)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _signature(fn, constexprs, pointers):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in _INDEX_PTRS:
+            sig[name] = "*i32"
+        elif name == "scale_ptr":
+            sig[name] = "*fp32"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
+        else:
+            sig[name] = "fp32" if name in ("p", "inv_keep") else "i32"
+    return sig
+
+
+__all__ = ["multi_lora_fwd", "multi_lora_bwd", "plan_tokens", "choose_regime", "shrink", "expand",
+           "segment_grad", "compile_specs", "REGIMES", "TORCH_TO_TRITON"]
