@@ -56,6 +56,16 @@ def base_layout(layer: nn.Module, where: str = "layer"):
     raise TypeError(f"{where}: expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
 
+def block_lora_B(lora_B: Tensor, groups: int, rows: Tensor, out_features: int) -> Tensor:
+    """loralib MergedLinear's stacked lora_B (per·G, r) -> the (N, r·G) B the fused op sees.
+
+    Block g of lora_B (rows g·per … (g+1)·per) lands on output rows ``rows[g·per:(g+1)·per]``
+    and columns g·r … (g+1)·r; everything else is zero. Differentiable (index_copy).
+    """
+    blocks = torch.block_diag(*lora_B.split(lora_B.shape[0] // groups))           # (per·G, r·G)
+    return blocks.new_zeros(out_features, blocks.shape[1]).index_copy(0, rows, blocks)
+
+
 class _LoraBase(nn.Module):
     """Shared state, forward and merge logic; subclasses define the LoRA factors' shapes."""
 
@@ -271,11 +281,9 @@ class MergedLoraLinear(_LoraBase):
 
     def lora_B_effective(self) -> Tensor:
         """(N, r·G): block-diagonal stack of the G B's, rows placed on the enabled output slices."""
-        g = sum(self.enable_lora)
-        blocks = torch.block_diag(*self.lora_B.split(self.lora_B.shape[0] // g))       # (per·G, r·G)
-        if self._rows.device != blocks.device:
-            self._rows = self._rows.to(blocks.device)
-        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, self._rows, blocks)
+        if self._rows.device != self.lora_B.device:
+            self._rows = self._rows.to(self.lora_B.device)
+        return block_lora_B(self.lora_B, sum(self.enable_lora), self._rows, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", enable_lora={self.enable_lora}"

@@ -1,0 +1,282 @@
+"""fastlora.patch / fastlora.unpatch: give PEFT and loralib LoRA layers the fused forward, in place.
+
+    report = fastlora.patch(model)      # every PEFT lora.Linear, loralib Linear / MergedLinear
+    print(report)                       # what was patched, what was not and why
+    fastlora.unpatch(model)             # the original forwards back
+
+How: the layer object stays the same object, of the same class, with the same parameters,
+buffers and state-dict keys (patch checks this and undoes itself if it were not so); only its
+``forward`` is shadowed by an instance attribute that calls ``fastlora.lora_linear`` on the
+layer's own tensors. So PEFT's save_pretrained / merge_and_unload / set_adapter and loralib's
+mark_only_lora_as_trainable / lora_state_dict keep working unchanged.
+
+At every call the patched forward re-checks what can change after patching (merged, adapters
+disabled, the active adapter, PEFT's mixed-batch ``adapter_names``, autocast, a dtype mismatch)
+and hands anything it cannot serve to the layer's original forward. Layers it can never serve
+(DoRA and other PEFT variants, several active adapters, lora_bias, embeddings, convolutions,
+quantized bases, hooked base layers…) are left alone and listed in the report with the reason.
+
+Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
+(or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
+in training mode. The mask is fastlora's counter-based mask (fastlora.dropout.keep_mask) with a
+seed drawn from torch's generator, so it differs from nn.Dropout's draw but has the same law.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .functional import lora_linear
+from .modules import block_lora_B
+
+_ATTR = "_fastlora_patch"
+
+
+@dataclass
+class PatchReport:
+    """patched: module path -> kind; skipped: module path -> why it keeps its own forward."""
+    patched: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastlora.patch: {len(self.patched)} layer(s) patched, {len(self.skipped)} not patched"]
+        lines += [f"  patched  {p or '<root>'}  ({k})" for p, k in self.patched.items()]
+        lines += [f"  skipped  {p or '<root>'}: {why}" for p, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+class _State:
+    """What a patched layer keeps on the side (a plain attribute: not in the state dict)."""
+
+    def __init__(self, kind):
+        self.kind, self.scale_key, self.scale_t, self.rows = kind, None, None, None
+
+    def scale(self, value, device):
+        if isinstance(value, torch.Tensor):
+            return value
+        if torch.compiler.is_compiling():
+            return float(value)
+        key = (float(value), device)
+        if self.scale_key != key:                       # cached 0-d tensor: no allocation per forward
+            self.scale_t, self.scale_key = torch.tensor(key[0], dtype=torch.float32, device=device), key
+        return self.scale_t
+
+
+# ---------------------------------------------------------------------------- detection
+
+def _peft_linear_cls():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except Exception:  # noqa: BLE001 - PEFT absent or broken: nothing of it to patch
+        return None
+    return Linear
+
+
+def _peft_lora_layer_cls():
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except Exception:  # noqa: BLE001
+        return None
+    return LoraLayer
+
+
+def _loralib():
+    try:
+        import loralib
+    except Exception:  # noqa: BLE001
+        return None
+    return loralib
+
+
+def _is_conv1d(m) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _dropout_p(d):
+    """(p, reason): PEFT/loralib dropout -> lora_linear's dropout_p."""
+    if type(d) is nn.Dropout:
+        return float(d.p), None
+    if type(d) is nn.Identity or getattr(d, "__name__", "") == "<lambda>":   # loralib: lambda x: x
+        return 0.0, None
+    return None, f"lora_dropout is {type(d).__name__}, not nn.Dropout or nn.Identity"
+
+
+def _peft_base(m):
+    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear."""
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+
+def _peft_active(m):
+    act = getattr(m, "active_adapters", None)
+    if act is None:
+        act = getattr(m, "active_adapter", [])
+    return [act] if isinstance(act, str) else list(act)
+
+
+def _peft_reason(m):
+    """Why this PEFT lora.Linear cannot take the fused forward (None if it can)."""
+    base = _peft_base(m)
+    if base is not m and not (type(base) is nn.Linear or _is_conv1d(base)):
+        return f"base layer is {type(base).__name__} (only nn.Linear and transformers Conv1D)"
+    if base is not m and (base._forward_hooks or base._forward_pre_hooks):
+        return "base layer has forward hooks"
+    active = _peft_active(m)
+    if len(active) != 1:
+        return f"{len(active)} active adapters {active} (fastlora serves exactly one)"
+    a = active[0]
+    if a not in m.lora_A:
+        return f"active adapter {a!r} has no LoRA weights in this layer"
+    if a in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(a, False):
+        return f"adapter {a!r} is a LoRA variant ({type(getattr(m, 'lora_variant', {}).get(a)).__name__}, e.g. DoRA)"
+    if getattr(m, "lora_bias", {}).get(a, False):
+        return f"adapter {a!r} has lora_bias=True"
+    _, why = _dropout_p(m.lora_dropout[a])
+    if why:
+        return why
+    w, A, B = base.weight, m.lora_A[a].weight, m.lora_B[a].weight
+    k, n = A.shape[1], B.shape[0]
+    want = (k, n) if m.fan_in_fan_out else (n, k)
+    if tuple(w.shape) != want or B.shape[1] != A.shape[0]:
+        return f"weight {tuple(w.shape)} does not match lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}"
+    if A.dtype != B.dtype or A.dtype not in (w.dtype, torch.float32) or w.dtype not in \
+            (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtypes weight {w.dtype}, lora_A {A.dtype}, lora_B {B.dtype} not supported"
+    return None
+
+
+def _loralib_reason(m, merged_linear: bool):
+    if m.r <= 0:
+        return "r == 0 (no adapter)"
+    if merged_linear and not any(m.enable_lora):
+        return "enable_lora enables no slice"
+    _, why = _dropout_p(m.lora_dropout)
+    return why
+
+
+def _classify(m):
+    """(kind, reason) for a module fastlora knows about; (None, None) for one it ignores."""
+    peft_lin, peft_layer, ll = _peft_linear_cls(), _peft_lora_layer_cls(), _loralib()
+    if peft_lin is not None and isinstance(m, peft_lin) and type(m) is peft_lin:
+        return "peft.Linear", _peft_reason(m)
+    if peft_layer is not None and isinstance(m, peft_layer):
+        return f"peft.{type(m).__name__}", f"PEFT {type(m).__name__} layers are not served (only lora.Linear)"
+    if ll is not None:
+        if type(m) is ll.Linear:
+            return "loralib.Linear", _loralib_reason(m, False)
+        if type(m) is ll.MergedLinear:
+            return "loralib.MergedLinear", _loralib_reason(m, True)
+        if isinstance(m, ll.LoRALayer):
+            return f"loralib.{type(m).__name__}", f"loralib {type(m).__name__} layers are not served"
+    return None, None
+
+
+# ---------------------------------------------------------------------------- fused forwards
+
+def _runtime_ok(x, w) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype == w.dtype and not torch.is_autocast_enabled(x.device.type)
+
+
+def _peft_forward(self, x, *args, **kwargs):
+    st = getattr(self, _ATTR)
+    base = _peft_base(self)
+    active = _peft_active(self)
+    if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
+            or getattr(self, "merged", False) or len(active) != 1 or not _runtime_ok(x, base.weight)
+            or active[0] in getattr(self, "lora_variant", {}) or active[0] not in self.lora_A):
+        return type(self).forward(self, x, *args, **kwargs)
+    a = active[0]
+    drop = self.lora_dropout[a]
+    p, _ = _dropout_p(drop)
+    return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                       st.scale(self.scaling[a], x.device), p or 0.0, drop.training, self.fan_in_fan_out)
+
+
+def _loralib_forward(self, x):
+    st = getattr(self, _ATTR)
+    if self.merged or self.r <= 0 or not _runtime_ok(x, self.weight):
+        return type(self).forward(self, x)
+    p, _ = _dropout_p(self.lora_dropout)
+    training = self.lora_dropout.training if isinstance(self.lora_dropout, nn.Module) else self.training
+    lora_B = self.lora_B
+    if st.kind == "loralib.MergedLinear":
+        if st.rows is None or st.rows.device != lora_B.device:
+            st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
+        lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
+    return lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, st.scale(self.scaling, x.device),
+                       p or 0.0, training, self.fan_in_fan_out)
+
+
+# ---------------------------------------------------------------------------- public API
+
+def _fingerprint(model: nn.Module):
+    return {k: (v.data_ptr(), tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> PatchReport:
+    """Give every PEFT lora.Linear and loralib Linear / MergedLinear in ``model`` the fused forward.
+
+    Returns a PatchReport; warns once if some LoRA layers could not be patched. With ``strict``,
+    an unpatchable LoRA layer raises ValueError naming its module path and nothing is patched.
+    Patching twice is harmless (already patched layers are listed as patched).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report, todo = PatchReport(), []
+    for path, m in model.named_modules():
+        kind, why = _classify(m)
+        if kind is None:
+            continue
+        if hasattr(m, _ATTR):
+            report.patched[path] = kind
+        elif why is None and "forward" in m.__dict__:
+            report.skipped[path] = "forward is already replaced on this instance (e.g. by accelerate hooks)"
+        elif why is not None:
+            report.skipped[path] = why
+        else:
+            todo.append((path, m, kind))
+    if strict and report.skipped:
+        path, why = next(iter(report.skipped.items()))
+        raise ValueError(f"fastlora.patch(strict=True): cannot patch {path or '<root>'}: {why}")
+    before = _fingerprint(model)
+    for path, m, kind in todo:
+        fn = _peft_forward if kind == "peft.Linear" else _loralib_forward
+        object.__setattr__(m, _ATTR, _State(kind))
+        object.__setattr__(m, "forward", types.MethodType(fn, m))
+        report.patched[path] = kind
+    if _fingerprint(model) != before:   # cannot happen by construction; never leave a half-changed model
+        for _, m, _ in todo:
+            _remove(m)
+        raise RuntimeError("fastlora.patch changed the model's parameters/buffers; patch undone")
+    if warn and report.skipped:
+        warnings.warn(f"fastlora.patch: {len(report.skipped)} LoRA layer(s) keep their original forward: "
+                      + "; ".join(f"{p or '<root>'}: {w}" for p, w in report.skipped.items()), stacklevel=2)
+    return report
+
+
+def _remove(m: nn.Module) -> None:
+    m.__dict__.pop("forward", None)
+    m.__dict__.pop(_ATTR, None)
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Restore the original forward of every layer ``patch`` changed; returns their module paths."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    done = []
+    for path, m in model.named_modules():
+        if _ATTR in m.__dict__:
+            _remove(m)
+            done.append(path)
+    return done
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True when ``module`` currently runs fastlora's fused forward via ``patch``."""
+    return _ATTR in module.__dict__
+
+
+__all__ = ["PatchReport", "patch", "unpatch", "is_patched"]
