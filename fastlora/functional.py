@@ -10,7 +10,8 @@ from torch import Tensor
 from . import ops
 from .dropout import new_seed
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # float64: gradcheck, oracles
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _shape(t: Tensor) -> str:
@@ -30,7 +31,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
     if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {_shape(weight)}")
     K = x.shape[-1]
@@ -52,14 +53,16 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
         raise ValueError(f"lora_A must have shape (r, {K}) (in_features = x.shape[-1]), got {_shape(lora_A)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must have shape ({N}, {r}) (out_features, r), got {_shape(lora_B)}")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A and lora_B must share one dtype, either x's ({x.dtype}) or float32; "
-                        f"got {lora_A.dtype} and {lora_B.dtype}")
+    ok = (x.dtype,) + ((torch.float32,) if x.dtype in _HALF else ())
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in ok:
+        want = f"x's ({x.dtype})" + (" or float32" if x.dtype in _HALF else "")
+        raise TypeError(f"lora_A and lora_B must share one dtype, {want}; got {lora_A.dtype} and {lora_B.dtype}")
     if bias is not None:
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},) (out_features), got {_shape(bias)}")
-        if bias.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"bias must have x's dtype {x.dtype} or float32, got {bias.dtype}")
+        if bias.dtype not in ok:
+            raise TypeError(f"bias must have x's dtype {x.dtype}" + (" or float32" if x.dtype in _HALF else "")
+                            + f", got {bias.dtype}")
     devices = {t.device for t in (x, weight, lora_A, lora_B, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, weight, bias, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
@@ -85,7 +88,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """y = x·Wᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ, fused.
 
     Args:
-        x: (..., K) float32/float16/bfloat16, any strides.
+        x: (..., K) float32/float16/bfloat16 (float64 too, for gradcheck and oracles), any strides.
         weight: frozen base weight, (N, K); (K, N) when ``fan_in_fan_out`` (GPT-2 Conv1D), read
             through strides, never copied. Same dtype as x.
         bias: (N,) or None; gets a gradient when it requires one.
@@ -103,10 +106,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     p = float(dropout_p) if training else 0.0
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scaling, Tensor):
-        scale = scaling.detach().reshape(()).to(device=x.device, dtype=torch.float32)
+        scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
     else:
-        scale = torch.full((), float(scaling), dtype=torch.float32, device=x.device)
+        scale = torch.full((), float(scaling), dtype=sdt, device=x.device)
     if p > 0:
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:

@@ -44,7 +44,8 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, s
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     M = x.numel() // x.shape[-1]
     y = x.new_empty(*x.shape[:-1], N)
-    S = x.new_empty((M if save_s else 0, lora_A.shape[0]), dtype=torch.float32)
+    S = x.new_empty((M if save_s else 0, lora_A.shape[0]),
+                    dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return y, S
 
 
@@ -78,7 +79,7 @@ def _(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out, 
     return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else e,
             torch.empty_like(lora_A, memory_format=torch.contiguous_format) if needs_dA else e,
             torch.empty_like(lora_B, memory_format=torch.contiguous_format) if needs_dB else e,
-            x.new_empty(N, dtype=torch.float32) if needs_dbias else e,
+            x.new_empty(N, dtype=S.dtype) if needs_dbias else e,
             torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_dW else e)
 
 

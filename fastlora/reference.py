@@ -50,7 +50,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 # ---------------------------------------------------------------------------
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
-    """Returns (y of shape (..., N), S of shape (M, r) in float32, or (0, r) when not saved)."""
+    """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved)."""
     K = x.shape[-1]
     w = _weight_nk(weight, fan_in_fan_out)
     x2 = x.reshape(-1, K)
@@ -66,7 +66,8 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
         y.addmm_(Ss, lora_B.t())                         # fused: y += s·S·Bᵀ in place
     else:                                                # fp32 adapters on a half base, like PEFT
         y.add_((Ss @ lora_B.t()).to(y.dtype))
-    S_saved = S.float() if save_s else S.new_empty((0, S.shape[1]), dtype=torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    S_saved = S.to(acc) if save_s else S.new_empty((0, S.shape[1]), dtype=acc)
     return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
 
 
@@ -87,7 +88,7 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
     if needs_dB:
         dB = (dyl.t() @ S.to(ad)) * s
     if needs_dbias:
-        dbias = dy2.sum(0, dtype=torch.float32)
+        dbias = dy2.sum(0, dtype=torch.float64 if dy2.dtype == torch.float64 else torch.float32)
     if needs_dA:
         d = x2.to(ad) if keep is None else x2.to(ad) * keep
         dA = (dS.t() @ d) * (inv_keep if keep is not None else 1.0)

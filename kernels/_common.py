@@ -36,12 +36,13 @@ def _keep(seed, rows, cols, K, p):
 
 @triton.jit
 def _mma(a, b, acc, FP32_PRECISION: tl.constexpr):
-    """acc += a·b with fp32 accumulation. Equal half dtypes go to the tensor cores as they are;
-    mixed operands (fp32 adapters or fp32 S on a half base) are both promoted to fp32."""
+    """acc += a·b, accumulated in acc's dtype (fp32; fp64 for fp64 inputs). Equal dtypes go to the
+    tensor cores as they are; mixed operands (fp32 adapters or fp32 S on a half base) are both
+    promoted to acc's dtype."""
     if a.dtype == b.dtype:
         return tl.dot(a, b, acc, input_precision=FP32_PRECISION)
     else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision=FP32_PRECISION)
 
 
 # ---------------------------------------------------------------------------
@@ -82,11 +83,16 @@ def block_r(r: int) -> int:
     return max(16, min(triton.next_power_of_2(r), MAX_FUSED_R))
 
 
+def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / S / partial-buffer dtype: float32, float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def fp32_precision(x_dtype: torch.dtype) -> str:
     """input_precision for fp32 dots: follow torch's matmul setting on an fp32 base; tf32 on a half
     base (there fp32 only carries adapters/S, whose contribution is rounded to half at the end)."""
-    if x_dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if x_dtype in (torch.float32, torch.float64):
+        return "tf32" if x_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
 
 

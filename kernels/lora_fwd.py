@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets, block_r,
+from ._common import (MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
                       fp32_precision, interpreting, m_bucket, x_as_3d)
 from ._specs import CompileSpec
 
@@ -82,7 +82,7 @@ def _lora_shrink_kernel(
     a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar          # (BLOCK_K, BLOCK_R) of Aᵀ
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=s_ptr.dtype.element_ty)   # fp32 (fp64 for fp64 inputs)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -143,8 +143,9 @@ def _lora_fwd_kernel(
     a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar          # (BLOCK_K, BLOCK_R) of Aᵀ
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    ACC = s_ptr.dtype.element_ty                                                # fp32 (fp64 for fp64 inputs)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -160,7 +161,7 @@ def _lora_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     # epilogue: lora = S·Bᵀ for this tile, fp32
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if SHRINK_IN_LOOP:
         s_tile = s_acc * inv_keep
         if STORE_S:
@@ -179,9 +180,9 @@ def _lora_fwd_kernel(
                         mask=rc_ok[:, None] & n_ok[None, :], other=0.0)
             lora = _mma(s_tile, b, lora, FP32_PRECISION)
 
-    acc += tl.load(scale_ptr).to(tl.float32) * lora
+    acc += tl.load(scale_ptr).to(ACC) * lora
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -203,7 +204,7 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
     stride_wn, stride_wk = (w.stride(1), w.stride(0)) if fan_in_fan_out else (w.stride(0), w.stride(1))
     y = torch.empty((M, N), device=x3.device, dtype=x3.dtype)
     one = variant == "one"
-    S = torch.empty((M, R) if (save_s or not one) else (0, R), device=x3.device, dtype=torch.float32)
+    S = torch.empty((M, R) if (save_s or not one) else (0, R), device=x3.device, dtype=acc_dtype(x3.dtype))
     common = dict(HAS_DROPOUT=p > 0, FP32_PRECISION=fp32_precision(x3.dtype), BLOCK_R=block_r(R))
     inv_keep = 1.0 / (1.0 - p)
     if not one:
@@ -240,14 +241,14 @@ def _choose_variant(args, key):
 
 
 def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
-    """Returns (y (..., N) in x's dtype, S (M, r) float32 — or (0, r) when not ``save_s``)."""
+    """Returns (y (..., N) in x's dtype, S (M, r) float32 (float64 for float64 x) — (0, r) when not ``save_s``)."""
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     x3, M, T, sxb, sxt, sxk = x_as_3d(x)
     if M == 0 or x.shape[-1] == 0:
         y = torch.zeros((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
         if bias is not None and M:
             y += bias.to(x.dtype)
-        return y, torch.zeros((M if save_s else 0, lora_A.shape[0]), device=x.device, dtype=torch.float32)
+        return y, torch.zeros((M if save_s else 0, lora_A.shape[0]), device=x.device, dtype=acc_dtype(x.dtype))
     args = (x3, M, T, sxb, sxt, sxk, weight, bias, lora_A, lora_B, scale, seed, float(dropout_p),
             fan_in_fan_out, save_s)
     key = (m_bucket(M), N, x.shape[-1], lora_A.shape[0], x.dtype, lora_A.dtype, dropout_p > 0,

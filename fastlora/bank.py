@@ -1,0 +1,285 @@
+"""AdapterBank: many LoRA adapters of one linear layer, packed along the rank WITHOUT padding.
+
+Storage (what the gather kernels read), for adapters k = 0 … n−1 of ranks r_k, R_tot = Σ r_k:
+
+    lora_A    (R_tot, K)   rows off[k] … off[k+1]−1 are adapter k's A_k (r_k, K)        nn.Parameter
+    lora_B    (N, R_tot)   columns off[k] … off[k+1]−1 are adapter k's B_k (N, r_k)     nn.Parameter
+    offsets   (n+1,) int32 off[0] = 0, off[k+1] = off[k] + r_k                         buffer
+    scalings  (n,) float32 s_k = alpha_k / r_k, or alpha_k / √r_k (rsLoRA)             buffer (runtime values)
+
+Adapter k is addressed by its index k (position in ``names``); −1 means "base model only".
+Changing the set of adapters (add / remove / replace) builds new packed tensors: indices of later
+adapters shift on remove, and an optimizer holding the old parameters must be rebuilt. Every change
+is validated completely before anything is modified, so a failed call leaves the bank as it was.
+A scaling change (``set_scaling``) is in place: no recompilation, CUDA graphs see the new value.
+
+Dtype policy: adapters are stored in the bank's ``dtype`` (float32 by default, PEFT's choice for a
+half base; or the base model's dtype); weights given in another float dtype are cast on entry.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BASE = "__base__"   # PEFT's name for "no adapter" in mixed batches
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+class AdapterBank(nn.Module):
+    """LoRA adapters for one layer with in_features K and out_features N (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, requires_grad: bool = False):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dtype not in _FLOATS:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_A = nn.Parameter(torch.empty(0, in_features, dtype=dtype, device=device), requires_grad)
+        self.lora_B = nn.Parameter(torch.empty(out_features, 0, dtype=dtype, device=device), requires_grad)
+        self.register_buffer("offsets", torch.zeros(1, dtype=torch.int32, device=device))
+        self.register_buffer("scalings", torch.zeros(0, dtype=torch.float32, device=device))
+        self._names: list[str] = []
+        self._ranks: list[int] = []
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self._ranks)
+
+    @property
+    def r_max(self) -> int:
+        """Largest rank in the bank (0 when empty); host-known, sizes the S buffer and the grids."""
+        return max(self._ranks, default=0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def index(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(f"unknown adapter name {name!r}; the bank holds {self._names}")
+        return self._names.index(name)
+
+    def ids(self, names: Sequence[str | None], *, device=None, missing: str = "error") -> Tensor:
+        """int32 adapter ids for a list of names; None or '__base__' -> −1 (base model only).
+
+        ``missing="base"`` maps names this bank does not hold to −1 (PEFT's behaviour for a layer an
+        adapter does not target); the default raises KeyError.
+        """
+        if isinstance(names, str):
+            raise TypeError("names must be a sequence of adapter names, got a single str")
+        if missing not in ("error", "base"):
+            raise ValueError(f"missing must be 'error' or 'base', got {missing!r}")
+        out = []
+        for n in names:
+            if n is None or n == BASE or (missing == "base" and n not in self._names):
+                out.append(-1)
+            else:
+                out.append(self.index(n))
+        return torch.tensor(out, dtype=torch.int32, device=device if device is not None else self.offsets.device)
+
+    def adapter(self, name: str) -> tuple[Tensor, Tensor, float]:
+        """(A_k (r_k, K) view, B_k (N, r_k) view, s_k) of the named adapter."""
+        k = self.index(name)
+        o = sum(self._ranks[:k])
+        r = self._ranks[k]
+        return self.lora_A[o:o + r], self.lora_B[:, o:o + r], float(self.scalings[k])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
+                f"adapters={dict(zip(self._names, self._ranks))}")
+
+    # ------------------------------------------------------------------ changes
+    def _checked(self, name, lora_A, lora_B, scaling, alpha, use_rslora):
+        """Validate one adapter; returns (A, B, s) converted to the bank's dtype/device. Modifies nothing."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"adapter name must be a non-empty str other than {BASE!r}, got {name!r}")
+        for an, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{an} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOATS + (torch.float64,):
+                raise TypeError(f"{an} must be a floating tensor, got {t.dtype}")
+        K, N = self.in_features, self.out_features
+        if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != K:
+            raise ValueError(f"lora_A of adapter {name!r} must have shape (r, {K}) with r >= 1, got {_shape(lora_A)}")
+        r = lora_A.shape[0]
+        if tuple(lora_B.shape) != (N, r):
+            raise ValueError(f"lora_B of adapter {name!r} must have shape ({N}, {r}) (out_features, rank of "
+                             f"lora_A), got {_shape(lora_B)}: rank mismatch")
+        if scaling is not None and alpha is not None:
+            raise ValueError("give scaling or alpha, not both")
+        if alpha is not None:
+            if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
+                raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+            scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        elif scaling is None:
+            scaling = 1.0
+        if isinstance(scaling, Tensor):
+            if scaling.numel() != 1:
+                raise ValueError(f"scaling must be a number or a 1-element tensor, got shape {_shape(scaling)}")
+            scaling = float(scaling)
+        if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        dev = self.lora_A.device
+        A = lora_A.detach().to(device=dev, dtype=self.dtype)
+        B = lora_B.detach().to(device=dev, dtype=self.dtype)
+        return A, B, float(scaling)
+
+    def _commit(self, names, ranks, As, Bs, scales):
+        """Pack and install (all new tensors are built before any attribute changes)."""
+        dev, K, N = self.lora_A.device, self.in_features, self.out_features
+        A = torch.cat(As, 0) if As else torch.empty(0, K, dtype=self.dtype, device=dev)
+        B = torch.cat(Bs, 1) if Bs else torch.empty(N, 0, dtype=self.dtype, device=dev)
+        off = torch.tensor([0] + list(_cumsum(ranks)), dtype=torch.int32, device=dev)
+        sc = torch.tensor(scales, dtype=torch.float32, device=dev)
+        grad = self.lora_A.requires_grad
+        new_A, new_B = nn.Parameter(A.contiguous(), grad), nn.Parameter(B.contiguous(), grad)
+        self.lora_A, self.lora_B = new_A, new_B
+        self.offsets, self.scalings = off, sc
+        self._names, self._ranks = list(names), list(ranks)
+
+    def _pieces(self):
+        A, B, off = self.lora_A.detach(), self.lora_B.detach(), [0] + list(_cumsum(self._ranks))
+        return ([A[off[k]:off[k + 1]] for k in range(len(self))], [B[:, off[k]:off[k + 1]] for k in range(len(self))],
+                self.scalings.tolist())
+
+    def add(self, name: str, lora_A: Tensor, lora_B: Tensor, *, scaling: float | None = None,
+            alpha: float | None = None, use_rslora: bool = False) -> int:
+        """Add adapter ``name`` (A (r, K), B (N, r)); s = scaling, or alpha/r (alpha/√r with rsLoRA), default 1.
+
+        Returns its index. Raises ValueError if the name exists (use ``replace``).
+        """
+        A, B, s = self._checked(name, lora_A, lora_B, scaling, alpha, use_rslora)
+        if name in self._names:
+            raise ValueError(f"adapter {name!r} already exists; use replace() to change it")
+        As, Bs, scales = self._pieces()
+        self._commit(self._names + [name], self._ranks + [A.shape[0]], As + [A], Bs + [B], scales + [s])
+        return len(self) - 1
+
+    def replace(self, name: str, lora_A: Tensor, lora_B: Tensor, *, scaling: float | None = None,
+                alpha: float | None = None, use_rslora: bool = False) -> int:
+        """Replace adapter ``name`` (its rank may change); keeps its index."""
+        k = self.index(name)
+        A, B, s = self._checked(name, lora_A, lora_B, scaling, alpha, use_rslora)
+        As, Bs, scales = self._pieces()
+        As[k], Bs[k], scales[k] = A, B, s
+        ranks = list(self._ranks)
+        ranks[k] = A.shape[0]
+        self._commit(self._names, ranks, As, Bs, scales)
+        return k
+
+    def remove(self, name: str) -> None:
+        """Remove adapter ``name``; adapters after it move down one index."""
+        k = self.index(name)
+        As, Bs, scales = self._pieces()
+        keep = [i for i in range(len(self)) if i != k]
+        self._commit([self._names[i] for i in keep], [self._ranks[i] for i in keep],
+                     [As[i] for i in keep], [Bs[i] for i in keep], [scales[i] for i in keep])
+
+    def set_scaling(self, name: str, scaling: float) -> None:
+        """Change s_k in place (the runtime scaling tensor; nothing recompiles)."""
+        k = self.index(name)
+        if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        with torch.no_grad():
+            self.scalings[k] = float(scaling)
+
+    # ------------------------------------------------------------------ PEFT
+    @classmethod
+    def from_peft_layer(cls, layer, *, dtype: torch.dtype | None = None) -> "AdapterBank":
+        """A bank holding every adapter of a PEFT ``lora.Linear`` layer (weights copied, PEFT's scaling)."""
+        names = list(layer.lora_A.keys())
+        if not names:
+            raise ValueError("the PEFT layer holds no LoRA adapter")
+        A0 = layer.lora_A[names[0]].weight
+        bank = cls(layer.in_features, layer.out_features, dtype=dtype or A0.dtype, device=A0.device)
+        for n in names:
+            bank.add(n, layer.lora_A[n].weight, layer.lora_B[n].weight, scaling=float(layer.scaling[n]))
+        return bank
+
+
+def _cumsum(xs: Iterable[int]):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
+
+
+def _pattern_value(patterns: Mapping[str, object], module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config.json as a dict, tensors of adapter_model.safetensors) of a PEFT adapter folder."""
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(path, "adapter_config.json")
+    st_path = os.path.join(path, "adapter_model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"not a PEFT adapter checkpoint: {p} is missing")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    return config, load_file(st_path)
+
+
+def load_peft_adapter(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
+                      prefix: str = "base_model.model.") -> None:
+    """Add the PEFT adapter saved at ``path`` as ``name`` to every bank; banks maps module path -> bank.
+
+    Module path as in the base model (e.g. "model.layers.0.self_attn.q_proj"); the checkpoint's keys are
+    ``{prefix}{module}.lora_A.weight`` / ``.lora_B.weight``. Rank and alpha come from the config (with
+    rank_pattern / alpha_pattern, use_rslora); a tensor whose rank differs from the config is an error.
+    All banks are checked before any is changed: on error, none is modified.
+    """
+    config, tensors = read_peft_checkpoint(path)
+    staged = []
+    for module, bank in banks.items():
+        keys = [f"{prefix}{module}.lora_A.weight", f"{prefix}{module}.lora_B.weight"]
+        for key in keys:
+            if key not in tensors:
+                raise KeyError(f"{path}: no tensor {key!r} for module {module!r}")
+        A, B = tensors[keys[0]], tensors[keys[1]]
+        r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[-1] != r:
+            raise ValueError(f"{path}: rank mismatch for module {module!r}: config says r = {r}, tensors have "
+                             f"lora_A {_shape(A)} and lora_B {_shape(B)}")
+        if name in bank:
+            raise ValueError(f"adapter {name!r} already exists in the bank of {module!r}")
+        bank._checked(name, A, B, None, alpha, bool(config.get("use_rslora", False)))
+        staged.append((bank, A, B, alpha))
+    for bank, A, B, alpha in staged:
+        bank.add(name, A, B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
+
+
+__all__ = ["AdapterBank", "BASE", "load_peft_adapter", "read_peft_checkpoint"]

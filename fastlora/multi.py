@@ -1,0 +1,266 @@
+"""Batched multi-adapter LoRA: every token (or sequence) of a batch uses its own adapter of a bank.
+
+    y[m] = x[m]·W0ᵀ + bias + s_k·(drop(x)[m]·A_kᵀ)·B_kᵀ        k = ids[m] (−1: base model only)
+
+Layers, top to bottom:
+    MultiLoraLinear(base_layer, bank).forward(x, adapter_ids)        the module
+    multi_lora_linear(x, weight, bias, bank tensors…, ids, …)       validated functional, differentiable
+    fastlora::multi_lora_fwd / fastlora::multi_lora_bwd             torch.library custom ops (autograd wired)
+      -> "triton": fastlora.kernels.multi_lora (gather kernels; CUDA, or CPU with TRITON_INTERPRET=1)
+      -> "torch":  torch_forward / torch_backward below (CPU otherwise; the readable maths)
+    MultiAdapterModel(peft_model)                                   runs a PEFT model with several loaded
+                                                                    adapters in mixed batches through it
+
+Shapes: x (..., K); ids int32/int64 of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence, x at
+least 3-D); bank tensors: A (R_tot, K), B (N, R_tot), offsets (n+1,) int32, scalings (n,) float32 — see
+fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). The launch path
+reads no device value on the host: ids are range-checked with torch._assert_async (immediate on CPU,
+asynchronous on CUDA), so a fixed bank is CUDA-graph capturable.
+
+The pure-torch path is dense and masked: S_all = drop(x)·A_packedᵀ (M, R_tot), columns of other adapters
+zeroed, times s_k, then ·B_packedᵀ. Exact, no Python loop over adapters, no host sync; it spends
+M·R_tot·(K+N) FLOPs instead of Σ_m r_{ids[m]}·(K+N), which is what the kernels spend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backend import select_backend
+from .bank import AdapterBank
+from .dropout import keep_mask, new_seed
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    from .kernels import multi_lora   # lazily: Triton-only module
+    return multi_lora
+
+
+# ---------------------------------------------------------------------------
+# the pure-torch backend (same contract as fastlora.kernels.multi_lora.multi_lora_fwd / _bwd)
+# ---------------------------------------------------------------------------
+
+def _column_masks(offsets, scalings, ids, R_tot):
+    """(M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0. Plus the column's adapter."""
+    ranks = offsets[1:] - offsets[:-1]
+    col = torch.repeat_interleave(torch.arange(ranks.numel(), device=ids.device), ranks, output_size=R_tot)
+    return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
+
+
+def _keep_scale(seed, M, K, p, device):
+    return keep_mask(seed, M, K, p, device).to(torch.float32) / (1.0 - p) if p > 0 else None
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
+                  fan_in_fan_out, save_s):
+    K, R_tot = x.shape[-1], lora_A.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    w = weight.t() if fan_in_fan_out else weight
+    y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+    ks = _keep_scale(seed, M, K, dropout_p, x.device)
+    d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
+    S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
+    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
+    Sm = S_all * colscale.to(S_all.dtype)                          # other adapters' columns -> 0, times s_k
+    if lora_B.dtype == y.dtype:
+        y.addmm_(Sm, lora_B.t())
+    else:
+        y.add_((Sm @ lora_B.t()).to(y.dtype))
+    S = _pack_S(S_all, offsets, ids, r_max) if save_s else x.new_zeros((0, r_max), dtype=torch.float32)
+    return y.reshape(*x.shape[:-1], w.shape[0]), S
+
+
+def _gather_index(offsets, ids, r_max, R_tot):
+    """(M, r_max) packed column of S[m, j] and whether it exists (j < r_k, k ≥ 0)."""
+    k = ids.long().clamp(min=0)
+    j = torch.arange(r_max, device=ids.device)
+    valid = (ids[:, None] >= 0) & (j[None, :] < (offsets[k + 1] - offsets[k])[:, None])
+    idx = (offsets[k].long()[:, None] + j[None, :]).clamp(max=max(R_tot - 1, 0))
+    return idx, valid
+
+
+def _pack_S(S_all, offsets, ids, r_max):
+    idx, valid = _gather_index(offsets, ids, r_max, S_all.shape[1])
+    return torch.where(valid, S_all.float().gather(1, idx), 0.0)
+
+
+def _unpack_S(S, offsets, ids, R_tot):
+    idx, valid = _gather_index(offsets, ids, S.shape[1], R_tot)
+    dump = torch.full_like(idx, R_tot)                             # invalid entries go to a dropped column
+    out = S.new_zeros((S.shape[0], R_tot + 1)).scatter_(1, torch.where(valid, idx, dump), S)
+    return out[:, :R_tot]
+
+
+def torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed, fan_in_fan_out,
+                   needs_dx, needs_dA, needs_dB):
+    """(dx, dA (R_tot, K), dB (N, R_tot)); None where not needed. Dense-masked like torch_forward."""
+    K, N, R_tot, ad = x.shape[-1], dy.shape[-1], lora_A.shape[0], lora_A.dtype
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    w = weight.t() if fan_in_fan_out else weight
+    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
+    colscale = colscale.to(ad)
+    ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
+    dyl = dy2.to(ad)
+    dS = (dyl @ lora_B) * colscale                                 # (M, R_tot) = s_k·dY·B_k on token m's columns
+    dx = dA = dB = None
+    if needs_dB:
+        dB = dyl.t() @ (_unpack_S(S, offsets, ids, R_tot).to(ad) * colscale)
+    if needs_dA:
+        d = x2.to(ad) if ks is None else x2.to(ad) * ks.to(ad)
+        dA = dS.t() @ d
+    if needs_dx:
+        lx = dS @ lora_A
+        if ks is not None:
+            lx = lx * ks.to(ad)
+        dx = torch.addmm(lx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
+    return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fastlora::multi_lora_fwd", mutates_args=())
+def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   offsets: Tensor, scalings: Tensor, ids: Tensor, r_max: int, dropout_p: float, seed: Tensor,
+                   fan_in_fan_out: bool, save_s: bool, regime: str, backend: str) -> tuple[Tensor, Tensor]:
+    if select_backend(x.device, backend) == "triton":
+        return _kernels().multi_lora_fwd(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max,
+                                         dropout_p, seed, fan_in_fan_out, save_s, regime)
+    return torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
+                         fan_in_fan_out, save_s)
+
+
+@multi_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out, save_s,
+      regime, backend):
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    M = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], N), x.new_empty((M if save_s else 0, r_max), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlora::multi_lora_bwd", mutates_args=())
+def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, offsets: Tensor,
+                   scalings: Tensor, ids: Tensor, S: Tensor, r_max: int, dropout_p: float, seed: Tensor,
+                   fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dbias: bool,
+                   needs_dW: bool, regime: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if select_backend(x.device, backend) == "triton":
+        dx, dA, dB = _kernels().multi_lora_bwd(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max,
+                                               dropout_p, seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB, regime)
+    else:
+        dx, dA, dB = torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
+                                    fan_in_fan_out, needs_dx, needs_dA, needs_dB)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dbias = dy2.sum(0, dtype=torch.float32) if needs_dbias else None
+    dW = None
+    if needs_dW:   # a trainable base weight is not what LoRA is for, but answer correctly
+        g = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
+        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
+    e = x.new_empty(0)
+    return tuple(t.contiguous() if t is not None else e for t in (dx, dA, dB, dbias, dW))
+
+
+@multi_lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max, dropout_p, seed, fan_in_fan_out,
+      needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, regime, backend):
+    e = x.new_empty(0)
+    like = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else e  # noqa: E731
+    return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB),
+            x.new_empty(dy.shape[-1], dtype=torch.float32) if needs_dbias else e, like(weight, needs_dW))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out, save_s,
+     regime, backend) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, ids, output[1], seed)
+    ctx.meta = (r_max, dropout_p, fan_in_fan_out, regime, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _dS):
+    x, weight, lora_A, lora_B, offsets, scalings, ids, S, seed = ctx.saved_tensors
+    r_max, p, fifo, regime, backend = ctx.meta
+    nx, nw, nb, na, nbb = (ctx.needs_input_grad[i] for i in range(5))
+    dx, dA, dB, dbias, dW = multi_lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, offsets, scalings, ids, S,
+                                           r_max, p, seed, fifo, nx, na, nbb, nb, nw, regime, backend)
+    return (dx if nx else None, dW if nw else None, dbias.to(ctx.bias_dtype) if nb else None,
+            dA if na else None, dB if nbb else None) + (None,) * 10
+
+
+torch.library.register_autograd("fastlora::multi_lora_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# validated functional
+# ---------------------------------------------------------------------------
+
+def expand_ids(ids: Tensor, x: Tensor, n: int) -> Tensor:
+    """Per-token int32 ids (M,) from ids of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence).
+
+    Range [−1, n) is asserted on the device (torch._assert_async): immediate ValueError on CPU, a device-side
+    assert on CUDA — never a host read, so the launch path stays capturable.
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"adapter_ids must be a torch.Tensor of int32/int64 (or a list of adapter names), "
+                        f"got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
+    if ids.device != x.device:
+        raise ValueError(f"adapter_ids must be on x's device {x.device}, got {ids.device}")
+    lead = tuple(x.shape[:-1])
+    if tuple(ids.shape) == lead:
+        tok = ids.reshape(-1)
+    elif x.dim() >= 3 and tuple(ids.shape) == lead[:1]:
+        tok = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+    else:
+        per_seq = f" or {lead[:1]} (one per sequence)" if x.dim() >= 3 else ""
+        raise ValueError(f"adapter_ids must have shape {lead} (one per token){per_seq} for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(ids.shape)}")
+    tok = tok.to(torch.int32)
+    if tok.numel():
+        msg = f"adapter_ids must be in [-1, {n}) (-1 = base model only; the bank holds {n} adapters)"
+        try:
+            torch._assert_async(((tok >= -1) & (tok < n)).all(), msg)
+        except RuntimeError as e:
+            raise ValueError(msg) from e
+    return tok
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: AdapterBank, adapter_ids: Tensor,
+                      dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False, *,
+                      seed: int | Tensor | None = None, regime: str = "auto", backend: str | None = None) -> Tensor:
+    """y = x·Wᵀ + bias + s_k·(dropout(x)·A_kᵀ)·B_kᵀ, k = the token's adapter (−1: none). Differentiable in
+    x, bias and the bank's packed lora_A / lora_B (so every adapter in the batch trains at once).
+
+    x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · adapter_ids: see expand_ids.
+    The bank's dtype is x's or float32. Dropout is the single-adapter op's mask (seed, row, col).
+    """
+    from .functional import check_inputs
+    if not isinstance(bank, AdapterBank):
+        raise TypeError(f"bank must be a fastlora AdapterBank, got {type(bank).__name__}")
+    if bank.r_max:
+        A0, B0 = bank.lora_A[:1], bank.lora_B[:, :1]
+    else:   # an empty bank: validate x / weight / bias with a dummy rank-1 adapter
+        A0 = x.new_zeros((1, bank.in_features), dtype=bank.dtype)
+        B0 = x.new_zeros((bank.out_features, 1), dtype=bank.dtype)
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and bank.lora_A.device != x.device:
+        raise ValueError(f"bank must be on x's device {x.device}, got {bank.lora_A.device}")
+    check_inputs(x, weight, bias, A0, B0, 1.0, dropout_p, fan_in_fan_out)
+    from .kernels.multi_lora import choose_regime
+    choose_regime(1, 1, regime)                                  # validates the name
+    ids = expand_ids(adapter_ids, x, len(bank))
+    p = float(dropout_p) if training else 0.0
+    if p > 0:
+        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    else:
+        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+    save_s = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
+    y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings, ids,
+                          bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, backend or "auto")
+    return y

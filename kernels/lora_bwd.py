@@ -1,0 +1,301 @@
+"""Fused LoRA linear, backward.
+
+Given dY (M, N) and what forward saved — x (M, K) through strides, S = dropout(x)·Aᵀ (M, r) float32,
+the seed and the scale s — compute
+
+    dS    = s · dY·B              (M, r)      kernel 1, one pass over dY, computed ONCE
+    dB    = s · dYᵀ·S             (N, r)      kernel 1, same pass
+    dbias = Σ_m dY                (N,)        kernel 1, same pass
+    dx    = dY·W + (dS·A) ⊙ keep / (1 − p)    kernel 2, LoRA term in the GEMM's epilogue
+    dA    = dSᵀ·(x ⊙ keep) / (1 − p)  (r, K)  kernel 2, on the same (M, K) tiles, mask regenerated
+
+Shapes: W (N, K), or (K, N) for fan_in_fan_out (strides, no copy) · A (r, K) · B (N, r).
+Reductions over M (dB, dbias, dA) either go through fp32 atomics (default) or, in deterministic
+mode, into per-row-tile partial buffers summed by torch afterwards: no atomics, bitwise repeatable.
+dS is split over N only to fill the GPU; its partials (SPLIT_N, M, r) are summed the same way.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, m_bucket, x_as_3d
+from ._specs import CompileSpec
+
+# Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
+DSDB_BLOCK_M = 16 if interpreting() else 64
+DX_BLOCK_M = 16 if interpreting() else 128
+
+
+def _dsdb_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 4))]
+
+
+def _dx_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
+    cfg = lambda bk, bn, w, s: triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)  # noqa: E731
+    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(128, 32, 8, 4), cfg(256, 64, 8, 3)]
+
+
+@triton.jit
+def _lora_bwd_dsdb_kernel(
+    # pointers
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr, scale_ptr,
+    # sizes
+    M, N, R, N_PER_SPLIT, M_BUCKET,
+    # strides
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_dss, stride_dsm, stride_dsr,          # dS partials (SPLIT_N, M, R)
+    stride_dbt, stride_dbn, stride_dbr,          # dB (N, R), or partials (M tiles, N, R): stride_dbt = 0 if ATOMIC
+    stride_dbiast,                               # dbias (N,), or partials (M tiles, N)
+    # meta-parameters
+    COMPUTE_DB: tl.constexpr, HAS_DBIAS: tl.constexpr, ATOMIC: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (M / BLOCK_M, SPLIT_N, R / BLOCK_R). One pass over dY[rows, this split's columns]."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < R
+    ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
+    scale = tl.load(scale_ptr).to(ACC)
+
+    if COMPUTE_DB:
+        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)          # (BLOCK_M, BLOCK_R) fp32
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    n_start = pid_s * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_end
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)             # (BLOCK_M, BLOCK_N)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_R)
+        ds = _mma(dy, b, ds, FP32_PRECISION)
+        if COMPUTE_DB:
+            db = _mma(tl.trans(dy), s_tile, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC), FP32_PRECISION)
+            db_ptrs = db_ptr + pid_m * stride_dbt + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
+            if ATOMIC:
+                tl.atomic_add(db_ptrs, db * scale, mask=n_ok[:, None] & r_ok[None, :])
+            else:
+                tl.store(db_ptrs, db * scale, mask=n_ok[:, None] & r_ok[None, :])
+        if HAS_DBIAS:
+            if pid_r == 0:
+                colsum = tl.sum(dy.to(ACC), axis=0)
+                dbias_ptrs = dbias_ptr + pid_m * stride_dbiast + rn
+                if ATOMIC:
+                    tl.atomic_add(dbias_ptrs, colsum, mask=n_ok)
+                else:
+                    tl.store(dbias_ptrs, colsum, mask=n_ok)
+
+    ds_ptrs = ds_ptr + pid_s * stride_dss + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
+    tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    # pointers
+    dy_ptr, w_ptr, a_ptr, ds_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr,
+    # sizes
+    M, N, K, R, T, M_BUCKET,
+    # dropout
+    p, inv_keep,
+    # strides
+    stride_dym, stride_dyn,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_dsm, stride_dsr,
+    stride_xb, stride_xt, stride_xk,
+    stride_dxm, stride_dxk,
+    stride_dat, stride_dar, stride_dak,          # dA (R, K), or partials (M tiles, R, K): stride_dat = 0 if ATOMIC
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, ATOMIC: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dx tile (BLOCK_M, BLOCK_K) and this row tile's share of dA[:, cols]. Grid: tiles of x."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    group = GROUP_M * num_k
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_k = (pid % group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    k_ok = rk < K
+
+    ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    if COMPUTE_DX:   # base GEMM dY·W
+        dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk      # (BLOCK_N, BLOCK_K) of W
+        for n0 in range(0, N, BLOCK_N):
+            n_ok = (n0 + rn) < N
+            dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(dy, w, acc, FP32_PRECISION)
+            dy_ptrs += BLOCK_N * stride_dyn
+            w_ptrs += BLOCK_N * stride_wn
+
+    if HAS_DROPOUT:
+        keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
+    if COMPUTE_DA:
+        x = tl.load(x_ptr + _x_row_offsets(rm, T, stride_xb, stride_xt)[:, None] + rk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        rc_ok = (r0 + rr) < R
+        ds = tl.load(ds_ptr + rm[:, None] * stride_dsm + (r0 + rr)[None, :] * stride_dsr,
+                     mask=m_ok[:, None] & rc_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_R) fp32
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=rc_ok[:, None] & k_ok[None, :], other=0.0)         # (BLOCK_R, BLOCK_K)
+            lora = _mma(ds, a, lora, FP32_PRECISION)
+        if COMPUTE_DA:
+            da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC), FP32_PRECISION)
+            da_ptrs = da_ptr + pid_m * stride_dat + (r0 + rr)[:, None] * stride_dar + rk[None, :] * stride_dak
+            if ATOMIC:
+                tl.atomic_add(da_ptrs, da * inv_keep, mask=rc_ok[:, None] & k_ok[None, :])
+            else:
+                tl.store(da_ptrs, da * inv_keep, mask=rc_ok[:, None] & k_ok[None, :])
+
+    if COMPUTE_DX:
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora * inv_keep, 0.0)
+        dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+        tl.store(dx_ptrs, (acc + lora).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+_dsdb = triton.autotune(configs=_dsdb_configs(), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC"],
+                        reset_to_zero=["db_ptr", "dbias_ptr"])(_lora_bwd_dsdb_kernel)
+_dx = triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "COMPUTE_DX", "ATOMIC"],
+                      reset_to_zero=["da_ptr"])(_lora_bwd_dx_kernel)
+
+
+def _split_n(M: int, N: int, R: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT_N, N_PER_SPLIT): split dY's columns so kernel 1 has ~2 programs per SM.
+    N_PER_SPLIT is a multiple of 256 (whole BLOCK_N tiles, aligned loads); any value is correct."""
+    if device.type != "cuda":
+        return 1, max(N, 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = triton.cdiv(M, DSDB_BLOCK_M) * triton.cdiv(R, block_r(R))
+    split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(N, 256)))
+    per = triton.cdiv(triton.cdiv(N, split), 256) * 256
+    return triton.cdiv(N, per), per
+
+
+def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
+             needs_dx, needs_dA, needs_dB, needs_dbias, deterministic, split_n=None):
+    """Returns (dx, dA, dB, dbias) — None where not needed. dbias is float32 (float64 for float64 x).
+    ``split_n`` overrides the column split of kernel 1 (tests use it on CPU)."""
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    R, K = lora_A.shape
+    x3, M, T, sxb, sxt, sxk = x_as_3d(x)
+    dev = x.device
+    if M == 0:
+        return (torch.zeros_like(x) if needs_dx else None, torch.zeros_like(lora_A) if needs_dA else None,
+                torch.zeros_like(lora_B) if needs_dB else None,
+                torch.zeros(N, device=dev, dtype=acc_dtype(x.dtype)) if needs_dbias else None)
+    dy2 = dy.reshape(M, N)
+    stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else weight.stride()
+    BR = block_r(R)
+    prec = fp32_precision(x.dtype)
+    atomic = not deterministic
+    alloc = torch.zeros if atomic else torch.empty
+    f32 = dict(device=dev, dtype=acc_dtype(x.dtype))   # fp32 (fp64 for fp64 inputs)
+    unused = torch.empty(1, **f32)   # pointer for outputs not asked for (never written)
+
+    # kernel 1: dS (always: dx and dA need it), dB, dbias
+    if split_n is None:
+        split, per = _split_n(M, N, R, dev)
+    else:
+        per = triton.cdiv(N, split_n)
+        split = triton.cdiv(N, per)
+    m_tiles = triton.cdiv(M, DSDB_BLOCK_M)
+    ds_part = torch.empty((split, M, R), **f32)
+    db = alloc((N, R) if atomic else (m_tiles, N, R), **f32) if needs_dB else unused
+    dbias = alloc((N,) if atomic else (m_tiles, N), **f32) if needs_dbias else unused
+    db3 = (0, *db.stride()) if (needs_dB and atomic) else (db.stride() if needs_dB else (0, 0, 0))
+    dbias_t = (0 if atomic else dbias.stride(0)) if needs_dbias else 0
+    _dsdb[(m_tiles, split, triton.cdiv(R, BR))](
+        dy2, lora_B, S, ds_part, db, dbias, scale, M, N, R, per, m_bucket(M),
+        dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1),
+        S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
+        *ds_part.stride(), *db3, dbias_t,
+        COMPUTE_DB=needs_dB, HAS_DBIAS=needs_dbias, ATOMIC=atomic, FP32_PRECISION=prec,
+        BLOCK_M=DSDB_BLOCK_M, BLOCK_R=BR)
+    ds = ds_part[0] if split == 1 else ds_part.sum(0)
+    dB = (db if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
+    dbias = (dbias if atomic else dbias.sum(0)) if needs_dbias else None
+
+    # kernel 2: dx and dA on the tiles of x
+    dx = dA = None
+    if needs_dx or needs_dA:
+        dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx else unused
+        da = (alloc((R, K) if atomic else (triton.cdiv(M, DX_BLOCK_M), R, K), **f32)) if needs_dA else unused
+        da3 = ((0, *da.stride()) if atomic else da.stride()) if needs_dA else (0, 0, 0)
+        p = float(dropout_p)
+        grid = lambda meta: (triton.cdiv(M, DX_BLOCK_M) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+        _dx[grid](
+            dy2, weight, lora_A, ds, x3, dx, da, seed, M, N, K, R, T, m_bucket(M), p, 1.0 / (1.0 - p),
+            dy2.stride(0), dy2.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
+            ds.stride(0), ds.stride(1), sxb, sxt, sxk,
+            dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
+            HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
+            BLOCK_M=DX_BLOCK_M, BLOCK_R=BR)
+        dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
+        dx = dx.reshape(x.shape) if needs_dx else None
+    return dx, dA, dB, dbias
+
+
+def compile_specs():
+    from .lora_fwd import _signature
+    specs = []
+    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+        prec = "ieee" if xdt == "fp32" else "tf32"
+        for atomic in (True, False):
+            for cfg in _dsdb_configs():
+                meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=prec,
+                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=64)
+                sig = _signature(_lora_bwd_dsdb_kernel, meta, {
+                    "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
+                    "dbias_ptr": "fp32", "scale_ptr": "fp32"})
+                specs.append(CompileSpec(
+                    f"lora_bwd_dsdb x={xdt} ab={adt} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
+                    f"r64 w{cfg.num_warps} s{cfg.num_stages}",
+                    _lora_bwd_dsdb_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+            for drop in (False, True):
+                for cfg in _dx_configs():
+                    meta = dict(cfg.kwargs, HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
+                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=64)
+                    sig = _signature(_lora_bwd_dx_kernel, meta, {
+                        "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
+                        "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"})
+                    specs.append(CompileSpec(
+                        f"lora_bwd_dx x={xdt} ab={adt} atomic={int(atomic)} drop={int(drop)} "
+                        f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r64 "
+                        f"w{cfg.num_warps} s{cfg.num_stages}",
+                        _lora_bwd_dx_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+    return specs
