@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .backend import select_backend
-from .bank import AdapterBank
+from .bank import BASE, AdapterBank
 from .dropout import keep_mask, new_seed
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -264,3 +264,107 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
     y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings, ids,
                           bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, backend or "auto")
     return y
+
+
+# ---------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear layer plus an AdapterBank; ``forward(x, adapter_ids)`` picks adapters per token.
+
+    base_layer: nn.Linear (weight (N, K)) or a transformers Conv1D (weight (K, N), read through strides).
+    adapter_ids: int tensor of shape x.shape[:-1] or x.shape[:1] (see expand_ids), or a list of adapter
+    names per sequence (None / "__base__" = base model only). When omitted, the ids set by
+    MultiAdapterModel for the current call are used.
+    """
+
+    def __init__(self, base_layer: nn.Module, bank: AdapterBank, *, dropout_p: float = 0.0,
+                 regime: str = "auto", backend: str | None = None):
+        super().__init__()
+        w = getattr(base_layer, "weight", None)
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            raise TypeError(f"base_layer must be an nn.Linear or a transformers Conv1D, got {type(base_layer).__name__}")
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        K, N = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        if not isinstance(bank, AdapterBank):
+            raise TypeError(f"bank must be a fastlora AdapterBank, got {type(bank).__name__}")
+        if (bank.in_features, bank.out_features) != (K, N):
+            raise ValueError(f"bank must be for in_features={K}, out_features={N} (the base layer's), got "
+                             f"{bank.in_features}, {bank.out_features}")
+        if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+            raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        self.base_layer, self.bank = base_layer, bank
+        self.dropout_p, self.regime, self.backend = float(dropout_p), regime, backend
+        self.in_features, self.out_features = K, N
+        self.adapter_ids: Tensor | Sequence[str | None] | None = None    # set per call by MultiAdapterModel
+
+    def forward(self, x: Tensor, adapter_ids=None, *, seed: int | Tensor | None = None) -> Tensor:
+        ids = self.adapter_ids if adapter_ids is None else adapter_ids
+        if ids is None:
+            raise ValueError("MultiLoraLinear needs adapter_ids (a tensor of adapter indices, or a list of "
+                             "adapter names); none given and none set by MultiAdapterModel")
+        if not isinstance(ids, Tensor):
+            ids = self.bank.ids(list(ids), device=x.device)
+        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, ids, self.dropout_p,
+                                 self.training, self.fan_in_fan_out, seed=seed, regime=self.regime,
+                                 backend=self.backend)
+
+
+class MultiAdapterModel(nn.Module):
+    """Runs a PEFT model holding several LoRA adapters with a different adapter per sequence.
+
+    Every PEFT ``lora.Linear`` with adapters is replaced (in place) by a MultiLoraLinear whose bank holds
+    a copy of that layer's adapters and scalings; ``forward(*args, adapter_names=[...], **kwargs)`` takes
+    one name per sequence ("__base__" = no adapter), as PEFT's own mixed-batch ``adapter_names=``.
+    Names a layer lacks mean "base" there, as in PEFT. ``restore()`` puts the PEFT layers back.
+    Ids are built once per call per distinct bank layout (one small host-to-device copy, no sync).
+    """
+
+    def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
+                 backend: str | None = None):
+        super().__init__()
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        self.model = peft_model
+        self._swapped: list[tuple[nn.Module, str, nn.Module, MultiLoraLinear]] = []
+        for name, module in list(peft_model.named_modules()):
+            if not isinstance(module, PeftLoraLinear) or not module.lora_A:
+                continue
+            parent = peft_model.get_submodule(name.rpartition(".")[0]) if "." in name else peft_model
+            layer = MultiLoraLinear(module.get_base_layer(), AdapterBank.from_peft_layer(module, dtype=dtype),
+                                    regime=regime, backend=backend)
+            self._swapped.append((parent, name.rpartition(".")[2], module, layer))
+        if not self._swapped:
+            raise ValueError("the model has no PEFT lora.Linear layer with adapters")
+        for parent, attr, _, layer in self._swapped:
+            setattr(parent, attr, layer)
+
+    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError("adapter_names must be a list with one adapter name per sequence")
+        known = set().union(*(layer.bank.names for _, _, _, layer in self._swapped))
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
+        if unknown:
+            raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {sorted(known)} (and {BASE!r})")
+        cache: dict = {}
+        for _, _, _, layer in self._swapped:
+            key = tuple(layer.bank.names)
+            if key not in cache:
+                cache[key] = layer.bank.ids(list(adapter_names), missing="base")
+            layer.adapter_ids = cache[key]
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for _, _, _, layer in self._swapped:
+                layer.adapter_ids = None
+
+    def restore(self) -> nn.Module:
+        """Put the original PEFT layers back; returns the PEFT model."""
+        for parent, attr, peft_layer, _ in self._swapped:
+            setattr(parent, attr, peft_layer)
+        self._swapped = []
+        return self.model
+
+
+__all__ = ["MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear", "expand_ids", "torch_forward",
+           "torch_backward"]
