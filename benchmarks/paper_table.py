@@ -1,0 +1,342 @@
+"""Reproduce Table 1 of the LoRA paper: inference latency of GPT-2 medium with adapters vs LoRA.
+
+    python -m benchmarks.paper_table                    # CPU: batch 1 / seq 128, few trials
+    python -m benchmarks.paper_table --columns all      # the paper's three columns
+    python -m benchmarks.paper_table --device cuda      # CUDA default: full table, 100 trials
+
+Model: transformers GPT2Model built from a GPT2Config (24 layers, d 1024, 16 heads; random
+weights, no download; no LM head), eval mode, one forward pass per trial, mean ± std over
+trials after warm-up. Rows:
+
+    merged     Fine-Tune / LoRA merged into W: the base model itself
+    AdapterL   one adapter per block after the MLP, with a LayerNorm  (benchmarks/adapters.py)
+    AdapterH   two adapters per block, after attention and after the MLP
+    LoRA PEFT  unmerged, PEFT LoraConfig(target_modules=["c_attn"], r=4, alpha=32) — the paper's
+               GPT-2 M rank; c_attn is GPT-2's fused q|k|v projection, so PEFT adapts q, k and v
+               (the paper adapts q and v; the cost difference is one r×d slice)
+    LoRA fastlora  the same PEFT model with every lora.Linear routed through fastlora.lora_linear
+
+Output: a table (ms ± std, % over merged, the paper's numbers beside), a CSV under
+benchmarks/results/ with device, dtype and versions, and a PNG (benchmarks/plot.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import adapters as adp
+from . import common
+
+# Table 1 of Hu et al. 2021 (Quadro RTX8000): column -> (batch, seq, adapter |Θ|)
+COLUMNS = {"32x512": (32, 512, 0.5e6), "16x256": (16, 256, 11e6), "1x128": (1, 128, 11e6)}
+# row -> column -> (mean ms, std ms) as published; the LoRA rows compare against "Fine-Tune/LoRA".
+PAPER = {
+    "merged": {"32x512": (1449.4, 0.8), "16x256": (338.0, 0.6), "1x128": (19.8, 2.7)},
+    "AdapterL": {"32x512": (1482.0, 1.0), "16x256": (354.8, 0.5), "1x128": (23.9, 2.1)},
+    "AdapterH": {"32x512": (1492.2, 1.0), "16x256": (366.3, 0.5), "1x128": (25.8, 2.2)},
+}
+ROWS = ("merged", "AdapterL", "AdapterH", "LoRA PEFT", "LoRA fastlora")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CSV_COLUMNS = ("column", "batch", "seq", "row", "mean_ms", "std_ms", "overhead_pct", "median_ms",
+               "median_overhead_pct", "trials", "warmup",
+               "paper_mean_ms", "paper_std_ms", "paper_overhead_pct", "adapter_params", "bottleneck_r",
+               "lora_r", "n_layer", "n_embd", "device", "dtype", "versions", "timestamp")
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 32, 0.1    # the paper's GPT-2 M setting (Appendix D.3)
+
+
+@dataclass
+class Config:
+    device: torch.device
+    dtype: torch.dtype
+    trials: int
+    warmup: int
+    columns: list[str]
+    n_layer: int = 24
+    n_embd: int = 1024
+    n_head: int = 16
+    vocab: int = 50257
+    bottleneck: int | None = None      # None: derived per column from the paper's |Θ|
+    out_dir: Path = common.RESULTS_DIR
+    backend: str | None = None         # fastlora backend override (tests use "torch")
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.paper_table", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="default: float16 on CUDA, float32 on CPU (the paper does not state its precision)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="timed forward passes per cell (default: 100 on CUDA as in the paper, 10 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed passes first (default: 10 CUDA, 2 CPU)")
+    p.add_argument("--columns", default=None,
+                   help=f"comma list of {', '.join(COLUMNS)} or 'all' (default: all on CUDA, 1x128 on CPU)")
+    p.add_argument("--quick", action="store_true", help="few trials (3 on CPU, 10 on CUDA) and 1 warm-up")
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where the CSV and PNG go")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g = p.add_argument_group("smoke-test sizes (not the paper's model)")
+    g.add_argument("--n-layer", type=int, default=24)
+    g.add_argument("--n-embd", type=int, default=1024)
+    g.add_argument("--n-head", type=int, default=16)
+    g.add_argument("--bottleneck", type=int, default=None, help="adapter r (default: derived from |Θ|)")
+    return p
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Turn parsed options into a Config; ValueError with a clear message on a bad value."""
+    dev_s = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(dev_s)
+    except RuntimeError as e:
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:index]', got {dev_s!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:index]', got {dev_s!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev_s}: CUDA is not available on this machine (use --device cpu)")
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
+    if args.columns is None:
+        columns = list(COLUMNS) if cuda else ["1x128"]
+    elif args.columns.strip() == "all":
+        columns = list(COLUMNS)
+    else:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+        bad = [c for c in columns if c not in COLUMNS]
+        if bad or not columns:
+            raise ValueError(f"--columns: unknown column(s) {bad or [args.columns]}; "
+                             f"choose from {', '.join(COLUMNS)} or 'all'")
+    trials = args.trials if args.trials is not None else (
+        (10 if cuda else 3) if args.quick else (100 if cuda else 10))
+    if trials < 1:
+        raise ValueError(f"--trials must be a positive integer, got {trials}")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else (10 if cuda else 2))
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    for name in ("n_layer", "n_embd", "n_head"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.n_embd % args.n_head:
+        raise ValueError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    if args.bottleneck is not None and args.bottleneck < 1:
+        raise ValueError(f"--bottleneck must be >= 1, got {args.bottleneck}")
+    cfg = Config(device=device, dtype=dtype, trials=trials, warmup=warmup, columns=columns,
+                 n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, bottleneck=args.bottleneck,
+                 out_dir=Path(args.out_dir), progress=not args.no_progress)
+    if not cuda and set(columns) != set(COLUMNS):
+        cfg.notes.append("CPU default runs the batch 1 / seq 128 column only; the other columns need "
+                         "--columns all (minutes per cell on a small CPU).")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- models
+
+def build_base(cfg: Config, seed: int = 0) -> torch.nn.Module:
+    """GPT-2 (medium by default) with random weights from a config, eval mode, on cfg.device/dtype."""
+    from transformers import GPT2Config, GPT2Model
+    torch.manual_seed(seed)
+    conf = GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, vocab_size=cfg.vocab,
+                      n_positions=1024)
+    model = GPT2Model(conf).to(device=cfg.device, dtype=cfg.dtype).eval()
+    return model
+
+
+def lora_config(init_b_zero: bool = False):
+    from peft import LoraConfig
+    # init_lora_weights=False: B random too, so the LoRA branch really adds something (timing is the same).
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=["c_attn"],
+                      fan_in_fan_out=True, init_lora_weights=True if init_b_zero else False)
+
+
+def make_variant(base: torch.nn.Module, row: str, cfg: Config, column: str, zero_init: bool = False):
+    """(model, adapter_params, bottleneck_r) for one row of the table; ``base`` is not modified."""
+    if row == "merged":
+        return base, 0, None
+    model = copy.deepcopy(base)
+    if row in ("AdapterL", "AdapterH"):
+        kind = row[-1]
+        r = cfg.bottleneck or adp.bottleneck_for(kind, cfg.n_layer, cfg.n_embd, COLUMNS[column][2])
+        added = adp.add_adapters(model, kind, r, zero_init=zero_init)
+        return model.eval(), adp.adapter_param_count(added), r
+    if row in ("LoRA PEFT", "LoRA fastlora"):
+        from peft import get_peft_model
+        torch.manual_seed(1)               # both LoRA rows get the same adapter weights
+        model = get_peft_model(model, lora_config(init_b_zero=zero_init)).eval()
+        n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
+        if row == "LoRA fastlora":
+            from . import peft_fastlora
+            peft_fastlora.patch(model, backend=cfg.backend)
+        return model, n, None
+    raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
+
+
+def multi_adapter_row(base, cfg: Config, column: str):
+    """HOOK — "fastlora multi-adapter (different adapter per sequence)" row.
+
+    Returns (model, params, None) once ``fastlora.multi.MultiLoraLinear`` exists; None until then.
+    To add: wrap each c_attn in a MultiLoraLinear bank of ``batch`` adapters (r=4) and give
+    sequence b adapter b, then return the model (its forward takes input_ids like the others).
+    """
+    try:
+        from fastlora import multi  # noqa: F401
+    except ImportError:
+        return None
+    return None  # the bank's API is not settled yet: see the docstring
+
+
+def _inputs(cfg: Config, column: str, seed: int = 0) -> torch.Tensor:
+    b, s, _ = COLUMNS[column]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab, (b, s), generator=g).to(cfg.device)
+
+
+def forward(model, ids):
+    return model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+# ---------------------------------------------------------------------------- run
+
+def _agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out − ref| / max |ref| — the fastlora row must compute what the PEFT row computes."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12)).item()
+
+
+# Relative agreement demanded between the PEFT and fastlora rows' outputs after the whole model:
+# both round every layer in the model dtype, so ~eps·sqrt(depth) is typical; 10x margin.
+AGREE_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def _time_interleaved(models: dict, ids, cfg: Config, bar) -> dict[str, list[float]]:
+    """Per-row trial times (ms). Rows are interleaved — each trial times every row once, in a fresh
+    random order — so a slow spell on a shared machine hits all rows alike instead of one row."""
+    import random
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(cfg.warmup):
+                forward(model, ids)
+        times = {row: [] for row in models}
+        order = list(models)
+        rng = random.Random(0)
+        for _ in range(cfg.trials):
+            rng.shuffle(order)
+            for row in order:
+                times[row] += common.time_ms(lambda: forward(models[row], ids), cfg.device, 1, 0)
+                bar.update(1)
+    return times
+
+
+def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
+    """Time every (column, row); returns CSV rows (dicts keyed by CSV_COLUMNS)."""
+    from tqdm.auto import tqdm
+    base = base if base is not None else build_base(cfg)
+    dev_name, vers, stamp = common.device_name(cfg.device), common.versions(), common.timestamp()
+    out = []
+    hooks = {"fastlora multi-adapter": multi_adapter_row}     # HOOK: rows that may not exist yet
+    bar = tqdm(total=len(cfg.columns) * (len(rows) + len(hooks)) * cfg.trials, desc="paper table",
+               unit="fwd", disable=not cfg.progress)
+    for column in cfg.columns:
+        b, s, theta = COLUMNS[column]
+        ids = _inputs(cfg, column)
+        bar.set_postfix_str(f"{column}: building models")
+        made = {row: make_variant(base, row, cfg, column) for row in rows}
+        for row, hook in hooks.items():
+            m = hook(base, cfg, column)
+            if m is None:
+                bar.total -= cfg.trials
+            else:
+                made[row] = m
+        if "LoRA PEFT" in made and "LoRA fastlora" in made:
+            with torch.inference_mode():
+                err = _agreement(forward(made["LoRA PEFT"][0], ids), forward(made["LoRA fastlora"][0], ids))
+            if not err <= AGREE_TOL[cfg.dtype]:
+                raise RuntimeError(f"fastlora row disagrees with PEFT row: rel. error {err:.2e}")
+        bar.set_postfix_str(f"batch {b} / seq {s}")
+        times = _time_interleaved({row: m[0] for row, m in made.items()}, ids, cfg, bar)
+        results = {}
+        for row, ts in times.items():
+            mean = sum(ts) / len(ts)
+            std = (sum((t - mean) ** 2 for t in ts) / max(len(ts) - 1, 1)) ** 0.5
+            results[row] = (mean, std, common.quantile(ts, 0.5), made[row][1], made[row][2])
+        del made
+        bar.refresh()
+        base_mean = results["merged"][0] if "merged" in results else None
+        pbase = PAPER["merged"][column][0]
+        base_median = results["merged"][2] if "merged" in results else None
+        for row, (mean, std, median, params, r) in results.items():
+            paper = PAPER.get(row, {})      # the paper has no unmerged-LoRA row
+            pm, ps = paper.get(column, ("", ""))
+            out.append(dict(
+                column=column, batch=b, seq=s, row=row, mean_ms=f"{mean:.3f}", std_ms=f"{std:.3f}",
+                overhead_pct=f"{100 * (mean / base_mean - 1):.2f}" if base_mean else "",
+                median_ms=f"{median:.3f}",
+                median_overhead_pct=f"{100 * (median / base_median - 1):.2f}" if base_median else "",
+                trials=cfg.trials, warmup=cfg.warmup, paper_mean_ms=pm, paper_std_ms=ps,
+                paper_overhead_pct=f"{100 * (pm / pbase - 1):.1f}" if pm != "" else "",
+                adapter_params=params, bottleneck_r=r if r is not None else "",
+                lora_r=LORA_R if row.startswith("LoRA") or "multi" in row else "",
+                n_layer=cfg.n_layer, n_embd=cfg.n_embd, device=dev_name,
+                dtype=str(cfg.dtype).replace("torch.", ""), versions=vers, timestamp=stamp))
+    bar.close()
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """The result as a text table: measured ms ± std (% over merged) | paper ms ± std (%)."""
+    lines = []
+    for column in dict.fromkeys(r["column"] for r in rows):
+        sel = [r for r in rows if r["column"] == column]
+        b, s, theta = COLUMNS[column]
+        lines.append(f"\nbatch {b} / seq {s}   (adapter |Θ| target {theta / 1e6:g}M; "
+                     f"{sel[0]['device']}, {sel[0]['dtype']}, {sel[0]['trials']} trials)")
+        lines.append(f"  {'row':<24}{'measured ms':>22}{'over merged':>13}{'median (over)':>22}"
+                     f"   {'paper ms (RTX8000)':>24}   {'params':>10}  r")
+        for r in sel:
+            ov = f"{float(r['overhead_pct']):+.1f}%" if r["overhead_pct"] != "" else ""
+            paper = (f"{r['paper_mean_ms']}±{r['paper_std_ms']} ({float(r['paper_overhead_pct']):+.1f}%)"
+                     if r["paper_mean_ms"] != "" else "—")
+            rr = r["bottleneck_r"] if r["bottleneck_r"] != "" else r["lora_r"]
+            mo = f"{float(r['median_overhead_pct']):+.1f}%" if r["median_overhead_pct"] != "" else ""
+            med = f"{float(r['median_ms']):.2f} ({mo})"
+            lines.append(f"  {r['row']:<24}{float(r['mean_ms']):>13.2f} ± {float(r['std_ms']):<6.2f}{ov:>13}"
+                         f"{med:>22}   {paper:>24}   {r['adapter_params']:>10}  {rr}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = make_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    import warnings
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)     # transformers deprecation chatter
+    for column in cfg.columns:
+        for kind in ("L", "H"):
+            theta = COLUMNS[column][2]
+            r = cfg.bottleneck or adp.bottleneck_for(kind, cfg.n_layer, cfg.n_embd, theta)
+            print(f"Adapter{kind} {column}: bottleneck r = {r} "
+                  f"({'given' if cfg.bottleneck else f'closest to |Θ| = {theta / 1e6:g}M'}: "
+                  f"|Θ| = {adp.paper_param_count(kind, cfg.n_layer, cfg.n_embd, r):,})")
+    print(f"LoRA: PEFT on c_attn (q|k|v), r = {LORA_R}, alpha = {LORA_ALPHA} (the paper's GPT-2 M setting)")
+    rows = run(cfg)
+    print(format_table(rows))
+    tag = f"{common.device_tag(cfg.device)}_{str(cfg.dtype).replace('torch.', '')}"
+    csv_path = common.write_csv(cfg.out_dir / f"paper_table_{tag}.csv", CSV_COLUMNS, rows)
+    from . import plot
+    png = plot.plot_paper_table(csv_path, csv_path.with_suffix(".png"))
+    print(f"\nwrote {csv_path}\nwrote {png}")
+    for n in cfg.notes:
+        print(n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Turn benchmark CSVs into PNGs.
+
+    python -m benchmarks.plot benchmarks/results/*.csv       # one PNG beside each CSV
+
+The CSV kind is recognised from its columns: the paper table (paper_table.py), the
+microbenchmarks (bench_*.py: kernel/provider/mode/shape/median…), the memory benchmark
+(memory.py) or the traffic model (traffic.py, every figure labelled "model").
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import read_csv  # noqa: E402
+
+
+def _f(v: str) -> float:
+    return float(v) if v not in ("", None) else float("nan")
+
+
+def plot_paper_table(csv_path, png_path) -> Path:
+    """Left: measured ms ± std per row, one group per column. Right: % over merged, measured vs paper."""
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows to plot")
+    columns = list(dict.fromkeys(r["column"] for r in rows))
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / len(names)
+    for i, name in enumerate(names):
+        sel = {r["column"]: r for r in rows if r["row"] == name}
+        xs = [j + i * w for j in range(len(columns))]
+        axes[0].bar(xs, [_f(sel[c]["mean_ms"]) if c in sel else 0 for c in columns], w,
+                    yerr=[_f(sel[c]["std_ms"]) if c in sel else 0 for c in columns], capsize=3, label=name)
+        axes[1].bar(xs, [_f(sel[c]["overhead_pct"]) if c in sel else 0 for c in columns], w, label=name)
+        paper = [_f(sel[c]["paper_overhead_pct"]) if c in sel else float("nan") for c in columns]
+        axes[1].scatter(xs, paper, marker="x", color="black", zorder=3,
+                        label="paper (RTX8000)" if i == 0 else None)
+    labels = [f"batch {rows_[0]['batch']} / seq {rows_[0]['seq']}"
+              for rows_ in ([r for r in rows if r["column"] == c] for c in columns)]
+    for ax in axes:
+        ax.set_xticks([j + w * (len(names) - 1) / 2 for j in range(len(columns))], labels)
+    axes[0].set_ylabel("ms per forward pass (mean ± std)")
+    axes[1].set_ylabel("% over merged (base model)")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"GPT-2 ({r0['n_layer']} layers, d {r0['n_embd']}) forward latency — measured on "
+                 f"{r0['device']}, {r0['dtype']}, {r0['trials']} trials", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_micro(csv_path, png_path) -> Path:
+    """One panel per (kernel, mode, shape): median ms per provider, whiskers p20–p80."""
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows to plot")
+    panels = list(dict.fromkeys((r["kernel"], r["mode"], r["shape"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4), squeeze=False)
+    for ax, (k, m, s) in zip(axes[0], panels):
+        sel = [r for r in rows if (r["kernel"], r["mode"], r["shape"]) == (k, m, s)]
+        med = [_f(r["median_ms"]) for r in sel]
+        lo = [mm - _f(r["p20_ms"]) for mm, r in zip(med, sel)]
+        hi = [_f(r["p80_ms"]) - mm for mm, r in zip(med, sel)]
+        ax.bar(range(len(sel)), med, yerr=[lo, hi], capsize=3,
+               color=["tab:green" if r["provider"] == "fastlora" else "tab:blue" for r in sel])
+        ax.set_xticks(range(len(sel)), [r["provider"] for r in sel], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{k} {m}\n{s}", fontsize=8)
+        ax.set_ylabel("median ms (p20–p80)")
+    fig.suptitle(f"{rows[0]['device']} — {rows[0]['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_bars(csv_path, png_path, value: str, label: str, group: str, bar: str, title: str) -> Path:
+    """Generic grouped bar chart: one group per ``group`` value, one bar per ``bar`` value."""
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows to plot")
+    groups = list(dict.fromkeys(r[group] for r in rows))
+    bars = list(dict.fromkeys(r[bar] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(bars) / 2), 4.5))
+    w = 0.8 / len(bars)
+    for i, b in enumerate(bars):
+        sel = {r[group]: r for r in rows if r[bar] == b}
+        ax.bar([j + i * w for j in range(len(groups))], [_f(sel[g][value]) if g in sel else 0 for g in groups],
+               w, label=b)
+    ax.set_xticks([j + w * (len(bars) - 1) / 2 for j in range(len(groups))], groups, rotation=20,
+                  ha="right", fontsize=8)
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_csv(csv_path, png_path=None) -> Path:
+    """Plot any benchmark CSV, recognised by its columns; the PNG goes beside it by default."""
+    csv_path = Path(csv_path)
+    png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
+    rows = read_csv(csv_path)
+    cols = set(rows[0]) if rows else set()
+    if {"paper_mean_ms", "overhead_pct"} <= cols:
+        return plot_paper_table(csv_path, png_path)
+    if {"provider", "median_ms", "p20_ms"} <= cols:
+        return plot_micro(csv_path, png_path)
+    if {"model_time_us", "gpu"} <= cols:
+        return plot_bars(csv_path, png_path, "model_time_us", "model: µs per layer", "case", "impl",
+                         f"MODEL (not measured): modelled time per layer — {rows[0]['gpu']}")
+    if {"saved_bytes", "provider"} <= cols:
+        return plot_bars(csv_path, png_path, "saved_mib", "MiB saved for backward per layer", "case",
+                         "provider", f"bytes saved for backward — {rows[0]['device']}")
+    raise ValueError(f"{csv_path}: not a benchmark CSV this script knows (columns {sorted(cols)})")
+
+
+def main(argv=None) -> int:
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m benchmarks.plot FILE.csv [FILE.csv ...]", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(plot_csv(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
