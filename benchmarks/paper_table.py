@@ -15,6 +15,9 @@ trials after warm-up. Rows:
                GPT-2 M rank; c_attn is GPT-2's fused q|k|v projection, so PEFT adapts q, k and v
                (the paper adapts q and v; the cost difference is one r×d slice)
     LoRA fastlora  the same PEFT model with every lora.Linear routed through fastlora.lora_linear
+                   (fastlora.patching.patch)
+    fastlora multi-adapter  a different adapter per sequence (batch adapters in a PEFT model, run
+                   through fastlora.multi.MultiAdapterModel); checked against PEFT's mixed batch
 
 Output: a table (ms ± std, % over merged, the paper's numbers beside), a CSV under
 benchmarks/results/ with device, dtype and versions, and a PNG (benchmarks/plot.py).
@@ -62,7 +65,6 @@ class Config:
     vocab: int = 50257
     bottleneck: int | None = None      # None: derived per column from the paper's |Θ|
     out_dir: Path = common.RESULTS_DIR
-    backend: str | None = None         # fastlora backend override (tests use "torch")
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -169,24 +171,52 @@ def make_variant(base: torch.nn.Module, row: str, cfg: Config, column: str, zero
         model = get_peft_model(model, lora_config(init_b_zero=zero_init)).eval()
         n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
         if row == "LoRA fastlora":
-            from . import peft_fastlora
-            peft_fastlora.patch(model, backend=cfg.backend)
+            from fastlora.patching import patch
+            patch(model, strict=True)      # every lora.Linear now calls fastlora.lora_linear
         return model, n, None
     raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
 
 
-def multi_adapter_row(base, cfg: Config, column: str):
-    """HOOK — "fastlora multi-adapter (different adapter per sequence)" row.
+class _PerSequenceAdapters(torch.nn.Module):
+    """Calls a fastlora MultiAdapterModel with adapter ``a{b}`` for sequence b of the batch."""
 
-    Returns (model, params, None) once ``fastlora.multi.MultiLoraLinear`` exists; None until then.
-    To add: wrap each c_attn in a MultiLoraLinear bank of ``batch`` adapters (r=4) and give
-    sequence b adapter b, then return the model (its forward takes input_ids like the others).
+    def __init__(self, multi, names):
+        super().__init__()
+        self.multi, self.names = multi, names
+
+    def forward(self, input_ids, use_cache=False):
+        return self.multi(input_ids=input_ids, use_cache=use_cache, adapter_names=self.names)
+
+
+def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
+    """HOOK — the "fastlora multi-adapter" row: a different LoRA adapter (r=4, on c_attn) per sequence.
+
+    A PEFT model holding ``batch`` adapters, run through fastlora.multi.MultiAdapterModel (packed
+    adapter bank, gather kernels). Returns (model, LoRA params, None), or None when fastlora.multi is
+    absent. The first forward is checked against PEFT's own mixed-batch forward (adapter_names=).
     """
     try:
-        from fastlora import multi  # noqa: F401
+        from fastlora.multi import MultiAdapterModel
     except ImportError:
         return None
-    return None  # the bank's API is not settled yet: see the docstring
+    from peft import get_peft_model
+    b = COLUMNS[column][0]
+    names = [f"a{i}" for i in range(b)]
+    torch.manual_seed(2)
+    model = get_peft_model(copy.deepcopy(base), lora_config(zero_init), adapter_name=names[0])
+    for n in names[1:]:
+        model.add_adapter(n, lora_config(zero_init))
+    model.eval()
+    ids = _inputs(cfg, column)
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False, adapter_names=names).last_hidden_state
+    params = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
+    wrapped = _PerSequenceAdapters(MultiAdapterModel(model), names).eval()
+    with torch.inference_mode():
+        err = _agreement(ref, forward(wrapped, ids))
+    if not err <= AGREE_TOL[cfg.dtype]:
+        raise RuntimeError(f"multi-adapter row disagrees with PEFT's mixed-batch forward: rel. error {err:.2e}")
+    return wrapped, params, None
 
 
 def _inputs(cfg: Config, column: str, seed: int = 0) -> torch.Tensor:
@@ -196,7 +226,8 @@ def _inputs(cfg: Config, column: str, seed: int = 0) -> torch.Tensor:
 
 
 def forward(model, ids):
-    return model(input_ids=ids, use_cache=False).last_hidden_state
+    out = model(input_ids=ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 # ---------------------------------------------------------------------------- run
