@@ -11,8 +11,8 @@ Shapes (loralib / PEFT names, so state dicts match loralib's):
     lora_B  (N, r)            MergedLoraLinear: (N/len(enable_lora)·G, r)
     s = scaling = lora_alpha / r   (lora_alpha / √r with use_rslora)
 
-Merging: ``merge()`` writes W0 ← round(W0 + s·B·A) in place (the sum formed in float32, float64 for
-a float32 W0, and rounded once), after which forward is a plain GEMM. ``unmerge()`` subtracts the
+Merging: ``merge()`` writes W0 ← round(W0 + s·B·A) in place (ΔW and the sum formed in float32 for
+a half W0, in float64 for a float32 W0, and rounded once), after which forward is a plain GEMM. ``unmerge()`` subtracts the
 same delta in the same precision and then restores, bit for bit, the few elements whose rounding
 did not come back (their indices and original values are kept at merge time), so any number of
 merge/unmerge cycles leaves W0 exactly as it was, as long as W0, A and B are not modified while
@@ -127,9 +127,10 @@ class _LoraBase(nn.Module):
                            self.scale_tensor(x.device), self.lora_dropout, self.training, self.fan_in_fan_out)
 
     # -- merge -----------------------------------------------------------------------------
-    def delta_weight(self) -> Tensor:
-        """s·B·A in float32, in the base weight's layout ((K, N) when fan_in_fan_out)."""
-        d = (self.lora_B_effective().detach().float() @ self.lora_A.detach().float()) * float(self.scaling)
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """s·B·A computed in ``dtype`` (float32, or float64 when merging into a float32 W0), in the
+        base weight's layout ((K, N) when fan_in_fan_out). Only merge/unmerge build this N×K tensor."""
+        d = (self.lora_B_effective().detach().to(dtype) @ self.lora_A.detach().to(dtype)) * float(self.scaling)
         return d.t() if self.fan_in_fan_out else d
 
     def _versions(self):
@@ -143,7 +144,7 @@ class _LoraBase(nn.Module):
             return
         w = self.weight
         hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
-        delta = self.delta_weight().to(hi)
+        delta = self.delta_weight(hi)
         new = (w.to(hi) + delta).to(w.dtype)
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError(f"{type(self).__name__}: merging the adapter gives non-finite weights "
@@ -164,7 +165,7 @@ class _LoraBase(nn.Module):
             return
         w = self.weight
         hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
-        back = (w.to(hi) - self.delta_weight().to(hi)).to(w.dtype)
+        back = (w.to(hi) - self.delta_weight(hi)).to(w.dtype)
         idx, vals, versions = self._merge_fix
         if versions == self._versions():
             back.view(-1)[idx] = vals
