@@ -152,6 +152,8 @@ class _LoraBase(nn.Module):
         back = (new.to(hi) - delta).to(w.dtype)
         iv = _INT_VIEW[w.dtype]
         idx = (back.view(iv) != w.view(iv)).flatten().nonzero().squeeze(1)
+        if w.numel() < 2**31:
+            idx = idx.to(torch.int32)        # typically ~10% of W0's elements: 6-8 bytes each
         vals = w.flatten()[idx].clone()
         w.copy_(new)
         self._merge_fix = (idx, vals, self._versions())
