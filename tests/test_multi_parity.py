@@ -1,0 +1,208 @@
+"""Multi-adapter LoRA: outputs and every gradient vs a float64 oracle and a same-dtype baseline.
+
+Oracle (float64): for each adapter k, fastlora.lora_linear_reference on the whole batch (so the dropout
+mask is the (seed, row, col) mask of x seen as (M, K), as in the single-adapter op), then token m takes
+the row of its own adapter (−1: x·Wᵀ + bias). Autograd through it gives dx, dA_k, dB_k independently of
+our backward.
+Baseline (same dtype): the same selection done PEFT's way in the test's dtype (x cast to the adapter
+dtype, LoRA term rounded to x's dtype, added to the rounded base output).
+Tolerance idiom (tests/_tolerance.py): error vs float64 <= 2 x baseline's error + a few ulps of the
+output's scale. Runs the Triton kernels in the interpreter (conftest sets TRITON_INTERPRET=1) for
+backend="triton", and the pure-torch path for backend="torch".
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlora.bank import AdapterBank
+from fastlora.dropout import keep_mask
+from fastlora.multi import MultiLoraLinear, multi_lora_linear
+from fastlora.reference import lora_linear_reference
+from tests._tolerance import assert_close
+
+MIXED = (1, 4, 8, 16, 64)
+
+
+def make_bank(K, N, ranks, dtype=torch.float32, seed=0, requires_grad=False):
+    """Adapters with O(1) outputs (A ~ N(0, 1/K), B ~ N(0, 1/r)); alternate plain and rsLoRA scaling."""
+    g = torch.Generator().manual_seed(seed)
+    bank = AdapterBank(K, N, dtype=dtype, requires_grad=requires_grad)
+    for i, r in enumerate(ranks):
+        bank.add(f"ad{i}", torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(N, r, generator=g) / r ** 0.5,
+                 alpha=float(2 * r if i % 2 else 3), use_rslora=i % 2 == 0)
+    return bank
+
+
+def split(bank, dtype=None, requires_grad=False):
+    """[(A_k, B_k, s_k)] as independent leaf tensors (optionally cast)."""
+    out = []
+    for name in bank.names:
+        A, B, s = bank.adapter(name)
+        A, B = A.detach().clone(), B.detach().clone()
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        out.append((A.requires_grad_(requires_grad), B.requires_grad_(requires_grad), s))
+    return out
+
+
+def oracle(x, W, b, adapters, ids_tok, p, seed):
+    """float64 per-adapter lora_linear_reference, each token taking its adapter's row."""
+    N, K = W.shape
+    y = (x.reshape(-1, K) @ W.t() + b)
+    for k, (A, B, s) in enumerate(adapters):
+        yk = lora_linear_reference(x, W, b, A, B, s, p, seed).reshape(-1, N)
+        y = torch.where((ids_tok == k)[:, None], yk, y)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def baseline(x, W, b, adapters, ids_tok, p, seed):
+    """PEFT's arithmetic in x's dtype: base rounded, LoRA in the adapter dtype, rounded, added."""
+    N, K = W.shape
+    x2 = x.reshape(-1, K)
+    y = x2 @ W.t() + b
+    for k, (A, B, s) in enumerate(adapters):
+        d = x2.to(A.dtype)
+        if p > 0:
+            d = d * keep_mask(seed, x2.shape[0], K, p) / (1 - p)
+        lk = (s * ((d @ A.t()) @ B.t())).to(x.dtype)
+        y = torch.where((ids_tok == k)[:, None], y + lk, y)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def setup(K, N, ranks, xdt, adt, lead, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, K, generator=g).to(xdt)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(xdt)
+    b = (torch.randn(N, generator=g) * 0.1).to(xdt)
+    bank = make_bank(K, N, ranks, adt, seed, requires_grad)
+    return x, W, b, bank
+
+
+def tok_ids(ids, x):
+    return ids.reshape(-1) if ids.shape == x.shape[:-1] else ids[:, None].expand(x.shape[:2]).reshape(-1)
+
+
+FWD_CASES = [
+    # id,                      xdt,            adt,            ranks,       lead,    ids kind,   regime,   backend
+    ("fp32-mixed-unsorted",    torch.float32,  torch.float32,  MIXED,       (37,),   "random",   "auto",    "triton"),
+    ("fp32-mixed-decode",      torch.float32,  torch.float32,  MIXED,       (37,),   "random",   "decode",  "triton"),
+    ("fp16-sorted-grouped",    torch.float16,  torch.float16,  MIXED,       (40,),   "sorted",   "grouped", "triton"),
+    ("bf16-fp32ad-decode",     torch.bfloat16, torch.float32,  MIXED,       (24,),   "random",   "decode",  "triton"),
+    ("bf16-16ad-some-absent",  torch.bfloat16, torch.bfloat16, MIXED * 3 + (4,), (64,), "subset", "grouped", "triton"),
+    ("fp32-1tok-per-adapter",  torch.float32,  torch.float32,  MIXED * 3 + (4,), (16,), "perm",   "auto",    "triton"),
+    ("fp16-all-base",          torch.float16,  torch.float16,  MIXED,       (20,),   "none",     "grouped", "triton"),
+    ("fp32-per-sequence",      torch.float32,  torch.float32,  (8, 1, 16),  (4, 6),  "per-seq",  "auto",    "triton"),
+    ("fp32-one-adapter",       torch.float32,  torch.float32,  (5,),        (30,),   "random",   "auto",    "triton"),
+    ("torch-bf16-fp32ad",      torch.bfloat16, torch.float32,  MIXED,       (37,),   "random",   "auto",    "torch"),
+    ("torch-fp16-16ad",        torch.float16,  torch.float16,  MIXED * 3 + (4,), (64,), "subset", "auto",    "torch"),
+]
+
+
+def make_ids(kind, n, lead, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    M = lead[0] if kind == "per-seq" else int(torch.tensor(lead).prod())
+    if kind == "random":
+        ids = torch.randint(-1, n, (M,), generator=g)
+    elif kind == "sorted":
+        ids = torch.randint(-1, n, (M,), generator=g).sort().values
+    elif kind == "subset":        # adapters 1, 3, 5 … never appear
+        ids = torch.tensor([-1] + list(range(0, n, 2)))[torch.randint(0, (n + 1) // 2 + 1, (M,), generator=g)]
+    elif kind == "perm":          # every adapter exactly once
+        ids = torch.randperm(n, generator=g)[:M]
+    elif kind == "none":
+        ids = torch.full((M,), -1)
+    else:                         # per sequence
+        ids = torch.randint(-1, n, (M,), generator=g)
+    return ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_parity(case):
+    _, xdt, adt, ranks, lead, kind, regime, backend = case
+    K, N = 45, 70
+    x, W, b, bank = setup(K, N, ranks, xdt, adt, lead)
+    ids = make_ids(kind, len(bank), lead)
+    layer = MultiLoraLinear(torch.nn.Linear(K, N, dtype=xdt), bank, regime=regime, backend=backend)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(W)
+        layer.base_layer.bias.copy_(b)
+        y = layer(x, ids)
+    it = tok_ids(ids, x)
+    ref = oracle(x.double(), W.double(), b.double(), split(bank, torch.float64), it, 0.0, 0)
+    base = baseline(x, W, b, split(bank), it, 0.0, 0)
+    assert y.dtype == xdt and y.shape == (*lead[:len(x.shape) - 1], N)
+    assert_close("y", y, ref, base)
+    if kind == "none":            # base model only: exactly torch's linear
+        assert torch.equal(y, torch.nn.functional.linear(x, W, b))
+
+
+GRAD_CASES = [
+    # id,                  xdt,            adt,            lead,    p,    regime
+    ("fp32-drop-grouped",  torch.float32,  torch.float32,  (4, 9),  0.25, "grouped"),
+    ("fp32-decode",        torch.float32,  torch.float32,  (21,),   0.0,  "decode"),
+    ("bf16-fp32ad-drop",   torch.bfloat16, torch.float32,  (33,),   0.1,  "grouped"),
+    ("fp16-decode-drop",   torch.float16,  torch.float16,  (18,),   0.2,  "decode"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_grad_parity(case, backend):
+    _, xdt, adt, lead, p, regime = case
+    K, N, seed = 38, 52, 1234
+    x, W, b, bank = setup(K, N, MIXED + (8,), xdt, adt, lead, requires_grad=True)
+    kind = "per-seq" if len(lead) > 1 else "random"
+    ids = make_ids(kind, len(bank), lead)
+    ids[0] = len(bank) - 1 if kind == "random" else ids[0]
+    x.requires_grad_(True)
+    bias = b.clone().requires_grad_(True)
+    y = multi_lora_linear(x, W, bias, bank, ids, p, True, seed=seed, regime=regime, backend=backend)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(xdt)
+    y.backward(dy)
+
+    it = tok_ids(ids, x)
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ad64 = split(bank, torch.float64, requires_grad=True)
+    oracle(x64, W.double(), b64, ad64, it, p, seed).backward(dy.double())
+    xb, bb = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    adb = split(bank, requires_grad=True)
+    yb = baseline(xb, W, bb, adb, it, p, seed)
+    yb.backward(dy)
+
+    assert_close("y", y, oracle(x64.detach(), W.double(), b64.detach(), ad64, it, p, seed), yb)
+    assert_close("dx", x.grad, x64.grad, xb.grad)
+    assert_close("dbias", bias.grad, b64.grad, bb.grad)
+    off = 0
+    for k, r in enumerate(bank.ranks):
+        assert_close(f"dA[{k}] r={r}", bank.lora_A.grad[off:off + r], ad64[k][0].grad, adb[k][0].grad)
+        assert_close(f"dB[{k}] r={r}", bank.lora_B.grad[:, off:off + r], ad64[k][1].grad, adb[k][1].grad)
+        off += r
+    absent = set(range(len(bank))) - set(it.tolist())
+    for k in absent:      # an adapter absent from the batch gets an exactly-zero gradient
+        o = sum(bank.ranks[:k])
+        assert not bank.lora_A.grad[o:o + bank.ranks[k]].any() and not bank.lora_B.grad[:, o:o + bank.ranks[k]].any()
+
+
+def test_one_adapter_matches_single_adapter_op():
+    """With every token on adapter 0, the multi op is the single-adapter fused op (same dropout mask)."""
+    import fastlora
+    x, W, b, bank = setup(29, 35, (6,), torch.float32, torch.float32, (3, 7), requires_grad=True)
+    ids = torch.zeros(3, dtype=torch.int32)
+    y = multi_lora_linear(x, W, b, bank, ids, 0.3, True, seed=77)
+    A, B, s = bank.adapter("ad0")
+    y1 = fastlora.lora_linear(x, W, b, A.detach(), B.detach(), s, 0.3, True, seed=77)
+    torch.testing.assert_close(y, y1, rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_is_a_runtime_value():
+    """set_scaling changes the output through the scalings tensor, in place (same tensor object)."""
+    x, W, b, bank = setup(16, 24, (4, 8), torch.float32, torch.float32, (10,))
+    ids = torch.tensor([0, 1] * 5, dtype=torch.int32)
+    before = bank.scalings
+    y1 = multi_lora_linear(x, W, b, bank, ids)
+    bank.set_scaling("ad1", 0.0)
+    y0 = multi_lora_linear(x, W, b, bank, ids)
+    assert bank.scalings is before
+    torch.testing.assert_close(y0[1::2], torch.nn.functional.linear(x, W, b)[1::2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y0[0::2], y1[0::2], rtol=0, atol=0)
