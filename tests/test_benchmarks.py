@@ -247,3 +247,16 @@ def test_traffic_model_roofline_formula():
     t = traffic.totals(k, "H100 SXM")
     assert t["model_time_us"] == pytest.approx(2.0 + 2 * traffic.LAUNCH_US)
     assert traffic.Shape(1, 1, 1, 3).rp == 16 and traffic.Shape(1, 1, 1, 17).rp == 32
+
+
+# ----------------------------------------------------------------------------- memory benchmark
+
+def test_memory_benchmark_counts_saved_tensors(torch_backend):
+    from benchmarks import memory
+    rows = {(r["provider"], r["p"]): r for r in memory.measure(M=24, d=40, r=3)}
+    x_sized = lambda prov, p: float(rows[(prov, p)]["extra_x_sized"])  # noqa: E731
+    assert x_sized("base GEMM", 0.0) == 0.0
+    # fastlora keeps S (M×r fp32) beyond x and the parameters, never a dropped copy of x or a mask
+    assert rows[("fastlora", 0.1)]["extra_bytes"] == 24 * 3 * 4
+    assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
+    assert all(r["saved_bytes"] > 0 for r in rows.values())
