@@ -1,0 +1,145 @@
+"""The LoRA dropout mask: Philox keyed by (seed, row·K + col) of x seen as (M, K).
+
+* fastlora.dropout.philox_uniform (pure torch) equals triton.language.rand bit for bit (run here
+  by the Triton interpreter, which executes tl.rand's own code), for 32- and 64-bit seeds and
+  offsets beyond 2**32 (the high counter word).
+* keep_mask keeps each element with probability 1 − p (bounds stated below), uniformly.
+* The fused op drops exactly keep_mask's elements, in forward and in backward (regenerated), on
+  both backends and both forward variants of the kernels (FASTLORA_FWD_VARIANT pins one); p = 0 and training=False draw no seed.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastlora import lora_linear
+from fastlora.dropout import keep_mask, philox_uniform
+
+# ---------------------------------------------------------------------------
+# replica == tl.rand
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _rand_kernel(seed_ptr, off_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out[i] = tl.rand(seed, off[i]); seed read from memory as an int64, offsets int64 (as the kernels do)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    seed = tl.load(seed_ptr)
+    off = tl.load(off_ptr + i, mask=m, other=0)
+    tl.store(out_ptr + i, tl.rand(seed, off), mask=m)
+
+
+def _tl_rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(offsets.shape, dtype=torch.float32)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    _rand_kernel[(triton.cdiv(offsets.numel(), 256),)](seed_t, offsets, out, offsets.numel(), BLOCK=256)
+    return out
+
+
+SEEDS = [0, 1, 1234, 2**31 - 1, 2**32 + 5, 2**62 + 2**33 + 7, -1, -(2**40)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_replica_equals_tl_rand_bitwise(seed):
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.cat([
+        torch.arange(0, 700, dtype=torch.int64),                                 # the usual small offsets
+        torch.randint(0, 2**31, (300,), generator=g, dtype=torch.int64),
+        torch.randint(2**32, 2**40, (300,), generator=g, dtype=torch.int64),     # high counter word used
+        torch.tensor([2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1], dtype=torch.int64),
+    ])
+    expected = _tl_rand(seed, offsets)
+    for s in (seed, torch.tensor(seed, dtype=torch.int64)):      # int and 0-d tensor seeds
+        got = philox_uniform(s, offsets)
+        assert got.dtype == torch.float32
+        diff = (got.view(torch.int32) != expected.view(torch.int32)).nonzero()
+        assert diff.numel() == 0, (f"seed {seed}: {diff.numel()} mismatches, first at offset "
+                                   f"{offsets[diff[0, 0]].item()}: {got[diff[0, 0]].item()} vs {expected[diff[0, 0]].item()}")
+    assert (expected >= 0).all() and (expected < 1).all()
+
+
+def test_keep_mask_is_philox_at_row_major_offsets():
+    M, K, p, seed = 13, 37, 0.3, 99
+    u = _tl_rand(seed, torch.arange(M * K, dtype=torch.int64)).reshape(M, K)
+    assert torch.equal(keep_mask(seed, M, K, p), u >= p)
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_and_uniformity(p):
+    """Keep rate within 6 standard errors of 1 − p (a false alarm has probability ~2e-9 per check),
+    for the whole mask and each of 8 row blocks; u uniform by a 64-bin chi-square test."""
+    M, K, seed = 256, 512, 2024
+    n = M * K
+    keep = keep_mask(seed, M, K, p)
+    se = math.sqrt(p * (1 - p) / n)
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 6 * se, f"keep rate {rate:.5f}, expected {1 - p} ± {6 * se:.5f}"
+    blocks = keep.reshape(8, -1).double().mean(1)                # each block: n / 8 draws
+    assert ((blocks - (1 - p)).abs() < 6 * se * math.sqrt(8)).all(), blocks
+    u = philox_uniform(seed, torch.arange(n, dtype=torch.int64))
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    # chi-square with 63 dof: mean 63, sd sqrt(126) = 11.2; 63 + 6·11.2 = 130
+    assert chi2 < 130, f"chi-square {chi2:.1f} over 64 bins"
+
+
+def test_masks_of_neighbours_and_seeds_are_independent():
+    """Agreement of two independent masks is p² + (1 − p)²; adjacent columns, adjacent rows and
+    two seeds must match that within 6 standard errors (a shifted or reused stream would not)."""
+    M, K, p = 256, 256, 0.5
+    a = keep_mask(7, M, K, p)
+    expected = p * p + (1 - p) * (1 - p)
+    pairs = {"next column": (a[:, 1:], a[:, :-1]), "next row": (a[1:], a[:-1]),
+             "other seed": (a, keep_mask(8, M, K, p)), "seed + 2**32": (a, keep_mask(7 + 2**32, M, K, p))}
+    for name, (u, v) in pairs.items():
+        agree = (u == v).double().mean().item()
+        se = math.sqrt(expected * (1 - expected) / u.numel())
+        assert abs(agree - expected) < 6 * se, f"{name}: agreement {agree:.4f}, expected {expected}"
+
+
+# ---------------------------------------------------------------------------
+# the fused op uses exactly this mask, forward and backward
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,variant", [("triton", "one"), ("triton", "two"), ("torch", "auto")])
+def test_op_drops_exactly_keep_mask(backend, variant, monkeypatch):
+    """W0 = 0, A = B = I, s = 1: y = dropout(x) and dx = dropout(dy); their zero patterns are the mask.
+
+    x is (B, T, K).transpose(0, 1): row m of the (M, K) view is the m-th row in x's logical order,
+    not in its storage order. Values equal x·keep/(1 − p) within fp32 rounding (the kernels
+    multiply by the fp32 reciprocal instead of dividing).
+    """
+    monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
+    Bt, T, K, p, seed = 4, 10, 24, 0.3, 42
+    x = (torch.rand(Bt, T, K) + 0.5).transpose(0, 1).requires_grad_()      # no zeros in x
+    eye = torch.eye(K)
+    A, B = eye.clone().requires_grad_(), eye.clone().requires_grad_()
+    y = lora_linear(x, torch.zeros(K, K), None, A, B, 1.0, p, seed=seed, backend=backend)
+    keep = keep_mask(seed, T * Bt, K, p).reshape(T, Bt, K)
+    assert torch.equal(y != 0, keep), f"{(~((y != 0) == keep)).sum()} elements dropped differently"
+    torch.testing.assert_close(y, (x * keep / (1 - p)).detach(), rtol=2e-7, atol=0)
+    dy = torch.rand(T, Bt, K) + 0.5
+    y.backward(dy)
+    assert torch.equal(x.grad != 0, keep), "backward regenerated a different mask"
+    torch.testing.assert_close(x.grad, dy * keep / (1 - p), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_seed_drawn_without_dropout(backend):
+    """p = 0 (or training=False) draws no seed: torch's generator is untouched. p > 0 draws one."""
+    x, W, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    state = torch.get_rng_state()
+    lora_linear(x, W, None, A, B, 1.0, 0.0, backend=backend)
+    lora_linear(x, W, None, A, B, 1.0, 0.5, training=False, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)
+    lora_linear(x, W, None, A, B, 1.0, 0.5, backend=backend)
+    assert not torch.equal(torch.get_rng_state(), state)
