@@ -111,10 +111,11 @@ def _peft_base(m):
 
 
 def _peft_active(m):
+    """The active adapters that have weights in this layer (PEFT's forward skips the others)."""
     act = getattr(m, "active_adapters", None)
     if act is None:
         act = getattr(m, "active_adapter", [])
-    return [act] if isinstance(act, str) else list(act)
+    return [a for a in ([act] if isinstance(act, str) else act) if a in m.lora_A]
 
 
 def _peft_reason(m):
@@ -126,10 +127,8 @@ def _peft_reason(m):
         return "base layer has forward hooks"
     active = _peft_active(m)
     if len(active) != 1:
-        return f"{len(active)} active adapters {active} (fastlora serves exactly one)"
+        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
     a = active[0]
-    if a not in m.lora_A:
-        return f"active adapter {a!r} has no LoRA weights in this layer"
     if a in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(a, False):
         return f"adapter {a!r} is a LoRA variant ({type(getattr(m, 'lora_variant', {}).get(a)).__name__}, e.g. DoRA)"
     if getattr(m, "lora_bias", {}).get(a, False):
@@ -186,7 +185,7 @@ def _peft_forward(self, x, *args, **kwargs):
     active = _peft_active(self)
     if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
             or getattr(self, "merged", False) or len(active) != 1 or not _runtime_ok(x, base.weight)
-            or active[0] in getattr(self, "lora_variant", {}) or active[0] not in self.lora_A):
+            or active[0] in getattr(self, "lora_variant", {})):
         return type(self).forward(self, x, *args, **kwargs)
     a = active[0]
     drop = self.lora_dropout[a]

@@ -1,0 +1,276 @@
+"""fastlora.patch on PEFT models: parity (outputs + gradients) with PEFT and a float64 oracle,
+fallbacks, unsupported layers, state-dict identity, save/load, torch.compile."""
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import layer as peft_lora
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import fastlora.patching as fp
+from fastlora.dropout import keep_mask, new_seed
+
+ATOL_ULPS = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}   # as tests/_tolerance.py
+
+
+def check(name, got, ref64, plain):
+    """max|got - ref64| <= 2·max|plain - ref64| + atol (PEFT in got's dtype is the baseline)."""
+    err = (got.double() - ref64.double()).abs().max().item()
+    base = (plain.double() - ref64.double()).abs().max().item()
+    atol = ATOL_ULPS[got.dtype] * torch.finfo(got.dtype).eps * ref64.abs().max().item()
+    assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2*{base:.3e} + {atol:.3e}"
+
+
+class ReplayDropout(nn.Module):
+    """nn.Dropout that draws fastlora's mask: seed from torch's generator (as lora_linear does),
+    mask = fastlora.dropout.keep_mask(seed, M, K, p). Lets PEFT's own forward see the same masks."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = keep_mask(new_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], self.p, x.device)
+        return x * keep.reshape(x.shape) / (1 - self.p)
+
+
+def replay_dropout(model):
+    for m in model.modules():
+        if isinstance(m, peft_lora.LoraLayer):
+            for k, d in m.lora_dropout.items():
+                if isinstance(d, nn.Dropout):
+                    m.lora_dropout[k] = ReplayDropout(d.p)
+    return model
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 24)
+        self.up = nn.Linear(24, 40)
+        self.conv = Conv1D(32, 40)               # GPT-2 style, weight (40, 32)
+        self.down = nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.conv(torch.tanh(self.up(x)))))
+
+
+def tiny_peft(dropout=0.0, dtype=torch.float32, targets=("up", "conv", "down"), **cfg):
+    torch.manual_seed(0)
+    base = Tiny().to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # PEFT: "fan_in_fan_out set to True for Conv1D"
+        pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                             target_modules=list(targets), **cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.3)
+    return pm
+
+
+def run(model, x, g, seed=7):
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(g)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = fp.lora_linear
+    monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_parity_fp32_train_and_eval(spy, dropout):
+    pm = tiny_peft(dropout)
+    ref = replay_dropout(copy.deepcopy(pm))
+    o64 = replay_dropout(copy.deepcopy(pm).double())
+    rep = fp.patch(pm)
+    assert set(rep.patched) == {f"base_model.model.{n}" for n in ("up", "conv", "down")}
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
+    y, dx, grads = run(pm, x, g)
+    assert len(spy) == 3
+    ry, rdx, rgrads = run(ref, x, g)
+    oy, odx, ograds = run(o64, x.double(), g.double())
+    check("y", y, oy, ry)
+    check("dx", dx, odx, rdx)
+    assert set(grads) == set(rgrads) and len(grads) == 6
+    for n in grads:
+        check(n, grads[n], ograds[n], rgrads[n])
+    pm.eval(), ref.eval(), o64.eval()
+    with torch.no_grad():
+        check("eval y", pm(x), o64(x.double()), ref(x))
+
+
+def test_parity_bf16_base_fp32_adapters(spy):
+    pm = tiny_peft(0.0, dtype=torch.bfloat16)
+    a = pm.base_model.model.up
+    assert a.lora_A["default"].weight.dtype == torch.float32 and a.base_layer.weight.dtype == torch.bfloat16
+    ref, o64 = copy.deepcopy(pm), copy.deepcopy(pm).double()
+    fp.patch(pm)
+    x, g = torch.randn(3, 24, dtype=torch.bfloat16), torch.randn(3, 16, dtype=torch.bfloat16)
+    y, dx, grads = run(pm, x, g)
+    assert len(spy) == 3 and y.dtype == torch.bfloat16
+    ry, rdx, rgrads = run(ref, x, g)
+    oy, odx, ograds = run(o64, x.double(), g.double())
+    check("y", y, oy, ry)
+    check("dx", dx, odx, rdx)
+    for n in grads:
+        check(n, grads[n], ograds[n], rgrads[n])
+
+
+def test_runtime_fallbacks_merged_disabled_mixed_batch(spy):
+    pm = tiny_peft()
+    ref = copy.deepcopy(pm)
+    fp.patch(pm)
+    x = torch.randn(4, 24)
+    pm.eval(), ref.eval()                            # PEFT allows adapter_names in eval mode only
+    with torch.no_grad():
+        with pm.disable_adapter(), ref.disable_adapter():
+            torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=0)
+        assert len(spy) == 0
+        names = ["default", "__base__", "default", "__base__"]
+        torch.testing.assert_close(pm(x, adapter_names=names), ref(x, adapter_names=names), rtol=0, atol=0)
+        assert len(spy) == 0
+        pm.merge_adapter(), ref.merge_adapter()
+        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=0)
+        assert len(spy) == 0
+        pm.unmerge_adapter(), ref.unmerge_adapter()
+        torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert len(spy) == 3
+        merged = pm.merge_and_unload()               # PEFT's own API on a patched model
+        assert not any(isinstance(m, peft_lora.LoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_scaling(spy):
+    pm = tiny_peft()
+    ref = copy.deepcopy(pm)
+    for model in (pm, ref):
+        model.base_model.model.up.scaling["default"] = torch.tensor(0.75)
+    fp.patch(pm)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_layers_reported_warned_once_and_untouched():
+    torch.manual_seed(0)
+    base = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "up", "conv"],
+                                             init_lora_weights=False))
+        pm.add_adapter("dora", LoraConfig(r=2, target_modules=["down"], use_dora=True))
+        pm.add_adapter("other", LoraConfig(r=2, target_modules=["conv"]))
+    pm.base_model.set_adapter(["default", "dora", "other"])
+    ref = copy.deepcopy(pm)
+    sd_before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(ValueError, match=r"strict=True\): cannot patch base_model\.model\.emb: PEFT Embedding"):
+        fp.patch(pm, strict=True)
+    assert fp.unpatch(pm) == []                      # strict failure patched nothing
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rep = fp.patch(pm)
+    mine = [x for x in w if "fastlora.patch" in str(x.message)]
+    assert len(mine) == 1, [str(x.message) for x in w]
+    assert rep.patched == {"base_model.model.up": "peft.Linear"}
+    assert "Embedding" in rep.skipped["base_model.model.emb"]
+    assert "variant" in rep.skipped["base_model.model.down"]      # DoRA
+    assert "2 active adapters ['default', 'other']" in rep.skipped["base_model.model.conv"]
+    assert "base_model.model.down" in str(rep)
+    x, z = torch.randint(0, 10, (3,)), torch.randn(2, 32)
+    with torch.no_grad():                            # skipped layers keep PEFT's forward: same outputs
+        torch.testing.assert_close(pm.base_model.model.emb(x), ref.base_model.model.emb(x), rtol=0, atol=0)
+        torch.testing.assert_close(pm.base_model.model.down(z), ref.base_model.model.down(z), rtol=0, atol=0)
+    assert not fp.is_patched(pm.base_model.model.down) and fp.is_patched(pm.base_model.model.up)
+    for k, v in pm.state_dict().items():
+        assert torch.equal(v, sd_before[k]), k
+
+
+def test_lora_bias_and_hooked_base_are_skipped():
+    pm = tiny_peft(targets=("up",), lora_bias=True)
+    rep = fp.patch(pm, warn=False)
+    assert "lora_bias" in rep.skipped["base_model.model.up"]
+    pm2 = tiny_peft(targets=("up",))
+    pm2.base_model.model.up.base_layer.register_forward_hook(lambda *a: None)
+    assert "hooks" in fp.patch(pm2, warn=False).skipped["base_model.model.up"]
+
+
+def test_state_dict_identical_save_load_unpatch(tmp_path, spy):
+    pm = tiny_peft(0.1)
+    before = {k: (v.data_ptr(), v.shape) for k, v in pm.state_dict().items()}
+    fp.patch(pm)
+    assert {k: (v.data_ptr(), v.shape) for k, v in pm.state_dict().items()} == before
+    assert [n for n, _ in pm.named_buffers()] == [n for n, _ in tiny_peft(0.1).named_buffers()]
+    pm.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Tiny(), tmp_path)
+    fp.patch(loaded)
+    pm.eval(), loaded.eval()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=0)
+    assert len(spy) == 6
+    assert sorted(fp.unpatch(pm)) == sorted(f"base_model.model.{n}" for n in ("up", "conv", "down"))
+    assert not any("forward" in m.__dict__ for m in pm.modules())
+    with torch.no_grad():
+        pm(x)
+    assert len(spy) == 6
+
+
+def test_direct_constructor_new_signature():
+    """PEFT >= 0.14's lora.Linear(base_layer, adapter_name, config, r, lora_alpha)."""
+    base = nn.Linear(12, 10)
+    cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0)
+    lin = peft_lora.Linear(base, "default", config=cfg, r=2, lora_alpha=4)
+    nn.init.normal_(lin.lora_B["default"].weight)
+    ref = copy.deepcopy(lin)
+    assert fp.patch(lin).patched == {"": "peft.Linear"}
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_fullgraph_patched_peft(spy):
+    pm = tiny_peft(0.0)
+    ref = copy.deepcopy(pm)
+    x = torch.randn(2, 24)
+    torch._dynamo.reset()
+    peft_ok = True
+    try:                                   # where PEFT itself compiles with fullgraph
+        torch.compile(ref, fullgraph=True, backend="aot_eager")(x)
+    except Exception:  # noqa: BLE001
+        peft_ok = False
+    if not peft_ok:
+        pytest.skip("PEFT's own lora.Linear does not compile with fullgraph=True here")
+    fp.patch(pm)
+    torch._dynamo.reset()
+    cm = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    xr = x.clone().requires_grad_(True)
+    y = cm(xr)
+    y.sum().backward()
+    xe = x.clone().requires_grad_(True)
+    ye = ref(xe)
+    ye.sum().backward()
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xr.grad, xe.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_rejects_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        fp.patch({})
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fp.unpatch(3)
