@@ -256,7 +256,8 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
     rows = {(r["provider"], r["p"]): r for r in memory.measure(M=24, d=40, r=3)}
     x_sized = lambda prov, p: float(rows[(prov, p)]["extra_x_sized"])  # noqa: E731
     assert x_sized("base GEMM", 0.0) == 0.0
-    # fastlora keeps S (M×r fp32) beyond x and the parameters, never a dropped copy of x or a mask
-    assert rows[("fastlora", 0.1)]["extra_bytes"] == 24 * 3 * 4
+    # fastlora keeps S (M×r fp32) and 0-d scale/seed tensors beyond x and the parameters, never a
+    # dropped copy of x or a mask (x is 24×40×4 = 3840 bytes)
+    assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 64
     assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
     assert all(r["saved_bytes"] > 0 for r in rows.values())
