@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fastlora.ops  # noqa: F401  (registers torch.ops.fastlora.*)
 from fastlora import lora_linear
 from tests._tolerance import assert_close
 from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, Case, build_peft, check_parity,
@@ -23,31 +22,18 @@ from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, Case, build_pef
 # gradcheck
 # ---------------------------------------------------------------------------
 
-def _op64(backend, p, fan_in_fan_out, seed=7):
-    """lora_linear's registered op on float64 inputs, returning y.
-
-    lora_linear itself rejects float64 x (its contract: fp32/fp16/bf16), so gradcheck — which
-    needs float64 for its finite differences — calls the torch.library op underneath: the same
-    forward and backward (both custom ops and their autograd registration), minus input checks.
-    """
-    def f(x, weight, bias, A, B):
-        scale = torch.tensor(1.75, dtype=torch.float32)
-        y, _ = torch.ops.fastlora.lora_linear_fwd(x, weight, bias, A, B, scale, p,
-                                                  torch.tensor(seed), fan_in_fan_out, True, False, backend)
-        return y
-    return f
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p,fan_in_fan_out", [(0.0, False), (0.25, False), (0.25, True)])
 def test_gradcheck_float64(backend, p, fan_in_fan_out):
+    """Analytic gradients (x, bias, lora_A, lora_B) = finite differences, float64, fixed mask seed."""
     M, K, N, r = 5, 7, 6, 3
     g = torch.Generator().manual_seed(1)
     rnd = lambda *s, grad=True: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(grad)  # noqa: E731
-    x = rnd(M, K)[:, :]
     weight = rnd(K, N, grad=False) if fan_in_fan_out else rnd(N, K, grad=False)
-    inputs = (x, weight, rnd(N), rnd(r, K), rnd(N, r))
-    assert torch.autograd.gradcheck(_op64(backend, p, fan_in_fan_out), inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    f = lambda x, bias, A, B: lora_linear(x, weight, bias, A, B, 1.75, p, fan_in_fan_out=fan_in_fan_out,  # noqa: E731
+                                          seed=7, backend=backend)
+    inputs = (rnd(M, K), rnd(N), rnd(r, K), rnd(N, r))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
