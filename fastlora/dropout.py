@@ -1,15 +1,16 @@
 """Counter-based dropout masks, bit-identical to the Triton kernels.
 
 A LoRA dropout mask is a pure function of (seed, row, col) of x seen as a 2-D
-(M, K) matrix: element (m, k) is kept when
+(M, K) matrix. One Philox-4x32 call yields four 32-bit words, so each call
+serves four neighbouring columns: element (m, k) is kept when
 
-    u = uniform(philox(seed, offset = m * K + k)) >= p.
+    u = uniform(philox(seed, counter = m * ceil(K / 4) + k // 4)[k % 4]) >= p.
 
 This module is the pure-torch statement of that function. It replays exactly
-what ``triton.language.rand(seed, offset)`` computes (Philox-4x32, 10 rounds,
-int64 offsets split into two 32-bit counters, the first output word turned
-into a float in [0, 1)), so the pure-torch backend, the Triton kernels and the
-tests all see the same mask for the same seed. Nothing ever stores a mask: the
+what ``triton.language.rand4x(seed, counter)`` computes (Philox-4x32, 10 rounds,
+int64 counters split into two 32-bit words, each output word turned into a
+float in [0, 1)), so the pure-torch backend, the Triton kernels and the tests
+all see the same mask for the same seed. Nothing ever stores a mask: the
 backward pass regenerates it from the seed.
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) for int64 ``offsets``; equals ``tl.rand(seed, offsets)``.
+def philox_uniform4(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1), shape (*offsets.shape, 4), for int64 counters ``offsets``;
+    equals ``tl.rand4x(seed, offsets)`` stacked on the last dim (word 0 is ``tl.rand``).
 
     ``seed`` is a Python int or a 0-d integer tensor (read on its device, no host sync).
     """
@@ -60,16 +62,23 @@ def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Ten
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
     # uint32 -> int32 bit pattern -> fold negatives (~x) -> float32 * scale.
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.stack((c0, c1, c2, c3), dim=-1)
+    x = torch.where(x >= 2**31, x - 2**32, x)
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
 
 
+def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) for int64 ``offsets``; equals ``tl.rand(seed, offsets)``."""
+    return philox_uniform4(seed, offsets)[..., 0]
+
+
 def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float, device=None) -> torch.Tensor:
     """Boolean (M, K) keep-mask of LoRA dropout with probability ``p`` (True = kept)."""
+    K4 = -(-K // 4)
     rows = torch.arange(M, device=device, dtype=torch.int64)
-    cols = torch.arange(K, device=device, dtype=torch.int64)
-    u = philox_uniform(seed, rows[:, None] * K + cols[None, :])
+    counters = torch.arange(K4, device=device, dtype=torch.int64)
+    u = philox_uniform4(seed, rows[:, None] * K4 + counters[None, :]).reshape(M, 4 * K4)[:, :K]
     return u >= torch.tensor(p, dtype=torch.float32, device=device)
 
 

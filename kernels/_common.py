@@ -25,13 +25,17 @@ def _x_row_offsets(rows, T, stride_xb, stride_xt):
 
 
 @triton.jit
-def _keep(seed, rows, cols, K, p):
-    """Dropout keep-mask (BLOCK_M, BLOCK_K) for x seen as (M, K): Philox(seed, row·K + col) >= p.
+def _keep(seed, rows, col0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dropout keep-mask (BLOCK_M, BLOCK_K) for x seen as (M, K), columns col0 .. col0 + BLOCK_K − 1
+    (col0 a multiple of 4). One Philox call per 4 columns: counter row·⌈K/4⌉ + col // 4, word col % 4.
 
     Bit-identical to fastlora.dropout.keep_mask; regenerated wherever needed, never stored.
     """
-    offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+    counters = rows.to(tl.int64)[:, None] * ((K + 3) // 4) + (col0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)
+    # interleave so column 4j + i takes word i of counter j
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_M, BLOCK_K))
+    return u >= p
 
 
 @triton.jit

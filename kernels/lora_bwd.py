@@ -21,25 +21,27 @@ import triton
 import triton.language as tl
 
 from ._common import _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, m_bucket, x_as_3d
-from ._specs import CompileSpec
+from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
 DSDB_BLOCK_M = 16 if interpreting() else 64
 DX_BLOCK_M = 16 if interpreting() else 128
+# The dx kernel walks the rank in chunks of 16: dS, A and dA chunks stay small next to the dx tile.
+DX_BLOCK_R = 16
 
 
 def _dsdb_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 4))]
+            for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 4))]
 
 
 def _dx_configs():
     if interpreting():
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bk, bn, w, s: triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)  # noqa: E731
-    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(128, 32, 8, 4), cfg(256, 64, 8, 3)]
+    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 4), cfg(128, 32, 8, 4)]
 
 
 @triton.jit
@@ -157,14 +159,15 @@ def _lora_bwd_dx_kernel(
             w_ptrs += BLOCK_N * stride_wn
 
     if HAS_DROPOUT:
-        keep = _keep(tl.load(seed_ptr), rm, rk, K, p)
+        keep = _keep(tl.load(seed_ptr), rm, pid_k * BLOCK_K, K, p, BLOCK_M, BLOCK_K)
     if COMPUTE_DA:
         x = tl.load(x_ptr + _x_row_offsets(rm, T, stride_xb, stride_xt)[:, None] + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
 
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    # LoRA term dS·A: straight into acc without dropout; through its own tile to be masked with it
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC) if HAS_DROPOUT else acc
     for r0 in range(0, R, BLOCK_R):
         rc_ok = (r0 + rr) < R
         ds = tl.load(ds_ptr + rm[:, None] * stride_dsm + (r0 + rr)[None, :] * stride_dsr,
@@ -183,9 +186,11 @@ def _lora_bwd_dx_kernel(
 
     if COMPUTE_DX:
         if HAS_DROPOUT:
-            lora = tl.where(keep, lora * inv_keep, 0.0)
+            acc += tl.where(keep, lora * inv_keep, 0.0)
+        else:
+            acc = lora
         dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
-        tl.store(dx_ptrs, (acc + lora).to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
 _dsdb = triton.autotune(configs=_dsdb_configs(), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC"],
@@ -264,38 +269,46 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             ds.stride(0), ds.stride(1), sxb, sxt, sxk,
             dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
-            BLOCK_M=DX_BLOCK_M, BLOCK_R=BR)
+            BLOCK_M=DX_BLOCK_M, BLOCK_R=DX_BLOCK_R)
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
         dx = dx.reshape(x.shape) if needs_dx else None
     return dx, dA, dB, dbias
 
 
 def compile_specs():
-    from .lora_fwd import _signature
+    from .lora_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R
+    M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
+    mt = triton.cdiv(M, DSDB_BLOCK_M)
     specs = []
     for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
         prec = "ieee" if xdt == "fp32" else "tf32"
         for atomic in (True, False):
+            values = dict(M=M, N=N, K=K, R=R, T=M, M_BUCKET=M, N_PER_SPLIT=N, stride_dym=N, stride_dyn=1,
+                          stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_dss=M * R, stride_dsm=R,
+                          stride_dsr=1, stride_dbt=0 if atomic else N * R, stride_dbn=R, stride_dbr=1,
+                          stride_dbiast=0 if atomic else N, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1,
+                          stride_xb=0, stride_xt=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
+                          stride_dat=0 if atomic else R * K, stride_dar=K, stride_dak=1)
             for cfg in _dsdb_configs():
                 meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=prec,
-                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=64)
-                sig = _signature(_lora_bwd_dsdb_kernel, meta, {
+                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=block_r(R))
+                sig, consts, attrs = specialize(_lora_bwd_dsdb_kernel, meta, {
                     "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
-                    "dbias_ptr": "fp32", "scale_ptr": "fp32"})
+                    "dbias_ptr": "fp32", "scale_ptr": "fp32"}, values)
                 specs.append(CompileSpec(
                     f"lora_bwd_dsdb x={xdt} ab={adt} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
-                    f"r64 w{cfg.num_warps} s{cfg.num_stages}",
-                    _lora_bwd_dsdb_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+                    f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}",
+                    _lora_bwd_dsdb_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
             for drop in (False, True):
                 for cfg in _dx_configs():
                     meta = dict(cfg.kwargs, HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
-                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=64)
-                    sig = _signature(_lora_bwd_dx_kernel, meta, {
+                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=DX_BLOCK_R)
+                    sig, consts, attrs = specialize(_lora_bwd_dx_kernel, meta, {
                         "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
-                        "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"})
+                        "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
                         f"lora_bwd_dx x={xdt} ab={adt} atomic={int(atomic)} drop={int(drop)} "
-                        f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r64 "
+                        f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r{meta['BLOCK_R']} "
                         f"w{cfg.num_warps} s{cfg.num_stages}",
-                        _lora_bwd_dx_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+                        _lora_bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
     return specs

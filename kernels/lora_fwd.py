@@ -13,7 +13,8 @@ Two variants, both exact, chosen per shape by timing on the device (``FASTLORA_F
   two-launch  _lora_shrink_kernel writes S (small); the GEMM's epilogue reads it, in rank chunks of
               BLOCK_R, so any rank works. One extra read of x, but the dropout mask is drawn once per
               element of x instead of once per N tile, which wins when p > 0.
-Dropout: keep = Philox(seed, row·K + col) >= p (see _common._keep); p = 0 draws nothing.
+Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ + col // 4)[col % 4]) >= p (see _common._keep); p = 0
+draws nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from ._common import (MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
                       fp32_precision, interpreting, m_bucket, x_as_3d)
-from ._specs import CompileSpec
+from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
 # autotune configs, one function per target
@@ -37,15 +38,14 @@ def _gemm_configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    return [cfg(128, 128, 64, 8, 3), cfg(128, 256, 64, 8, 3), cfg(64, 128, 64, 4, 4),
-            cfg(128, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4), cfg(16, 128, 128, 4, 4)]
+    return [cfg(128, 128, 64, 8, 3), cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
 
 def _shrink_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bk, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)  # noqa: E731
-    return [cfg(64, 128, 4, 4), cfg(128, 64, 4, 4), cfg(32, 256, 4, 3), cfg(16, 256, 4, 3)]
+    return [cfg(64, 128, 4, 4), cfg(128, 64, 4, 4), cfg(32, 128, 4, 4)]
 
 
 # ---------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, k0 + rk, K, p), x, 0.0)
+            x = tl.where(_keep(seed, rm, k0, K, p, BLOCK_M, BLOCK_K), x, 0.0)
         acc = _mma(x, a, acc, FP32_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -154,7 +154,7 @@ def _lora_fwd_kernel(
         if SHRINK_IN_LOOP:
             a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             if HAS_DROPOUT:
-                x = tl.where(_keep(seed, rm, k0 + rk, K, p), x, 0.0)
+                x = tl.where(_keep(seed, rm, k0, K, p, BLOCK_M, BLOCK_K), x, 0.0)
             s_acc = _mma(x, a, s_acc, FP32_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
@@ -262,7 +262,16 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
 # ---------------------------------------------------------------------------
 
 
+# A typical launch (contiguous tensors, 4096-sized dims, the largest fused rank) for the compile check.
+SPEC_M = SPEC_N = SPEC_K = 4096
+SPEC_R = MAX_FUSED_R
+
+
 def compile_specs():
+    M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
+    values = dict(M=M, N=N, K=K, R=R, T=M, M_BUCKET=M, stride_xb=0, stride_xt=K, stride_xk=1,
+                  stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1,
+                  stride_sm=R, stride_sr=1, stride_ym=N, stride_yn=1)
     specs = []
     for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
         prec = "ieee" if xdt == "fp32" else "tf32"
@@ -270,36 +279,26 @@ def compile_specs():
             for cfg in _gemm_configs():
                 for one in (True, False):
                     meta = dict(cfg.kwargs, HAS_BIAS=True, HAS_DROPOUT=drop, SHRINK_IN_LOOP=one,
-                                STORE_S=one, FP32_PRECISION=prec, BLOCK_R=MAX_FUSED_R if one else 16)
-                    sig = _signature(_lora_fwd_kernel, meta, {
+                                STORE_S=one, FP32_PRECISION=prec, BLOCK_R=block_r(R))
+                    sig, consts, attrs = specialize(_lora_fwd_kernel, meta, {
                         "x_ptr": xdt, "w_ptr": xdt, "bias_ptr": xdt, "a_ptr": adt, "b_ptr": adt,
-                        "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"})
+                        "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"}, values,
+                        floats=("p", "inv_keep"))
                     name = (f"lora_fwd[{'one' if one else 'two'}-launch] x={xdt} ab={adt} drop={int(drop)} "
                             f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} "
                             f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
-                    specs.append(CompileSpec(name, _lora_fwd_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+                    specs.append(CompileSpec(name, _lora_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                                             attrs=attrs))
             for cfg in _shrink_configs():
-                meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=prec, BLOCK_R=MAX_FUSED_R)
-                sig = _signature(_lora_shrink_kernel, meta, {"x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32",
-                                                             "seed_ptr": "i64"})
+                meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=prec, BLOCK_R=block_r(R))
+                sig, consts, attrs = specialize(_lora_shrink_kernel, meta, {
+                    "x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32", "seed_ptr": "i64"}, values,
+                    floats=("p", "inv_keep"))
                 name = (f"lora_shrink x={xdt} ab={adt} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
-                        f"{cfg.kwargs['BLOCK_K']} r{MAX_FUSED_R} w{cfg.num_warps} s{cfg.num_stages}")
-                specs.append(CompileSpec(name, _lora_shrink_kernel, sig, meta, cfg.num_warps, cfg.num_stages))
+                        f"{cfg.kwargs['BLOCK_K']} r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
+                specs.append(CompileSpec(name, _lora_shrink_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                                         attrs=attrs))
     return specs
-
-
-def _signature(fn, constexprs, pointers):
-    """Triton signature dict: pointers as given, constexprs marked, floats fp32, other scalars i32."""
-    floats = {"p", "inv_keep"}
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    return sig
 
 
 __all__ = ["lora_fwd", "compile_specs", "VARIANTS", "TORCH_TO_TRITON"]
