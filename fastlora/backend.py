@@ -22,10 +22,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select_backend(device: torch.device, override: str | None = None) -> str:
+def resolve_backend_choice(override: str | None = None) -> str:
+    """The requested backend: the argument if given, else FASTLORA_BACKEND, else "auto"."""
     choice = override if override is not None else os.environ.get("FASTLORA_BACKEND", "auto")
     if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+        src = "backend" if override is not None else "FASTLORA_BACKEND"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def select_backend(device: torch.device, override: str | None = None) -> str:
+    choice = resolve_backend_choice(override)
     triton_ok = device.type == "cuda" or (device.type == "cpu" and interpreting())
     if choice == "auto":
         return "triton" if triton_ok else "torch"

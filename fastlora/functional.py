@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .backend import resolve_backend_choice
 from .dropout import new_seed
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # float64: gradcheck, oracles
@@ -120,5 +121,5 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
-                               save_s, bool(deterministic), backend or "auto")
+                               save_s, bool(deterministic), resolve_backend_choice(backend))
     return y
