@@ -46,7 +46,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 
 # ---------------------------------------------------------------------------
-# pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd)
+# pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
 # ---------------------------------------------------------------------------
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):

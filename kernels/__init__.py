@@ -11,5 +11,5 @@ if interpreting():   # bf16 dots are wrong in the stock interpreter; see _interp
     from ._interpreter import patch_bf16_dot
     patch_bf16_dot()
 
-from .lora_bwd import lora_bwd  # noqa: E402,F401
-from .lora_fwd import lora_fwd  # noqa: E402,F401
+from .linear_bwd import lora_bwd  # noqa: E402,F401
+from .linear_fwd import lora_fwd  # noqa: E402,F401

@@ -6,8 +6,8 @@ Shapes. x (M, K) · W0 (N, K), or (K, N) with fan_in_fan_out · bias (N,) · ids
 adapter bank packed WITHOUT padding along the rank: A (R_tot, K) rows off[k] … off[k+1]−1 are A_k (r_k, K),
 B (N, R_tot) columns off[k] … off[k+1]−1 are B_k (N, r_k), R_tot = Σ r_k · off (n+1,) int32 ·
 scales (n,) float32 (runtime values, never constexpr) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
-(zero elsewhere) · seed: 0-d int64 tensor (dropout keep-mask = Philox(seed, m·K + col) ≥ p, the single-
-adapter op's mask, regenerated in backward, never stored).
+(zero elsewhere) · seed: 0-d int64 tensor (dropout keep-mask: kernels/_common._keep, the single-adapter op's mask of x
+seen as (M, K), = fastlora.dropout.keep_mask; regenerated in backward, never stored).
 
 Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
 kernel serves forward and backward by swapping strides:
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import TORCH_TO_TRITON, _keep, _mma, fp32_precision, interpreting
-from ._specs import CompileSpec
+from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -89,7 +89,7 @@ def _shrink_kernel(
         a = tl.load(in_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            a = tl.where(_keep(seed, rows, c0 + rc, C, p), a, 0.0)
+            a = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), a, 0.0)
         acc = _mma(a, w, acc, FP32_PRECISION)
         in_ptrs += BLOCK_C * stride_ic
         w_ptrs += BLOCK_C * stride_wc
@@ -138,7 +138,7 @@ def _expand_kernel(
         acc = acc * tl.load(scale_ptr + k)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        acc = tl.where(_keep(seed, rows, rc, C, p), acc * inv_keep, 0.0)
+        acc = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
     o_ptrs = out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc
     o_mask = m_ok[:, None] & c_ok[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
@@ -189,7 +189,7 @@ def _grad_kernel(
         rt = tl.load(r_ptr + rows64[:, None] * stride_rm + rc[None, :] * stride_rc,
                      mask=m_ok[:, None] & c_ok[None, :], other=0.0)          # (BLOCK_M, BLOCK_C)
         if HAS_DROPOUT:
-            rt = tl.where(_keep(seed, rows, rc, C, p), rt, 0.0)
+            rt = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), rt, 0.0)
         acc = _mma(lt, rt, acc, FP32_PRECISION)
     if HAS_DROPOUT:
         acc = acc * inv_keep
@@ -210,11 +210,13 @@ def _cfg(kernel: str, regime: str) -> dict:
     """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=32, num_warps=1, num_stages=1)
-    if kernel == "shrink":
-        return dict(BLOCK_M=16 if regime == "decode" else 64, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
-    if kernel == "expand":
-        return dict(BLOCK_M=16 if regime == "decode" else 64, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=128, num_warps=4, num_stages=3)   # grad
+    # Sized so every shipped config compiles for sm_80 / sm_90 with zero spill bytes (see compile_specs):
+    # the gathered rows make every x / out element's address a 64-bit register, so tiles stay modest.
+    # Both regimes share one config (decode tiles hold one token, grouped tiles up to BLOCK_M), so the
+    # shipped set stays small; shrink and expand share the token plan, hence BLOCK_M.
+    if kernel in ("shrink", "expand"):
+        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_R=16, BLOCK_C=64, num_warps=4, num_stages=2)      # grad
 
 
 def choose_regime(M: int, n: int, regime: str = "auto") -> str:
@@ -276,6 +278,8 @@ def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, 
     """out (M, r_max) fp32 [rows, j] = σ_k·drop(inp)·W_kᵀ; W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
     M, C = inp.shape
     cfg = _cfg("shrink", plan.regime)
+    if cfg["BLOCK_M"] != plan.block_m:
+        raise ValueError(f"plan built for BLOCK_M={plan.block_m}, shrink uses {cfg['BLOCK_M']}")
     grid = (plan.tile_adapter.numel(), triton.cdiv(r_max, cfg["BLOCK_R"]))
     _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
                          C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
@@ -288,6 +292,8 @@ def expand(inp, w, w_strides, out, plan, off, scale, seed, p, *, scaled, dropout
     """out (M, C) += σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p)); W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
     M, C = out.shape
     cfg = _cfg("expand", plan.regime)
+    if cfg["BLOCK_M"] != plan.block_m:
+        raise ValueError(f"plan built for BLOCK_M={plan.block_m}, expand uses {cfg['BLOCK_M']}")
     grid = (plan.tile_adapter.numel(), triton.cdiv(C, cfg["BLOCK_C"]))
     _expand_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
                          C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
@@ -374,31 +380,49 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, ids, S, r_max, dr
 # shipped configs, for python -m fastlora.inspect (compile for sm_80 / sm_90 without a GPU)
 # ---------------------------------------------------------------------------
 
-_POINTERS = {  # pointer args -> "x" (base dtype), "a" (adapter dtype), fixed types otherwise
-    "_shrink_kernel": dict(in_ptr="x", w_ptr="a", out_ptr="fp32"),
-    "_expand_kernel": dict(in_ptr="fp32", w_ptr="a", out_ptr="x"),
-    "_grad_kernel": dict(l_ptr="fp32", r_ptr="x", g_ptr="a"),
-}
+
+
+# (kernel, role, pointer dtypes ("x": base dtype, "a": adapter dtype), HAS_DROPOUT options, HAS_SCALE, regimes,
+#  typical integer arguments: K = N = 4096, r_max = 64, R_tot = 200; = 1 becomes constexpr as in a real launch)
+_K, _RMAX, _RTOT = 4096, 64, 200
+_LAUNCHES = (
+    ("shrink", "fwd S=x·Aᵀ", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False, True), False, ("decode+grouped",),
+     dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=_K, stride_wc=1, stride_om=_RMAX, stride_or=1)),
+    ("shrink", "bwd dS=s·dY·B", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False,), True, ("decode+grouped",),
+     dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=1, stride_wc=_RTOT, stride_om=_RMAX, stride_or=1)),
+    ("expand", "fwd y+=s·S·Bᵀ", dict(in_ptr="fp32", w_ptr="a", out_ptr="x"), (False,), True, ("decode+grouped",),
+     dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=1, stride_wc=_RTOT, stride_om=_K, stride_oc=1)),
+    ("expand", "bwd dx+=dS·A", dict(in_ptr="fp32", w_ptr="a", out_ptr="x"), (False, True), False, ("decode+grouped",),
+     dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=_K, stride_wc=1, stride_om=_K, stride_oc=1)),
+    ("grad", "bwd dB=s·dYᵀ·S", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False,), True, ("grouped",),
+     dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=1, stride_gc=_RTOT)),
+    ("grad", "bwd dA=dSᵀ·x", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False, True), False, ("grouped",),
+     dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=_K, stride_gc=1)),
+)
+_DTYPES = (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
 _INDEX_PTRS = ("rows_ptr", "tile_adapter_ptr", "tile_lo_ptr", "tile_hi_ptr", "off_ptr", "bounds_ptr")
 
 
 def compile_specs():
-    """Every shipped (kernel, dtype pair, dropout, regime) config as a CompileSpec."""
+    """Every (kernel, dtype pair, dropout, scale, regime) combination the launchers use, as a CompileSpec."""
+    fns = {"shrink": _shrink_kernel, "expand": _expand_kernel, "grad": _grad_kernel}
     specs = []
-    kernels = (("shrink", _shrink_kernel), ("expand", _expand_kernel), ("grad", _grad_kernel))
-    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32")):
+    for xdt, adt in _DTYPES:
         prec = "ieee" if xdt == "fp32" else "tf32"
-        for drop in (False, True):
-            for kname, fn in kernels:
-                for regime in (("decode", "grouped") if kname != "grad" else ("grouped",)):
-                    cfg = dict(_gpu_cfg(kname, regime))
+        for kname, role, ptrs, drops, scaled, regimes, values in _LAUNCHES:
+            fn = fns[kname]
+            for drop in drops:
+                for regime in regimes:
+                    cfg = dict(_gpu_cfg(kname, regime.split("+")[0]))
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=True, FP32_PRECISION=prec)
-                    ptrs = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in _POINTERS[fn.__name__].items()}
+                    meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
+                    pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
+                    pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64")
+                    sig, consts, attrs = specialize(fn, meta, pointers, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"multi_lora_{kname}[{regime}] x={xdt} ab={adt} drop={int(drop)} "
+                        f"multi_lora_{kname}[{role}, {regime}] x={xdt} ab={adt} drop={int(drop)} "
                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
-                        fn, _signature(fn, meta, ptrs), meta, warps, stages))
+                        fn, sig, consts, warps, stages, attrs=attrs))
     return specs
 
 
@@ -411,24 +435,6 @@ def _gpu_cfg(kernel, regime):
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
-
-
-def _signature(fn, constexprs, pointers):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        elif name in _INDEX_PTRS:
-            sig[name] = "*i32"
-        elif name == "scale_ptr":
-            sig[name] = "*fp32"
-        elif name == "seed_ptr":
-            sig[name] = "*i64"
-        else:
-            sig[name] = "fp32" if name in ("p", "inv_keep") else "i32"
-    return sig
 
 
 __all__ = ["multi_lora_fwd", "multi_lora_bwd", "plan_tokens", "choose_regime", "shrink", "expand",

@@ -276,7 +276,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
 
 
 def compile_specs():
-    from .lora_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R
+    from .linear_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R
     M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
     mt = triton.cdiv(M, DSDB_BLOCK_M)
     specs = []
