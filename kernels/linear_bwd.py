@@ -6,7 +6,7 @@ the seed and the scale s — compute
     dS    = s · dY·B              (M, r)      kernel 1, one pass over dY, computed ONCE
     dB    = s · dYᵀ·S             (N, r)      kernel 1, same pass
     dbias = Σ_m dY                (N,)        kernel 1, same pass
-    dx    = dY·W + (dS·A) ⊙ keep / (1 − p)    kernel 2, LoRA term in the GEMM's epilogue
+    dx    = dY·W + (dS·A) ⊙ keep / (1 − p)    kernel 2: the LoRA term seeds the GEMM's accumulator
     dA    = dSᵀ·(x ⊙ keep) / (1 − p)  (r, K)  kernel 2, on the same (M, K) tiles, mask regenerated
 
 Shapes: W (N, K), or (K, N) for fan_in_fan_out (strides, no copy) · A (r, K) · B (N, r).
@@ -146,18 +146,8 @@ def _lora_bwd_dx_kernel(
     k_ok = rk < K
 
     ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    if COMPUTE_DX:   # base GEMM dY·W
-        dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk      # (BLOCK_N, BLOCK_K) of W
-        for n0 in range(0, N, BLOCK_N):
-            n_ok = (n0 + rn) < N
-            dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(dy, w, acc, FP32_PRECISION)
-            dy_ptrs += BLOCK_N * stride_dyn
-            w_ptrs += BLOCK_N * stride_wn
-
+    # 1) LoRA part first, so its temporaries are dead before the main loop's accumulator grows:
+    #    acc = (dS·A) ⊙ keep / (1 − p); dA share = dSᵀ·(x ⊙ keep) / (1 − p)
     if HAS_DROPOUT:
         keep = _keep(tl.load(seed_ptr), rm, pid_k * BLOCK_K, K, p, BLOCK_M, BLOCK_K)
     if COMPUTE_DA:
@@ -165,17 +155,15 @@ def _lora_bwd_dx_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
-
-    # LoRA term dS·A: straight into acc without dropout; through its own tile to be masked with it
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC) if HAS_DROPOUT else acc
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
         rc_ok = (r0 + rr) < R
         ds = tl.load(ds_ptr + rm[:, None] * stride_dsm + (r0 + rr)[None, :] * stride_dsr,
-                     mask=m_ok[:, None] & rc_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_R) fp32
+                     mask=m_ok[:, None] & rc_ok[None, :], other=0.0)            # (BLOCK_M, BLOCK_R)
         if COMPUTE_DX:
             a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + rk[None, :] * stride_ak,
                         mask=rc_ok[:, None] & k_ok[None, :], other=0.0)         # (BLOCK_R, BLOCK_K)
-            lora = _mma(ds, a, lora, FP32_PRECISION)
+            acc = _mma(ds, a, acc, FP32_PRECISION)
         if COMPUTE_DA:
             da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC), FP32_PRECISION)
             da_ptrs = da_ptr + pid_m * stride_dat + (r0 + rr)[:, None] * stride_dar + rk[None, :] * stride_dak
@@ -186,9 +174,17 @@ def _lora_bwd_dx_kernel(
 
     if COMPUTE_DX:
         if HAS_DROPOUT:
-            acc += tl.where(keep, lora * inv_keep, 0.0)
-        else:
-            acc = lora
+            acc = tl.where(keep, acc * inv_keep, 0.0)
+        # 2) base GEMM dY·W on top
+        dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk      # (BLOCK_N, BLOCK_K) of W
+        for n0 in range(0, N, BLOCK_N):
+            n_ok = (n0 + rn) < N
+            dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(dy, w, acc, FP32_PRECISION)
+            dy_ptrs += BLOCK_N * stride_dyn
+            w_ptrs += BLOCK_N * stride_wn
         dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 

@@ -160,8 +160,8 @@ def _lora_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # epilogue: lora = S·Bᵀ for this tile, fp32
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # epilogue: acc += (s·S)·Bᵀ, straight into the GEMM's accumulator (no second (BLOCK_M, BLOCK_N) tile)
+    scale = tl.load(scale_ptr).to(ACC)
     if SHRINK_IN_LOOP:
         s_tile = s_acc * inv_keep
         if STORE_S:
@@ -170,7 +170,7 @@ def _lora_fwd_kernel(
                 tl.store(s_ptrs, s_tile, mask=m_ok[:, None] & r_ok[None, :])
         b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)              # (BLOCK_R, BLOCK_N) of Bᵀ
-        lora = _mma(s_tile, b, lora, FP32_PRECISION)
+        acc = _mma(s_tile * scale, b, acc, FP32_PRECISION)
     else:
         for r0 in range(0, R, BLOCK_R):
             rc_ok = (r0 + rr) < R
@@ -178,9 +178,8 @@ def _lora_fwd_kernel(
                              mask=m_ok[:, None] & rc_ok[None, :], other=0.0)
             b = tl.load(b_ptr + (r0 + rr)[:, None] * stride_br + rn[None, :] * stride_bn,
                         mask=rc_ok[:, None] & n_ok[None, :], other=0.0)
-            lora = _mma(s_tile, b, lora, FP32_PRECISION)
+            acc = _mma(s_tile * scale, b, acc, FP32_PRECISION)
 
-    acc += tl.load(scale_ptr).to(ACC) * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
