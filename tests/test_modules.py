@@ -246,3 +246,26 @@ def test_bad_arguments():
     m = LoraLinear(8, 8, 2)
     with pytest.raises(TypeError, match="x must have the weight's dtype|weight must have x's dtype"):
         m(torch.randn(2, 8, dtype=torch.float64).to(torch.bfloat16))
+
+
+def test_compile_fullgraph_modules():
+    """torch.compile(fullgraph=True) traces LoraLinear / MergedLoraLinear (no graph breaks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MergedLoraLinear(16, 24, 2, enable_lora=[True, False, True], merge_weights=False),
+                          nn.Tanh(), LoraLinear(24, 8, 2, lora_alpha=4, merge_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p)
+    x = torch.randn(3, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    ye = model(x)
+    ye.sum().backward()
+    torch.testing.assert_close(y, ye, rtol=1e-6, atol=1e-6)
+    for g, p in zip(got, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
