@@ -129,8 +129,10 @@ def _peft_reason(m):
     if len(active) != 1:
         return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
     a = active[0]
-    if a in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(a, False):
-        return f"adapter {a!r} is a LoRA variant ({type(getattr(m, 'lora_variant', {}).get(a)).__name__}, e.g. DoRA)"
+    if getattr(m, "use_dora", {}).get(a, False):
+        return f"adapter {a!r} uses DoRA"
+    if a in getattr(m, "lora_variant", {}):
+        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
     if getattr(m, "lora_bias", {}).get(a, False):
         return f"adapter {a!r} has lora_bias=True"
     _, why = _dropout_p(m.lora_dropout[a])

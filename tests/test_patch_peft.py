@@ -188,7 +188,7 @@ def test_unsupported_layers_reported_warned_once_and_untouched():
     assert len(mine) == 1, [str(x.message) for x in w]
     assert rep.patched == {"base_model.model.up": "peft.Linear"}
     assert "Embedding" in rep.skipped["base_model.model.emb"]
-    assert "variant" in rep.skipped["base_model.model.down"]      # DoRA
+    assert "uses DoRA" in rep.skipped["base_model.model.down"]
     assert "2 active adapters ['default', 'other']" in rep.skipped["base_model.model.conv"]
     assert "base_model.model.down" in str(rep)
     x, z = torch.randint(0, 10, (3,)), torch.randn(2, 32)
@@ -231,14 +231,21 @@ def test_state_dict_identical_save_load_unpatch(tmp_path, spy):
     assert len(spy) == 6
 
 
-def test_direct_constructor_new_signature():
-    """PEFT >= 0.14's lora.Linear(base_layer, adapter_name, config, r, lora_alpha)."""
+def test_direct_constructor_installed_signature():
+    """lora.Linear built directly: PEFT >= 0.14 takes a LoraConfig (config=...), 0.7-0.13 took
+    r / lora_alpha / lora_dropout keywords. patch reads attributes only, so both serve; this runs
+    the branch of the installed PEFT (the other was checked by hand with peft 0.13.2)."""
+    import inspect
     base = nn.Linear(12, 10)
-    cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0)
-    lin = peft_lora.Linear(base, "default", config=cfg, r=2, lora_alpha=4)
+    if "config" in inspect.signature(peft_lora.Linear.__init__).parameters:
+        lin = peft_lora.Linear(base, "default", config=LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1),
+                               r=2, lora_alpha=4)
+    else:  # pragma: no cover - older PEFT
+        lin = peft_lora.Linear(base, "default", r=2, lora_alpha=4, lora_dropout=0.1)
     nn.init.normal_(lin.lora_B["default"].weight)
     ref = copy.deepcopy(lin)
     assert fp.patch(lin).patched == {"": "peft.Linear"}
+    lin.eval(), ref.eval()
     x = torch.randn(3, 12)
     with torch.no_grad():
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-6, atol=1e-6)
