@@ -1,0 +1,157 @@
+"""AdapterBank: packing without padding, add / remove / replace, scaling, dtype policy; bad input to the
+multi-adapter op -> clear errors; a failed change leaves the bank exactly as it was."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.bank import AdapterBank
+from fastlora.multi import MultiLoraLinear, multi_lora_linear
+
+K, N = 12, 10
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def filled(dtype=torch.float32):
+    bank = AdapterBank(K, N, dtype=dtype, requires_grad=True)
+    bank.add("a", rand(3, K, seed=1), rand(N, 3, seed=2), alpha=6.0)
+    bank.add("b", rand(1, K, seed=3), rand(N, 1, seed=4), scaling=0.5)
+    bank.add("c", rand(5, K, seed=5), rand(N, 5, seed=6), alpha=10.0, use_rslora=True)
+    return bank
+
+
+def snapshot(bank):
+    return (bank.names, bank.ranks, bank.lora_A, bank.lora_B,
+            {k: v.detach().clone() for k, v in bank.state_dict().items()})
+
+
+def assert_same(bank, snap):
+    names, ranks, A, B, state = snap
+    assert bank.names == names and bank.ranks == ranks
+    assert bank.lora_A is A and bank.lora_B is B            # not even re-wrapped
+    now = bank.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+def test_packed_layout_without_padding():
+    bank = filled()
+    assert bank.names == ["a", "b", "c"] and bank.ranks == [3, 1, 5] and bank.r_max == 5
+    assert bank.offsets.tolist() == [0, 3, 4, 9]
+    assert bank.lora_A.shape == (9, K) and bank.lora_B.shape == (N, 9)      # Σ r_k, not n·r_max
+    assert torch.equal(bank.lora_A[4:9], rand(5, K, seed=5)) and torch.equal(bank.lora_B[:, 3:4], rand(N, 1, seed=4))
+    assert bank.scalings.tolist() == pytest.approx([6.0 / 3, 0.5, 10.0 / math.sqrt(5)])
+    A, B, s = bank.adapter("c")
+    assert torch.equal(A, rand(5, K, seed=5)) and torch.equal(B, rand(N, 5, seed=6))
+    assert bank.ids(["c", "__base__", None, "a"]).tolist() == [2, -1, -1, 0]
+
+
+def test_remove_and_replace_repack():
+    bank = filled()
+    bank.remove("a")
+    assert bank.names == ["b", "c"] and bank.offsets.tolist() == [0, 1, 6]
+    assert torch.equal(bank.lora_A[1:6], rand(5, K, seed=5))
+    assert bank.replace("b", rand(7, K, seed=8), rand(N, 7, seed=9), alpha=7.0) == 0     # rank 1 -> 7, same index
+    assert bank.ranks == [7, 5] and bank.offsets.tolist() == [0, 7, 12] and bank.scalings[0].item() == 1.0
+    assert bank.lora_A.requires_grad                                                   # policy kept
+    # the op sees the new layout: each adapter equals the single-adapter op
+    x, W = rand(6, K, seed=10), rand(N, K, seed=11)
+    ids = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.int32)
+    y = multi_lora_linear(x, W, None, bank, ids, backend="torch")
+    for k, name in enumerate(bank.names):
+        A, B, s = bank.adapter(name)
+        y1 = fastlora.lora_linear(x, W, None, A.detach(), B.detach(), s, backend="torch")
+        torch.testing.assert_close(y[ids == k], y1[ids == k], rtol=1e-5, atol=1e-5)
+
+
+BAD_CHANGES = [
+    ("add wrong in_features", lambda b: b.add("d", rand(2, K + 1), rand(N, 2)), ValueError, r"lora_A .* \(r, 12\)"),
+    ("add rank mismatch", lambda b: b.add("d", rand(2, K), rand(N, 3)), ValueError, "rank mismatch"),
+    ("add rank 0", lambda b: b.add("d", rand(0, K), rand(N, 0)), ValueError, "r >= 1"),
+    ("add existing name", lambda b: b.add("b", rand(2, K), rand(N, 2)), ValueError, "already exists"),
+    ("add reserved name", lambda b: b.add("__base__", rand(2, K), rand(N, 2)), ValueError, "name"),
+    ("add scaling and alpha", lambda b: b.add("d", rand(2, K), rand(N, 2), scaling=1.0, alpha=2.0), ValueError,
+     "not both"),
+    ("add nan scaling", lambda b: b.add("d", rand(2, K), rand(N, 2), scaling=float("nan")), ValueError, "finite"),
+    ("add int weights", lambda b: b.add("d", torch.ones(2, K, dtype=torch.int64), rand(N, 2)), TypeError,
+     "floating"),
+    ("add non-tensor", lambda b: b.add("d", [[1.0] * K], rand(N, 1)), TypeError, "lora_A must be a torch.Tensor"),
+    ("replace unknown", lambda b: b.replace("zz", rand(2, K), rand(N, 2)), KeyError, "unknown adapter name"),
+    ("replace bad shape", lambda b: b.replace("c", rand(2, K), rand(N + 1, 2)), ValueError, "lora_B"),
+    ("remove unknown", lambda b: b.remove("zz"), KeyError, "unknown adapter name"),
+    ("set_scaling inf", lambda b: b.set_scaling("a", float("inf")), ValueError, "finite"),
+]
+
+
+@pytest.mark.parametrize("change", BAD_CHANGES, ids=[c[0] for c in BAD_CHANGES])
+def test_failed_change_leaves_bank_unchanged(change):
+    _, fn, exc, match = change
+    bank = filled()
+    snap = snapshot(bank)
+    with pytest.raises(exc, match=match):
+        fn(bank)
+    assert_same(bank, snap)
+
+
+def test_dtype_policy():
+    bank = AdapterBank(K, N, dtype=torch.bfloat16)
+    bank.add("a", rand(2, K), rand(N, 2))                                               # fp32 in, stored bf16
+    assert bank.lora_A.dtype == bank.lora_B.dtype == torch.bfloat16 and bank.scalings.dtype == torch.float32
+    x16 = rand(4, K).half()
+    with pytest.raises(TypeError, match="lora_A and lora_B must share one dtype"):       # bf16 adapters, fp16 base
+        multi_lora_linear(x16, rand(N, K).half(), None, bank, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype must be"):
+        AdapterBank(K, N, dtype=torch.float64)
+
+
+def bad_call(kind):
+    bank = filled()
+    x, W = rand(2, 3, K), rand(N, K)
+    ids = torch.zeros(2, 3, dtype=torch.int32)
+    layer = MultiLoraLinear(torch.nn.Linear(K, N), bank)
+    return {
+        "id too large": lambda: multi_lora_linear(x, W, None, bank, ids + 3),
+        "id below -1": lambda: multi_lora_linear(x, W, None, bank, ids - 2),
+        "wrong length": lambda: multi_lora_linear(x, W, None, bank, torch.zeros(5, dtype=torch.int32)),
+        "float ids": lambda: multi_lora_linear(x, W, None, bank, ids.float()),
+        "ids on another device": lambda: multi_lora_linear(x, W, None, bank, ids.to("meta")),
+        "unknown name": lambda: layer(x, ["a", "nope"]),
+        "bank for another layer": lambda: MultiLoraLinear(torch.nn.Linear(K + 1, N), bank),
+        "not a bank": lambda: multi_lora_linear(x, W, None, {"a": 1}, ids),
+        "bad regime": lambda: multi_lora_linear(x, W, None, bank, ids, regime="fast"),
+        "bad dropout": lambda: multi_lora_linear(x, W, None, bank, ids, dropout_p=1.0),
+        "no ids": lambda: layer(x),
+    }[kind]
+
+
+BAD_INPUT = [("id too large", ValueError, r"adapter_ids must be in \[-1, 3\)"),
+             ("id below -1", ValueError, r"adapter_ids must be in \[-1, 3\)"),
+             ("wrong length", ValueError, r"adapter_ids must have shape \(2, 3\) .* or \(2,\)"),
+             ("float ids", TypeError, "adapter_ids must be int32 or int64"),
+             ("ids on another device", ValueError, "adapter_ids must be on x's device"),
+             ("unknown name", KeyError, "unknown adapter name 'nope'"),
+             ("bank for another layer", ValueError, "in_features=13"),
+             ("not a bank", TypeError, "bank must be a fastlora AdapterBank"),
+             ("bad regime", ValueError, "regime must be one of"),
+             ("bad dropout", ValueError, "dropout_p"),
+             ("no ids", ValueError, "needs adapter_ids")]
+
+
+@pytest.mark.parametrize("kind,exc,match", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
+def test_bad_input(kind, exc, match):
+    with pytest.raises(exc, match=match):
+        bad_call(kind)()
+
+
+def test_empty_bank_is_the_base_layer():
+    bank = AdapterBank(K, N)
+    x, W, b = rand(5, K), rand(N, K), rand(N)
+    y = multi_lora_linear(x, W, b, bank, torch.full((5,), -1, dtype=torch.int32))
+    assert torch.equal(y, torch.nn.functional.linear(x, W, b))
