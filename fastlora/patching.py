@@ -177,8 +177,11 @@ def _classify(m):
 
 # ---------------------------------------------------------------------------- fused forwards
 
-def _runtime_ok(x, w) -> bool:
-    return isinstance(x, torch.Tensor) and x.dtype == w.dtype and not torch.is_autocast_enabled(x.device.type)
+def _runtime_ok(x, w, lora_A, lora_B, dropout) -> bool:
+    """What can change after patching and would make the fused op refuse or differ: hand it back."""
+    return (isinstance(x, torch.Tensor) and x.dtype == w.dtype and lora_A.dtype == lora_B.dtype
+            and lora_A.dtype in (w.dtype, torch.float32) and _dropout_p(dropout)[1] is None
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 def _peft_forward(self, x, *args, **kwargs):
@@ -186,19 +189,21 @@ def _peft_forward(self, x, *args, **kwargs):
     base = _peft_base(self)
     active = _peft_active(self)
     if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
-            or getattr(self, "merged", False) or len(active) != 1 or not _runtime_ok(x, base.weight)
-            or active[0] in getattr(self, "lora_variant", {})):
+            or getattr(self, "merged", False) or len(active) != 1
+            or active[0] in getattr(self, "lora_variant", {})
+            or not _runtime_ok(x, base.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight,
+                               self.lora_dropout[active[0]])):
         return type(self).forward(self, x, *args, **kwargs)
     a = active[0]
     drop = self.lora_dropout[a]
-    p, _ = _dropout_p(drop)
     return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                       st.scale(self.scaling[a], x.device), p or 0.0, drop.training, self.fan_in_fan_out)
+                       st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training,
+                       self.fan_in_fan_out)
 
 
 def _loralib_forward(self, x):
     st = getattr(self, _ATTR)
-    if self.merged or self.r <= 0 or not _runtime_ok(x, self.weight):
+    if self.merged or self.r <= 0 or not _runtime_ok(x, self.weight, self.lora_A, self.lora_B, self.lora_dropout):
         return type(self).forward(self, x)
     p, _ = _dropout_p(self.lora_dropout)
     training = self.lora_dropout.training if isinstance(self.lora_dropout, nn.Module) else self.training
@@ -208,7 +213,7 @@ def _loralib_forward(self, x):
             st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
         lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
     return lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, st.scale(self.scaling, x.device),
-                       p or 0.0, training, self.fan_in_fan_out)
+                       p, training, self.fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------- public API

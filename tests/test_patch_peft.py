@@ -150,6 +150,16 @@ def test_runtime_fallbacks_merged_disabled_mixed_batch(spy):
         pm.unmerge_adapter(), ref.unmerge_adapter()
         torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
         assert len(spy) == 3
+        for model in (pm, ref):                      # adapters cast after patching: bf16 on an fp32 base
+            model.base_model.model.up.lora_A["default"].to(torch.bfloat16)
+            model.base_model.model.up.lora_B["default"].to(torch.bfloat16)
+        up, ref_up = pm.base_model.model.up, ref.base_model.model.up
+        torch.testing.assert_close(up(x), ref_up(x), rtol=0, atol=0)       # PEFT's own forward ran
+        torch.testing.assert_close(pm(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert len(spy) == 5                         # 'up' handed back to PEFT, the other two fused
+        for model in (pm, ref):
+            model.base_model.model.up.lora_A["default"].to(torch.float32)
+            model.base_model.model.up.lora_B["default"].to(torch.float32)
         merged = pm.merge_and_unload()               # PEFT's own API on a patched model
         assert not any(isinstance(m, peft_lora.LoraLayer) for m in merged.modules())
         torch.testing.assert_close(merged(x), ref(x), rtol=1e-5, atol=1e-5)
