@@ -4,6 +4,7 @@ Tolerance idiom (flash-attention's): error of fastlora vs the float64 oracle mus
 2x the error of plain torch in the same dtype vs that oracle, plus one unit of the dtype's
 precision at the output's scale (the final rounding every implementation must make).
 """
+import copy
 import math
 
 import loralib
@@ -269,3 +270,32 @@ def test_compile_fullgraph_modules():
     torch.testing.assert_close(y, ye, rtol=1e-6, atol=1e-6)
     for g, p in zip(got, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_peft_lora_linear(backend, dtype):
+    """LoraLinear.from_linear vs PEFT's lora.Linear on the same base layer and adapter (PEFT keeps
+    fp32 adapters on a half base): outputs and gradients, PEFT as the same-dtype baseline."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24).to(dtype)
+    peft = PeftLinear(copy.deepcopy(base), "default", config=LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
+    peft.lora_A["default"].float(), peft.lora_B["default"].float()
+    with torch.no_grad():
+        nn.init.normal_(peft.lora_B["default"].weight, std=0.5)
+    ours = LoraLinear.from_linear(base, 4, lora_alpha=8, adapter_dtype=torch.float32, merge_weights=False)
+    with torch.no_grad():
+        ours.lora_A.copy_(peft.lora_A["default"].weight), ours.lora_B.copy_(peft.lora_B["default"].weight)
+    x, g = torch.randn(2, 5, 40, dtype=dtype), torch.randn(2, 5, 24, dtype=dtype)
+    y, dx, dA, dB = _grads(ours, x, g)
+    xp = x.clone().requires_grad_(True)
+    yp = peft(xp)
+    yp.backward(g)
+    t64 = [t.detach().double().requires_grad_(True) for t in (x, base.weight, base.bias, ours.lora_A, ours.lora_B)]
+    r = fastlora.lora_linear_reference(*t64, 2.0)
+    r.backward(g.double())
+    check("y", y, r.detach(), yp.detach())
+    check("dx", dx, t64[0].grad, xp.grad)
+    check("dA", dA, t64[3].grad, peft.lora_A["default"].weight.grad)
+    check("dB", dB, t64[4].grad, peft.lora_B["default"].weight.grad)
