@@ -53,7 +53,13 @@ def _mma(a, b, acc, FP32_PRECISION: tl.constexpr):
 # launcher helpers
 # ---------------------------------------------------------------------------
 
-MAX_FUSED_R = 64   # the one-launch forward keeps S (BLOCK_M × BLOCK_R fp32) in registers up to this rank
+# Rank blocking. The GEMM kernels walk the rank in chunks of GEMM_BLOCK_R (16): S / dS chunks and the
+# matching A / B chunks stay small next to the (BLOCK_M, BLOCK_N) accumulator, so no config spills.
+# The one-launch forward keeps all of S (BLOCK_M × 16, fp32) in registers through the K-loop, so it
+# serves r ≤ MAX_FUSED_R = 16 (the ranks LoRA is usually run at); larger ranks take the two-launch path.
+GEMM_BLOCK_R = 16
+MAX_FUSED_R = GEMM_BLOCK_R
+MAX_BLOCK_R = 64   # the skinny kernels (shrink, dS/dB) hold up to 64 ranks per program
 
 
 def interpreting() -> bool:
@@ -83,8 +89,8 @@ def x_as_3d(x: torch.Tensor):
 
 
 def block_r(r: int) -> int:
-    """Rank block: a tl.dot-legal power of two ≥ 16, capped so registers stay bounded."""
-    return max(16, min(triton.next_power_of_2(r), MAX_FUSED_R))
+    """Rank block of the skinny kernels: a tl.dot-legal power of two ≥ 16, at most MAX_BLOCK_R."""
+    return max(16, min(triton.next_power_of_2(r), MAX_BLOCK_R))
 
 
 def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +104,22 @@ def fp32_precision(x_dtype: torch.dtype) -> str:
     if x_dtype in (torch.float32, torch.float64):
         return "tf32" if x_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
+
+
+def is_fp32_input(named_args: dict, pointer: str) -> bool:
+    """For autotune pruning: does the kernel's ``pointer`` argument hold fp32 (or fp64) data?"""
+    t = named_args.get(pointer)
+    return getattr(t, "dtype", None) in (torch.float32, torch.float64)
+
+
+def union(*config_lists):
+    """Configs of several lists, each once (the interpreter's lists are one identical config)."""
+    seen, out = set(), []
+    for c in (c for lst in config_lists for c in lst):
+        if str(c) not in seen:
+            seen.add(str(c))
+            out.append(c)
+    return out
 
 
 def m_bucket(M: int) -> int:

@@ -20,28 +20,37 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, m_bucket, x_as_3d
+from ._common import (GEMM_BLOCK_R, _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting,
+                      is_fp32_input, m_bucket, union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
 DSDB_BLOCK_M = 16 if interpreting() else 64
 DX_BLOCK_M = 16 if interpreting() else 128
-# The dx kernel walks the rank in chunks of 16: dS, A and dA chunks stay small next to the dx tile.
-DX_BLOCK_R = 16
 
 
-def _dsdb_configs():
+def _dsdb_configs(fp32: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 4, 3), (64, 4, 4), (128, 8, 4))]
+    if fp32:
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3)]
+    return [triton.Config({"BLOCK_N": 64}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4))]
 
 
-def _dx_configs():
+def _dx_configs(fp32: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bk, bn, w, s: triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)  # noqa: E731
-    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 4), cfg(128, 32, 8, 4)]
+    if fp32:
+        return [cfg(64, 32, 4, 3), cfg(128, 32, 8, 3)]
+    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(128, 32, 8, 4)]
+
+
+def _prune_by_dtype(configs_of, pointer):
+    def prune(configs, named_args, **kwargs):
+        keep = {str(c) for c in configs_of(is_fp32_input(named_args, pointer))}
+        return [c for c in configs if str(c) in keep] or configs
+    return prune
 
 
 @triton.jit
@@ -189,10 +198,12 @@ def _lora_bwd_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-_dsdb = triton.autotune(configs=_dsdb_configs(), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC"],
-                        reset_to_zero=["db_ptr", "dbias_ptr"])(_lora_bwd_dsdb_kernel)
-_dx = triton.autotune(configs=_dx_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "COMPUTE_DX", "ATOMIC"],
-                      reset_to_zero=["da_ptr"])(_lora_bwd_dx_kernel)
+_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC"],
+                        reset_to_zero=["db_ptr", "dbias_ptr"],
+                        prune_configs_by={"early_config_prune": _prune_by_dtype(_dsdb_configs, "dy_ptr")})(_lora_bwd_dsdb_kernel)
+_dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)), key=["M_BUCKET", "N", "K", "COMPUTE_DX", "ATOMIC"],
+                      reset_to_zero=["da_ptr"],
+                      prune_configs_by={"early_config_prune": _prune_by_dtype(_dx_configs, "dy_ptr")})(_lora_bwd_dx_kernel)
 
 
 def _split_n(M: int, N: int, R: int, device: torch.device) -> tuple[int, int]:
@@ -265,7 +276,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             ds.stride(0), ds.stride(1), sxb, sxt, sxk,
             dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
-            BLOCK_M=DX_BLOCK_M, BLOCK_R=DX_BLOCK_R)
+            BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
         dx = dx.reshape(x.shape) if needs_dx else None
     return dx, dA, dB, dbias
@@ -285,7 +296,7 @@ def compile_specs():
                           stride_dbiast=0 if atomic else N, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1,
                           stride_xb=0, stride_xt=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
                           stride_dat=0 if atomic else R * K, stride_dar=K, stride_dak=1)
-            for cfg in _dsdb_configs():
+            for cfg in _dsdb_configs(xdt == "fp32"):
                 meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=prec,
                             BLOCK_M=DSDB_BLOCK_M, BLOCK_R=block_r(R))
                 sig, consts, attrs = specialize(_lora_bwd_dsdb_kernel, meta, {
@@ -296,9 +307,9 @@ def compile_specs():
                     f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}",
                     _lora_bwd_dsdb_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
             for drop in (False, True):
-                for cfg in _dx_configs():
+                for cfg in _dx_configs(xdt == "fp32"):
                     meta = dict(cfg.kwargs, HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
-                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=DX_BLOCK_R)
+                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
                     sig, consts, attrs = specialize(_lora_bwd_dx_kernel, meta, {
                         "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
                         "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))

@@ -9,9 +9,9 @@ Two variants, both exact, chosen per shape by timing on the device (``FASTLORA_F
   one-launch  the GEMM's K-loop also accumulates S_tile = drop(x_tile)·A_tileᵀ (BLOCK_M × BLOCK_R, fp32)
               from the x tile it already holds; the epilogue adds s·S_tile·B_tileᵀ and bias and rounds
               once. No extra HBM traffic; R/BLOCK_N extra MMA work per tile; S is written by the
-              pid_n == 0 programs when backward needs it. Ranks up to MAX_FUSED_R.
+              pid_n == 0 programs when backward needs it. Ranks up to MAX_FUSED_R (16).
   two-launch  _lora_shrink_kernel writes S (small); the GEMM's epilogue reads it, in rank chunks of
-              BLOCK_R, so any rank works. One extra read of x, but the dropout mask is drawn once per
+              GEMM_BLOCK_R (16), so any rank works. One extra read of x, but the dropout mask is drawn once per
               element of x instead of once per N tile, which wins when p > 0.
 Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ + col // 4)[col % 4]) >= p (see _common._keep); p = 0
 draws nothing.
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
-                      fp32_precision, interpreting, m_bucket, x_as_3d)
+from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets,
+                      acc_dtype, block_r, fp32_precision, interpreting, is_fp32_input, m_bucket, union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
@@ -33,19 +33,32 @@ from ._specs import CompileSpec, specialize
 # ---------------------------------------------------------------------------
 
 
-def _gemm_configs():
+def _gemm_configs(fp32: bool = False):
+    """GEMM tiles; fp32 inputs get BLOCK_K = 32 (same bytes per stage as 64 half-precision columns)."""
     if interpreting():   # the interpreter is slow and has no tiles to tune: one small config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    if fp32:
+        return [cfg(128, 128, 32, 8, 3), cfg(64, 128, 32, 4, 3), cfg(128, 64, 32, 4, 3), cfg(64, 64, 32, 4, 3)]
     return [cfg(128, 128, 64, 8, 3), cfg(64, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
 
-def _shrink_configs():
+def _shrink_configs(fp32: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bk, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)  # noqa: E731
-    return [cfg(64, 128, 4, 4), cfg(128, 64, 4, 4), cfg(32, 128, 4, 4)]
+    if fp32:
+        return [cfg(64, 64, 4, 3), cfg(32, 64, 4, 4), cfg(64, 32, 4, 4)]
+    return [cfg(64, 64, 4, 4), cfg(32, 128, 4, 4), cfg(64, 128, 4, 3)]
+
+
+def _prune_by_dtype(configs_of):
+    """early_config_prune: keep the tile set made for the input dtype (x_ptr's)."""
+    def prune(configs, named_args, **kwargs):
+        keep = {str(c) for c in configs_of(is_fp32_input(named_args, "x_ptr"))}
+        return [c for c in configs if str(c) in keep] or configs
+    return prune
 
 
 # ---------------------------------------------------------------------------
@@ -186,8 +199,12 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_gemm = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "SHRINK_IN_LOOP", "HAS_DROPOUT"])(_lora_fwd_kernel)
-_shrink = triton.autotune(configs=_shrink_configs(), key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(_lora_shrink_kernel)
+_gemm = triton.autotune(configs=union(_gemm_configs(False), _gemm_configs(True)),
+                        key=["M_BUCKET", "N", "K", "SHRINK_IN_LOOP", "HAS_DROPOUT"],
+                        prune_configs_by={"early_config_prune": _prune_by_dtype(_gemm_configs)})(_lora_fwd_kernel)
+_shrink = triton.autotune(configs=union(_shrink_configs(False), _shrink_configs(True)),
+                          key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
+                          prune_configs_by={"early_config_prune": _prune_by_dtype(_shrink_configs)})(_lora_shrink_kernel)
 
 # ---------------------------------------------------------------------------
 # launcher
@@ -204,19 +221,20 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
     y = torch.empty((M, N), device=x3.device, dtype=x3.dtype)
     one = variant == "one"
     S = torch.empty((M, R) if (save_s or not one) else (0, R), device=x3.device, dtype=acc_dtype(x3.dtype))
-    common = dict(HAS_DROPOUT=p > 0, FP32_PRECISION=fp32_precision(x3.dtype), BLOCK_R=block_r(R))
+    common = dict(HAS_DROPOUT=p > 0, FP32_PRECISION=fp32_precision(x3.dtype))
     inv_keep = 1.0 / (1.0 - p)
     if not one:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
         _shrink[grid](x3, a, S, seed, M, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk,
-                      a.stride(0), a.stride(1), S.stride(0), S.stride(1), **common)
+                      a.stride(0), a.stride(1), S.stride(0), S.stride(1), BLOCK_R=block_r(R), **common)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm[grid](x3, w, bias if bias is not None else y, a, b, S, y, scale, seed,
                 M, N, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk, stride_wn, stride_wk,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
                 y.stride(0), y.stride(1),
-                HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=one and save_s, **common)
+                HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=one and save_s, BLOCK_R=GEMM_BLOCK_R,
+                **common)
     return y, (S if save_s else S[:0])
 
 
@@ -261,9 +279,9 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
 # ---------------------------------------------------------------------------
 
 
-# A typical launch (contiguous tensors, 4096-sized dims, the largest fused rank) for the compile check.
+# A typical launch (contiguous tensors, 4096-sized dims, rank 64 = the largest rank block) for the compile check.
 SPEC_M = SPEC_N = SPEC_K = 4096
-SPEC_R = MAX_FUSED_R
+SPEC_R = MAX_BLOCK_R
 
 
 def compile_specs():
@@ -275,10 +293,10 @@ def compile_specs():
     for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
         prec = "ieee" if xdt == "fp32" else "tf32"
         for drop in (False, True):
-            for cfg in _gemm_configs():
+            for cfg in _gemm_configs(xdt == "fp32"):
                 for one in (True, False):
                     meta = dict(cfg.kwargs, HAS_BIAS=True, HAS_DROPOUT=drop, SHRINK_IN_LOOP=one,
-                                STORE_S=one, FP32_PRECISION=prec, BLOCK_R=block_r(R))
+                                STORE_S=one, FP32_PRECISION=prec, BLOCK_R=GEMM_BLOCK_R)
                     sig, consts, attrs = specialize(_lora_fwd_kernel, meta, {
                         "x_ptr": xdt, "w_ptr": xdt, "bias_ptr": xdt, "a_ptr": adt, "b_ptr": adt,
                         "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"}, values,
@@ -288,7 +306,7 @@ def compile_specs():
                             f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                     specs.append(CompileSpec(name, _lora_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                              attrs=attrs))
-            for cfg in _shrink_configs():
+            for cfg in _shrink_configs(xdt == "fp32"):
                 meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=prec, BLOCK_R=block_r(R))
                 sig, consts, attrs = specialize(_lora_shrink_kernel, meta, {
                     "x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32", "seed_ptr": "i64"}, values,
