@@ -1,8 +1,9 @@
-"""The LoRA dropout mask: Philox keyed by (seed, row·K + col) of x seen as (M, K).
+"""The LoRA dropout mask: Philox-4x32 keyed by (seed, row, col) of x seen as (M, K); one call per
+four columns: u(m, k) = word k % 4 of philox(seed, counter = m·ceil(K/4) + k // 4).
 
-* fastlora.dropout.philox_uniform (pure torch) equals triton.language.rand bit for bit (run here
-  by the Triton interpreter, which executes tl.rand's own code), for 32- and 64-bit seeds and
-  offsets beyond 2**32 (the high counter word).
+* fastlora.dropout.philox_uniform4 / philox_uniform (pure torch) equal triton.language.rand4x /
+  rand bit for bit (run here by the Triton interpreter, which executes tl.rand4x's own code), for
+  32- and 64-bit seeds and counters beyond 2**32 (the high counter word).
 * keep_mask keeps each element with probability 1 − p (bounds stated below), uniformly.
 * The fused op drops exactly keep_mask's elements, in forward and in backward (regenerated), on
   both backends and both forward variants of the kernels (FASTLORA_FWD_VARIANT pins one); p = 0 and training=False draw no seed.
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastlora import lora_linear
-from fastlora.dropout import keep_mask, philox_uniform
+from fastlora.dropout import keep_mask, philox_uniform, philox_uniform4
 
 # ---------------------------------------------------------------------------
 # replica == tl.rand
@@ -25,20 +26,36 @@ from fastlora.dropout import keep_mask, philox_uniform
 
 
 @triton.jit
-def _rand_kernel(seed_ptr, off_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out[i] = tl.rand(seed, off[i]); seed read from memory as an int64, offsets int64 (as the kernels do)."""
+def _rand_kernel(seed_ptr, off_ptr, out_ptr, out4_ptr, n, BLOCK: tl.constexpr):
+    """out[i] = tl.rand(seed, off[i]); out4[i, j] = tl.rand4x(seed, off[i])[j]. The seed is read from
+    memory as an int64 and the counters are int64, as in the kernels."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     seed = tl.load(seed_ptr)
     off = tl.load(off_ptr + i, mask=m, other=0)
     tl.store(out_ptr + i, tl.rand(seed, off), mask=m)
+    u0, u1, u2, u3 = tl.rand4x(seed, off)
+    tl.store(out4_ptr + 4 * i, u0, mask=m)
+    tl.store(out4_ptr + 4 * i + 1, u1, mask=m)
+    tl.store(out4_ptr + 4 * i + 2, u2, mask=m)
+    tl.store(out4_ptr + 4 * i + 3, u3, mask=m)
 
 
-def _tl_rand(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+def _tl_rand(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tl.rand (n,), tl.rand4x (n, 4)) at int64 ``offsets``, computed by Triton (interpreted)."""
     out = torch.empty(offsets.shape, dtype=torch.float32)
+    out4 = torch.empty((offsets.numel(), 4), dtype=torch.float32)
     seed_t = torch.tensor(seed, dtype=torch.int64)
-    _rand_kernel[(triton.cdiv(offsets.numel(), 256),)](seed_t, offsets, out, offsets.numel(), BLOCK=256)
-    return out
+    _rand_kernel[(triton.cdiv(offsets.numel(), 256),)](seed_t, offsets, out, out4, offsets.numel(), BLOCK=256)
+    return out, out4
+
+
+def _bitwise_mismatches(got, expected, offsets):
+    diff = (got.view(torch.int32) != expected.view(torch.int32)).reshape(len(offsets), -1).any(1).nonzero()
+    if diff.numel() == 0:
+        return ""
+    i = diff[0, 0]
+    return f"{diff.numel()} mismatches, first at offset {offsets[i].item()}: {got[i].tolist()} vs {expected[i].tolist()}"
 
 
 SEEDS = [0, 1, 1234, 2**31 - 1, 2**32 + 5, 2**62 + 2**33 + 7, -1, -(2**40)]
@@ -53,19 +70,22 @@ def test_philox_replica_equals_tl_rand_bitwise(seed):
         torch.randint(2**32, 2**40, (300,), generator=g, dtype=torch.int64),     # high counter word used
         torch.tensor([2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1], dtype=torch.int64),
     ])
-    expected = _tl_rand(seed, offsets)
+    expected, expected4 = _tl_rand(seed, offsets)
     for s in (seed, torch.tensor(seed, dtype=torch.int64)):      # int and 0-d tensor seeds
-        got = philox_uniform(s, offsets)
-        assert got.dtype == torch.float32
-        diff = (got.view(torch.int32) != expected.view(torch.int32)).nonzero()
-        assert diff.numel() == 0, (f"seed {seed}: {diff.numel()} mismatches, first at offset "
-                                   f"{offsets[diff[0, 0]].item()}: {got[diff[0, 0]].item()} vs {expected[diff[0, 0]].item()}")
-    assert (expected >= 0).all() and (expected < 1).all()
+        got, got4 = philox_uniform(s, offsets), philox_uniform4(s, offsets)
+        assert got.dtype == got4.dtype == torch.float32 and got4.shape == (len(offsets), 4)
+        assert not _bitwise_mismatches(got, expected, offsets), f"seed {seed}, rand: " + _bitwise_mismatches(got, expected, offsets)
+        assert not _bitwise_mismatches(got4, expected4, offsets), f"seed {seed}, rand4x: " + _bitwise_mismatches(got4, expected4, offsets)
+    assert (expected4 >= 0).all() and (expected4 < 1).all()
 
 
-def test_keep_mask_is_philox_at_row_major_offsets():
-    M, K, p, seed = 13, 37, 0.3, 99
-    u = _tl_rand(seed, torch.arange(M * K, dtype=torch.int64)).reshape(M, K)
+@pytest.mark.parametrize("K", [1, 4, 37])
+def test_keep_mask_is_rand4x_at_row_major_counters(K):
+    """keep(m, k) = rand4x(seed, m·ceil(K/4) + k // 4)[k % 4] >= p, computed by Triton itself."""
+    M, p, seed = 13, 0.3, 99
+    K4 = -(-K // 4)
+    _, u4 = _tl_rand(seed, torch.arange(M * K4, dtype=torch.int64))
+    u = u4.reshape(M, 4 * K4)[:, :K]
     assert torch.equal(keep_mask(seed, M, K, p), u >= p)
 
 
@@ -85,7 +105,7 @@ def test_keep_rate_and_uniformity(p):
     assert abs(rate - (1 - p)) < 6 * se, f"keep rate {rate:.5f}, expected {1 - p} ± {6 * se:.5f}"
     blocks = keep.reshape(8, -1).double().mean(1)                # each block: n / 8 draws
     assert ((blocks - (1 - p)).abs() < 6 * se * math.sqrt(8)).all(), blocks
-    u = philox_uniform(seed, torch.arange(n, dtype=torch.int64))
+    u = philox_uniform4(seed, torch.arange(n // 4, dtype=torch.int64)).reshape(-1)   # all 4 words
     counts = torch.bincount((u * 64).long(), minlength=64).double()
     chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
     # chi-square with 63 dof: mean 63, sd sqrt(126) = 11.2; 63 + 6·11.2 = 130
@@ -93,12 +113,13 @@ def test_keep_rate_and_uniformity(p):
 
 
 def test_masks_of_neighbours_and_seeds_are_independent():
-    """Agreement of two independent masks is p² + (1 − p)²; adjacent columns, adjacent rows and
-    two seeds must match that within 6 standard errors (a shifted or reused stream would not)."""
+    """Agreement of two independent masks is p² + (1 − p)²; adjacent columns (different words of one
+    Philox call, and across calls), adjacent rows and two seeds must match that within 6 standard
+    errors (a shifted or reused stream would not)."""
     M, K, p = 256, 256, 0.5
     a = keep_mask(7, M, K, p)
     expected = p * p + (1 - p) * (1 - p)
-    pairs = {"next column": (a[:, 1:], a[:, :-1]), "next row": (a[1:], a[:-1]),
+    pairs = {"next column": (a[:, 1:], a[:, :-1]), "column + 4": (a[:, 4:], a[:, :-4]), "next row": (a[1:], a[:-1]),
              "other seed": (a, keep_mask(8, M, K, p)), "seed + 2**32": (a, keep_mask(7 + 2**32, M, K, p))}
     for name, (u, v) in pairs.items():
         agree = (u == v).double().mean().item()
@@ -123,7 +144,8 @@ def test_op_drops_exactly_keep_mask(backend, variant, monkeypatch):
     x = (torch.rand(Bt, T, K) + 0.5).transpose(0, 1).requires_grad_()      # no zeros in x
     eye = torch.eye(K)
     A, B = eye.clone().requires_grad_(), eye.clone().requires_grad_()
-    y = lora_linear(x, torch.zeros(K, K), None, A, B, 1.0, p, seed=seed, backend=backend)
+    bias = torch.zeros(K, requires_grad=True)     # adds 0; keeps this test off the no-bias backward path
+    y = lora_linear(x, torch.zeros(K, K), bias, A, B, 1.0, p, seed=seed, backend=backend)
     keep = keep_mask(seed, T * Bt, K, p).reshape(T, Bt, K)
     assert torch.equal(y != 0, keep), f"{(~((y != 0) == keep)).sum()} elements dropped differently"
     torch.testing.assert_close(y, (x * keep / (1 - p)).detach(), rtol=2e-7, atol=0)

@@ -28,6 +28,9 @@ from tests._tolerance import assert_baseline_sane, assert_close
 
 SEED = 1234                      # dropout seed shared by fastlora, the oracle and PEFT
 BACKENDS = ["triton", "torch"]
+# The pairwise cases also pin each forward variant of the kernels (one-launch: shrink in the GEMM's
+# K-loop; two-launch: separate shrink kernel). Unpinned, the interpreter picks one by dropout.
+PAIRWISE_BACKENDS = ["triton-one", "triton-two", "torch"]
 # dtype mode -> (x / W0 / bias dtype, lora_A / lora_B dtype)
 DTYPES = {
     "fp32": (torch.float32, torch.float32),
@@ -37,6 +40,24 @@ DTYPES = {
     "bf16+fp32": (torch.bfloat16, torch.float32),
 }
 LAYOUTS = ("contig", "3d", "slice", "t", "3d_t")
+
+
+def _bwd_alias_bug() -> bool:
+    """Known bug, reported to the lead: when two or more of (dx, dA, dB, dbias, dW) are not needed
+    (no bias, or frozen inputs), fastlora.ops.lora_linear_bwd returns one shared empty tensor for
+    them, which torch.library rejects (outputs may not alias). Detected here on a tiny input, so the
+    xfail below applies only while the bug exists and lifts itself once fixed."""
+    A, B = torch.randn(1, 4, requires_grad=True), torch.randn(3, 1, requires_grad=True)
+    try:
+        lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, A, B, 1.0, backend="torch").sum().backward()
+    except RuntimeError as e:
+        return "alias" in str(e)
+    return False
+
+
+ALIAS_BUG = _bwd_alias_bug()
+xfail_alias = pytest.mark.xfail(ALIAS_BUG, raises=RuntimeError, strict=True,
+                                reason="ops.lora_linear_bwd returns one empty tensor for two unneeded grads")
 
 
 @dataclass(frozen=True)
@@ -312,15 +333,23 @@ def test_layouts_are_what_they_claim():
         make_x(vals, "3d_t").view(-1, 20)     # leading dims cannot be collapsed without a copy
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", PAIRWISE, ids=lambda c: c.id)
-def test_parity_pairwise(case, backend):
+def _params(cases):
+    """Cases as pytest params; those that need the unneeded-grad path carry xfail_alias."""
+    return [pytest.param(c, id=c.id, marks=[] if c.bias else [xfail_alias]) for c in cases]
+
+
+@pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
+@pytest.mark.parametrize("case", _params(PAIRWISE))
+def test_parity_pairwise(case, backend, monkeypatch):
+    if backend.startswith("triton-"):
+        backend, variant = backend.split("-")
+        monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
     pb = make_problem(case)
     check_parity(pb, run_fastlora(pb, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", SWEEPS, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", _params(SWEEPS))
 def test_parity_sweep(case, backend):
     pb = make_problem(case)
     check_parity(pb, run_fastlora(pb, backend))
