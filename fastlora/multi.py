@@ -19,7 +19,10 @@ asynchronous on CUDA), so a fixed bank is CUDA-graph capturable.
 
 The pure-torch path is dense and masked: S_all = drop(x)·A_packedᵀ (M, R_tot), columns of other adapters
 zeroed, times s_k, then ·B_packedᵀ. Exact, no Python loop over adapters, no host sync; it spends
-M·R_tot·(K+N) FLOPs instead of Σ_m r_{ids[m]}·(K+N), which is what the kernels spend.
+M·R_tot·(K+N) FLOPs instead of Σ_m r_{ids[m]}·(K+N), which is what the kernels spend, but reads every
+adapter once with two GEMMs. A tiled variant (the kernels' token plan, A_k / B_k gathered per tile, one bmm
+per tile) was measured slower on this CPU for the benchmark shapes (the gathers copy M·r_max·(K+N)
+elements; bmm with r ≤ 128 columns runs far below GEMM speed), so it is not shipped.
 """
 from __future__ import annotations
 
