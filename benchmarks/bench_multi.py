@@ -1,0 +1,145 @@
+"""Microbenchmark: one linear layer with many LoRA adapters in one batch (each token its own adapter).
+
+    python -m pytest benchmarks/bench_multi.py --benchmark-only -q     # CSV + PNG in benchmarks/results/
+
+Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = the token's adapter, eval mode):
+    base       F.linear(x, W0, bias): the floor, no LoRA at all
+    fastlora   fastlora.multi.MultiLoraLinear over an AdapterBank packed without padding (CUDA: the gather
+               kernels; CPU without TRITON_INTERPRET: the dense-masked pure-torch path)
+    peft       peft.tuners.lora.Linear holding every adapter, PEFT's mixed batch: layer(x, adapter_names=[...])
+    padded     the same MultiLoraLinear over a bank whose adapters are zero-padded to r_max, as vLLM / Punica
+               store them: identical maths, so the gap to "fastlora" is what packing saves
+    loop       a Python loop over adapters: fastlora.lora_linear on each adapter's tokens (index lists
+               built per call from the host-side ids, as PEFT does with names)
+Scenarios (the issue's): decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
+or mixed {8, 16, 64, 128} (cycled over adapters); tokens of different adapters interleaved (unsorted).
+Shapes: CPU d = 2048 float32; CUDA (only when available) d = 4096 bfloat16 (adapters bf16).
+The ids tensor is built once per batch (outside the timing), as a server would.
+FASTLORA_BENCH_THREADS=n sets torch's CPU threads (the CSV's device column records the count).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlora
+from fastlora.bank import AdapterBank
+from fastlora.multi import MultiLoraLinear
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+D = 4096 if CUDA else 2048
+SCENARIOS = {"decode": (32, 1), "prefill": (8, 512)}                 # (adapters, tokens per adapter)
+RANKS = {"uniform16": (16,), "mixed8-128": (8, 16, 64, 128)}
+ROUNDS = {"decode": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30)),
+          "prefill": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 50 if CUDA else 5))}
+PROVIDERS = ["base", "fastlora", "peft", "padded", "loop"]
+if "FASTLORA_BENCH_THREADS" in os.environ:     # e.g. 1 on a shared, loaded CPU: steadier timings
+    torch.set_num_threads(int(os.environ["FASTLORA_BENCH_THREADS"]))
+
+
+class MultiLayer:
+    """Every provider's callable over the same base layer, adapters and batch."""
+
+    def __init__(self, n, per, ranks):
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+        g = torch.Generator().manual_seed(0)
+        mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(DEVICE, DTYPE)   # noqa: E731
+        self.base = torch.nn.Linear(D, D, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+        self.rs = [ranks[i % len(ranks)] for i in range(n)]
+        self.r_max = max(self.rs)
+        self.bank = AdapterBank(D, D, dtype=DTYPE, device=DEVICE)
+        self.padded_bank = AdapterBank(D, D, dtype=DTYPE, device=DEVICE)
+        self.peft = None
+        self.adapters = []
+        for i, r in enumerate(self.rs):
+            A, B, alpha = mk(r, D), mk(D, r), 2.0 * r
+            self.adapters.append((A, B, alpha / r))
+            self.bank.add(f"a{i}", A, B, alpha=alpha)
+            pad = self.r_max - r
+            self.padded_bank.add(f"a{i}", F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)), scaling=alpha / r)
+            cfg = LoraConfig(r=r, lora_alpha=alpha)
+            if self.peft is None:
+                self.peft = PeftLinear(self.base, f"a{i}", cfg, r=r, lora_alpha=alpha)
+            else:
+                self.peft.update_layer(f"a{i}", r, alpha, cfg)
+            with torch.no_grad():
+                self.peft.lora_A[f"a{i}"].weight.copy_(A)
+                self.peft.lora_B[f"a{i}"].weight.copy_(B)
+        self.peft.to(DEVICE, DTYPE).eval()
+        M = n * per
+        order = torch.randperm(M, generator=g)
+        self.ids_host = [int(i) % n for i in order]                     # interleaved, unsorted
+        self.names = [f"a{k}" for k in self.ids_host]
+        self.ids = torch.tensor(self.ids_host, dtype=torch.int32, device=DEVICE)
+        self.x = torch.randn(M, D, generator=g).to(DEVICE, DTYPE)
+        self.fast = MultiLoraLinear(self.base, self.bank)
+        self.padded = MultiLoraLinear(self.base, self.padded_bank)
+
+    def call(self, provider):
+        x = self.x
+        if provider == "base":
+            return F.linear(x, self.base.weight, self.base.bias)
+        if provider == "fastlora":
+            return self.fast(x, self.ids)
+        if provider == "padded":
+            return self.padded(x, self.ids)
+        if provider == "peft":
+            return self.peft(x, adapter_names=self.names)
+        if provider == "loop":
+            y = torch.empty(x.shape[0], D, device=DEVICE, dtype=DTYPE)
+            for k, (A, B, s) in enumerate(self.adapters):
+                idx = torch.tensor([m for m, a in enumerate(self.ids_host) if a == k], device=DEVICE)
+                if idx.numel():
+                    y[idx] = fastlora.lora_linear(x[idx], self.base.weight, self.base.bias, A, B, s)
+            return y
+        raise ValueError(provider)
+
+    def reference64(self):
+        x = self.x.double()
+        y = F.linear(x, self.base.weight.double(), self.base.bias.double())
+        for k, (A, B, s) in enumerate(self.adapters):
+            yk = y + s * (x @ A.double().t()) @ B.double().t()
+            y = torch.where((self.ids == k)[:, None], yk, y)
+        return y
+
+
+_layers: dict = {}
+
+
+def layer_for(scenario, ranks):
+    key = (scenario, ranks)
+    if key not in _layers:
+        _layers.clear()                        # one scenario's tensors alive at a time
+        n, per = SCENARIOS[scenario]
+        _layers[key] = MultiLayer(n, per, RANKS[ranks])
+    return _layers[key]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("ranks", list(RANKS))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_multi_forward(benchmark, record, scenario, ranks, provider):
+    layer = layer_for(scenario, ranks)
+    if provider != "base":                     # every provider computes the same layer
+        with torch.no_grad():
+            y = layer.call(provider).double()
+        ref = layer.reference64()
+        tol = 1e-4 if DTYPE == torch.float32 else 3e-2          # relative to max|y|: rounding of a K-sum
+        assert (y - ref).abs().max() <= tol * ref.abs().max(), provider
+
+    def fn():
+        with torch.no_grad():
+            layer.call(provider)
+        if CUDA:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(fn, rounds=ROUNDS[scenario], warmup_rounds=2, iterations=1)
+    n, per = SCENARIOS[scenario]
+    record(benchmark, kernel="multi_lora", provider=provider, mode="fwd",
+           shape=f"{scenario} n{n}x{per} d{D} r={ranks}", dtype=DTYPE, device=DEVICE)
