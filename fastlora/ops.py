@@ -67,20 +67,20 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
     if needs_dW:
         g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)   # (N, K)
         dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
-    empty = x.new_empty(0)
-    return tuple(t.contiguous() if t is not None else empty for t in (dx, dA, dB, dbias, dW))
+    # a custom op's outputs may not alias each other: one fresh empty tensor per missing gradient
+    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in (dx, dA, dB, dbias, dW))
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out, needs_dx, needs_dA,
       needs_dB, needs_dbias, needs_dW, deterministic, backend):
     N = dy.shape[-1]
-    e = x.new_empty(0)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else e,
-            torch.empty_like(lora_A, memory_format=torch.contiguous_format) if needs_dA else e,
-            torch.empty_like(lora_B, memory_format=torch.contiguous_format) if needs_dB else e,
-            x.new_empty(N, dtype=S.dtype) if needs_dbias else e,
-            torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_dW else e)
+    e = lambda: x.new_empty(0)  # noqa: E731 — one fresh tensor per missing output (no aliasing)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else e(),
+            torch.empty_like(lora_A, memory_format=torch.contiguous_format) if needs_dA else e(),
+            torch.empty_like(lora_B, memory_format=torch.contiguous_format) if needs_dB else e(),
+            x.new_empty(N, dtype=S.dtype) if needs_dbias else e(),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_dW else e())
 
 
 def _setup_context(ctx, inputs, output):
