@@ -3,13 +3,21 @@
     y = x·W0ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ        s = alpha / r
 
 Public API:
-    lora_linear            the fused op (functional, differentiable)
-    lora_linear_reference  the same maths in plain torch (the test oracle)
-    select_backend         which backend a tensor's op will run on
+    lora_linear                     the fused op (functional, differentiable)
+    lora_linear_reference           the same maths in plain torch (the test oracle)
+    LoraLinear, MergedLoraLinear    nn.Modules over the fused op, exact merge/unmerge
+    patch, unpatch, is_patched      route PEFT / loralib LoRA layers through the fused op
+    load_peft_adapter, save_peft_adapter   PEFT's checkpoint format, PEFT not required
+    select_backend                  which backend a tensor's op will run on
 """
 from .backend import select_backend
+from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from .functional import lora_linear
+from .modules import LoraLinear, MergedLoraLinear
+from .patching import PatchReport, is_patched, patch, unpatch
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "lora_linear_reference", "select_backend", "__version__"]
+__all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",
+           "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
+           "AdapterLoadError", "__version__"]
