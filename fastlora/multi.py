@@ -164,17 +164,16 @@ def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     if needs_dW:   # a trainable base weight is not what LoRA is for, but answer correctly
         g = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
         dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
-    e = x.new_empty(0)
-    return tuple(t.contiguous() if t is not None else e for t in (dx, dA, dB, dbias, dW))
+    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in (dx, dA, dB, dbias, dW))
 
 
 @multi_lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max, dropout_p, seed, fan_in_fan_out,
       needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, regime, backend):
-    e = x.new_empty(0)
-    like = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else e  # noqa: E731
+    like = lambda t, need: (torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+                            if need else x.new_empty(0))
     return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB),
-            x.new_empty(dy.shape[-1], dtype=torch.float32) if needs_dbias else e, like(weight, needs_dW))
+            x.new_empty(dy.shape[-1], dtype=torch.float32) if needs_dbias else x.new_empty(0), like(weight, needs_dW))
 
 
 def _setup_context(ctx, inputs, output):
