@@ -1,6 +1,7 @@
 """Microbenchmark: one LoRA linear layer, forward and forward+backward, fastlora vs the alternatives.
 
     python -m pytest benchmarks/bench_linear.py --benchmark-only -q     # CSV + PNG in benchmarks/results/
+    python -m benchmarks.bench_linear                                   # paired ratios vs issue 2's targets
 
 Providers (all with the same W0 (N, K), bias (N,), A (r, K), B (N, r), s = alpha/r = 2):
     base       F.linear(x, W0, bias) — the base GEMM alone, the floor (no LoRA at all)
@@ -30,7 +31,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 4096, 16), (4096, 8192, 16)] if CUDA else [(512, 2048, 16)]     # (tokens M, d, r)
-ROUNDS = int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30))
+ROUNDS = int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 20))
 PROVIDERS = ["base", "fastlora", "peft", "loralib", "composite"]
 ALPHA = 32
 
@@ -137,3 +138,72 @@ def test_forward_backward(benchmark, record, provider, p, M, d, r):
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=3, iterations=1)
     record(benchmark, kernel="lora_linear", provider=provider, mode=f"fwd+bwd p={p}", shape=f"M{M} d{d} r{r}",
            dtype=DTYPE, device=DEVICE)
+
+
+# ----------------------------------------------------------------------------- paired ratios
+# python -m benchmarks.bench_linear: issue 2's targets are ratios, and a shared CPU drifts by tens of
+# percent over a run. Here each round times both providers back to back (in random order) and the
+# ratio is taken per round, so a slow spell cancels; the median ratio and its p20–p80 are reported.
+
+def paired_ratio(layer: Layer, num: str, den: str, mode: str, rounds: int) -> list[float]:
+    """Per-round time(num) / time(den); mode "fwd" (eval, no grad) or "fwd+bwd" (training)."""
+    import random
+    import time
+    x = layer.x.clone().requires_grad_(mode != "fwd")
+
+    def once(provider):
+        t0 = time.perf_counter()
+        if mode == "fwd":
+            with torch.no_grad():
+                layer.call(provider, layer.x, training=False)
+        else:
+            x.grad = None
+            for t in layer.params(provider):
+                t.grad = None
+            layer.call(provider, x, training=True).backward(layer.dy)
+        _sync()
+        return time.perf_counter() - t0
+
+    for p in (num, den):                      # warm-up
+        once(p), once(p)
+    rng, ratios = random.Random(0), []
+    for _ in range(rounds):
+        order = [num, den]
+        rng.shuffle(order)
+        t = {p: once(p) for p in order}
+        ratios.append(t[num] / t[den])
+    return ratios
+
+
+def main(argv=None) -> int:
+    import argparse
+    from benchmarks import common
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear",
+                                 description="paired-ratio check of issue 2's CPU/GPU targets")
+    ap.add_argument("--rounds", type=int, default=40)
+    a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {a.rounds}")
+    checks = [("fwd", 0.0, "fastlora", "base"), ("fwd", 0.0, "peft", "base"),
+              ("fwd+bwd", 0.1, "fastlora", "peft"), ("fwd+bwd", 0.0, "fastlora", "peft")]
+    rows = []
+    print(f"paired ratios on {common.device_name(DEVICE)}, {DTYPE}, {a.rounds} rounds")
+    for M, d, r in SHAPES:
+        for mode, p, num, den in checks:
+            rs = paired_ratio(Layer(M, d, r, p), num, den, mode, a.rounds)
+            med, lo, hi = (common.quantile(rs, q) for q in (0.5, 0.2, 0.8))
+            print(f"  M{M} d{d} r{r} {mode:<8} p={p}: {num}/{den} = {med:.3f} (p20 {lo:.3f}, p80 {hi:.3f})")
+            rows.append(dict(kernel="lora_linear_ratio", provider=f"{num}/{den}", mode=f"{mode} p={p}",
+                             shape=f"M{M} d{d} r{r}", median_ms=f"{med:.4f}", p20_ms=f"{lo:.4f}",
+                             p80_ms=f"{hi:.4f}", rounds=a.rounds, device=common.device_name(DEVICE),
+                             dtype=str(DTYPE).replace("torch.", ""), versions=common.versions(),
+                             timestamp=common.timestamp()))
+    out = os.environ.get("FASTLORA_BENCH_OUT", common.RESULTS_DIR)
+    path = common.write_csv(f"{out}/lora_linear_ratios_{common.device_tag(DEVICE)}.csv", common.MICRO_COLUMNS, rows)
+    print(f"wrote {path} (the *_ms columns hold unitless ratios here)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = [(4096, 16), (8192, 16)] if CUDA else [(2048, 16)]
-ROUNDS = int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30))
+ROUNDS = int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 20))
 ALPHA = 32
 
 
