@@ -48,7 +48,7 @@ def _kernels():
 # ---------------------------------------------------------------------------
 
 def _column_masks(offsets, scalings, ids, R_tot):
-    """(M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0. Plus the column's adapter."""
+    """((M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0; column -> adapter)."""
     ranks = offsets[1:] - offsets[:-1]
     col = torch.repeat_interleave(torch.arange(ranks.numel(), device=ids.device), ranks, output_size=R_tot)
     return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
@@ -263,7 +263,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
         seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
-    y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings, ids,
+    y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings.float(), ids,
                           bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, backend or "auto")
     return y
 
@@ -286,7 +286,8 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         w = getattr(base_layer, "weight", None)
         if not isinstance(w, Tensor) or w.dim() != 2:
-            raise TypeError(f"base_layer must be an nn.Linear or a transformers Conv1D, got {type(base_layer).__name__}")
+            raise TypeError(f"base_layer must be an nn.Linear or a transformers Conv1D, "
+                            f"got {type(base_layer).__name__}")
         self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
         K, N = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         if not isinstance(bank, AdapterBank):

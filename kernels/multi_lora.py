@@ -11,9 +11,9 @@ seen as (M, K), = fastlora.dropout.keep_mask; regenerated in backward, never sto
 
 Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
 kernel serves forward and backward by swapping strides:
-  _shrink_kernel   out[m, j]  = σ_k · Σ_c in[m, c]·W[off_k + j, c]          fwd: S = x·A_kᵀ;  bwd: dS = s_k·dY·B_k
-  _expand_kernel   out[m, c] += σ_k · Σ_j in[m, j]·W[off_k + j, c]          fwd: y += s_k·S·B_kᵀ; bwd: dx += dS·A_k
-  _grad_kernel     G[off_k + j, c] = σ_k · Σ_{m: ids[m]=k} L[m, j]·R[m, c]  bwd: dB_k = s_k·Sᵀ·dY, dA_k = dSᵀ·drop(x)
+  _shrink_kernel   out[m, j]  = σ_k·Σ_c in[m, c]·W[off_k + j, c]       fwd S = x·A_kᵀ;     bwd dS = s_k·dY·B_k
+  _expand_kernel   out[m, c] += σ_k·Σ_j in[m, j]·W[off_k + j, c]       fwd y += s_k·S·B_kᵀ; bwd dx += dS·A_k
+  _grad_kernel     G[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·R[m, c]  bwd dB_k = s_k·Sᵀ·dY, dA_k = dSᵀ·drop(x)
 The base GEMM x·W0ᵀ (+bias) and dY·W0 are torch matmuls (cuBLAS).
 
 Two regimes, planned on the device from fixed-size tensors (no host sync; grids from host-known M, n, r_max):
@@ -71,7 +71,7 @@ def _shrink_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[rows, j] = σ_k·Σ_c drop(in)[rows, c]·W[off_k + j, c] for a rank block j. Grid (tiles, r_max / BLOCK_R)."""
+    """out[rows, j] = σ_k·Σ_c drop(in)[rows, c]·W[off_k + j, c], one rank block. Grid (tiles, r_max / BLOCK_R)."""
     t = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
@@ -80,7 +80,8 @@ def _shrink_kernel(
     r_ok = rr < rank
     rows64 = rows.to(tl.int64)
     in_ptrs = in_ptr + rows64[:, None] * stride_im + rc[None, :] * stride_ic
-    w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr   # (BLOCK_C, BLOCK_R) of Wᵀ
+    # (BLOCK_C, BLOCK_R) tile of W_kᵀ
+    w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     c_end = tl.where(r0 < rank, C, 0)          # a rank block past r_k (or a base-only tile) does no work
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -277,7 +278,7 @@ def plan_tokens(ids: torch.Tensor, n: int, regime: str, block_m: int) -> Plan:
 
 
 def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, dropout):
-    """out (M, r_max) fp32 [rows, j] = σ_k·drop(inp)·W_kᵀ; W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
+    """out (M, r_max) fp32 = σ_k·drop(inp)·W_kᵀ per token; W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
     M, C = inp.shape
     cfg = _cfg("shrink", plan.regime)
     if cfg["BLOCK_M"] != plan.block_m:
@@ -291,7 +292,7 @@ def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, 
 
 
 def expand(inp, w, w_strides, out, plan, off, scale, seed, p, *, scaled, dropout, base_dtype):
-    """out (M, C) += σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p)); W[off_k + j, c] at w + j·w_strides[0] + c·w_strides[1]."""
+    """out (M, C) += σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p)); W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
     M, C = out.shape
     cfg = _cfg("expand", plan.regime)
     if cfg["BLOCK_M"] != plan.block_m:
@@ -305,7 +306,7 @@ def expand(inp, w, w_strides, out, plan, off, scale, seed, p, *, scaled, dropout
 
 
 def segment_grad(L, R, g, g_strides, plan, off, scale, seed, p, r_max, *, scaled, dropout, base_dtype):
-    """g[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·drop(R)[m, c]; g element (row, c) at row·g_strides[0] + c·g_strides[1]."""
+    """g[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·drop(R)[m, c]; g[row, c] at row·g_strides[0] + c·g_strides[1]."""
     n = off.numel() - 1
     C = R.shape[1]
     cfg = _cfg("grad", plan.regime)
@@ -347,7 +348,8 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, ids, S, r_max, dr
                    needs_dx, needs_dA, needs_dB, regime="auto"):
     """Returns (dx (..., K) or None, dA (R_tot, K) or None, dB (N, R_tot) or None); S from the forward.
 
-    dS = s_k·dY·B_k (M, r_max) · dB_k = s_k·dY_kᵀ·S_k · dA_k = dS_kᵀ·drop(x_k) · dx = dY·W0 + (dS·A_k) ⊙ keep/(1−p).
+    dS = s_k·dY·B_k (M, r_max) · dB_k = s_k·dY_kᵀ·S_k · dA_k = dS_kᵀ·drop(x_k)
+    dx = dY·W0 + (dS·A_k) ⊙ keep/(1−p).
     """
     K = x.shape[-1]
     N = dy.shape[-1]
