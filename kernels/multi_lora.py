@@ -71,9 +71,10 @@ def _shrink_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[rows, j] = σ_k·Σ_c drop(in)[rows, c]·W[off_k + j, c], one rank block. Grid (tiles, r_max / BLOCK_R)."""
-    t = tl.program_id(0)
-    r0 = tl.program_id(1) * BLOCK_R
+    """out[rows, j] = σ_k·Σ_c drop(in)[rows, c]·W[off_k + j, c], one rank block. Grid (r_max / BLOCK_R, tiles):
+    the rank blocks of one tile are neighbours, so its x rows are re-read from L2, not HBM."""
+    r0 = tl.program_id(0) * BLOCK_R
+    t = tl.program_id(1)
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
     rr = r0 + tl.arange(0, BLOCK_R)
     rc = tl.arange(0, BLOCK_C)
@@ -283,7 +284,9 @@ def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, 
     cfg = _cfg("shrink", plan.regime)
     if cfg["BLOCK_M"] != plan.block_m:
         raise ValueError(f"plan built for BLOCK_M={plan.block_m}, shrink uses {cfg['BLOCK_M']}")
-    grid = (plan.tile_adapter.numel(), triton.cdiv(r_max, cfg["BLOCK_R"]))
+    grid = (triton.cdiv(r_max, cfg["BLOCK_R"]), plan.tile_adapter.numel())
+    if grid[1] > 65535:
+        raise ValueError(f"at most {65535 - off.numel()} * {plan.block_m} tokens per call, got {M}")
     _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
                          C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
                          out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
