@@ -8,16 +8,20 @@ Public API:
     LoraLinear, MergedLoraLinear    nn.Modules over the fused op, exact merge/unmerge
     patch, unpatch, is_patched      route PEFT / loralib LoRA layers through the fused op
     load_peft_adapter, save_peft_adapter   PEFT's checkpoint format, PEFT not required
+    AdapterBank, MultiLoraLinear, MultiAdapterModel, multi_lora_linear   many adapters in one batch
     select_backend                  which backend a tensor's op will run on
 """
 from .backend import select_backend
+from .bank import AdapterBank
 from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
+from .multi import MultiAdapterModel, MultiLoraLinear, multi_lora_linear
 from .patching import PatchReport, is_patched, patch, unpatch
 from .reference import lora_linear_reference
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",
            "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
-           "AdapterLoadError", "__version__"]
+           "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
+           "__version__"]

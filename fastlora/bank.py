@@ -18,15 +18,15 @@ half base; or the base model's dtype); weights given in another float dtype are 
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
-import re
 from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .checkpoint import pattern_value, read_adapter
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BASE = "__base__"   # PEFT's name for "no adapter" in mixed batches
@@ -229,27 +229,12 @@ def _cumsum(xs: Iterable[int]):
         yield t
 
 
-def _pattern_value(patterns: Mapping[str, object], module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """(adapter_config.json as a dict, tensors of adapter_model.safetensors) of a PEFT adapter folder."""
-    from safetensors.torch import load_file
-    cfg_path = os.path.join(path, "adapter_config.json")
-    st_path = os.path.join(path, "adapter_model.safetensors")
-    for p in (cfg_path, st_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"not a PEFT adapter checkpoint: {p} is missing")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    """(adapter_config.json as a dict, tensors of adapter_model.safetensors) of a PEFT LoRA adapter folder."""
+    config, tensors = read_adapter(os.fspath(path))
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    return config, load_file(st_path)
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    return config, tensors
 
 
 def load_peft_adapter(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
@@ -269,8 +254,8 @@ def load_peft_adapter(banks: Mapping[str, AdapterBank], path: str | os.PathLike,
             if key not in tensors:
                 raise KeyError(f"{path}: no tensor {key!r} for module {module!r}")
         A, B = tensors[keys[0]], tensors[keys[1]]
-        r = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[-1] != r:
             raise ValueError(f"{path}: rank mismatch for module {module!r}: config says r = {r}, tensors have "
                              f"lora_A {_shape(A)} and lora_B {_shape(B)}")

@@ -47,7 +47,7 @@ def _matches(name: str, targets) -> bool:
     return name in targets or any(name.endswith("." + t) for t in targets)
 
 
-def _pattern(patterns: dict, name: str, default):
+def pattern_value(patterns: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup (utils.other.get_pattern_key)."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
@@ -116,8 +116,8 @@ def _plan(model: nn.Module, config: dict, tensors: dict):
             k, n = mod.in_features, mod.out_features
         else:
             _, _, k, n, _ = base_layout(mod, path)
-        r = _pattern(config.get("rank_pattern"), path, config["r"])
-        alpha = _pattern(config.get("alpha_pattern"), path, config["lora_alpha"])
+        r = pattern_value(config.get("rank_pattern"), path, config["r"])
+        alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
         try:
             check_rank(r, k, n, f"module {path!r}")
         except (TypeError, ValueError) as e:
