@@ -26,15 +26,19 @@ from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
 DSDB_BLOCK_M = 16 if interpreting() else 64
-DX_BLOCK_M = 16 if interpreting() else 128
+DX_BLOCK_M = 16 if interpreting() else 64
+
+
+# Every config below compiles for sm_80 and sm_90 with zero spill bytes under every flag combination
+# (python -m fastlora.inspect); fp32 inputs (FMA dots, no tensor cores at "ieee") need narrower tiles.
 
 
 def _dsdb_configs(fp32: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
     if fp32:
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3)]
-    return [triton.Config({"BLOCK_N": 64}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4))]
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=s) for s in (2, 3)]
+    return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (3, 4)]
 
 
 def _dx_configs(fp32: bool = False):
@@ -42,8 +46,8 @@ def _dx_configs(fp32: bool = False):
         return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bk, bn, w, s: triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)  # noqa: E731
     if fp32:
-        return [cfg(64, 32, 4, 3), cfg(128, 32, 8, 3)]
-    return [cfg(128, 64, 8, 3), cfg(64, 64, 4, 4), cfg(128, 32, 8, 4)]
+        return [cfg(32, 32, 4, 3), cfg(32, 16, 4, 3), cfg(64, 32, 8, 2)]
+    return [cfg(64, 64, 4, 4), cfg(128, 64, 8, 3)]
 
 
 def _prune_by_dtype(configs_of, pointer):
