@@ -287,12 +287,11 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
 
 
 def compile_specs():
-    from .linear_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R
+    from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R
     M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
     mt = triton.cdiv(M, DSDB_BLOCK_M)
     specs = []
-    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-        prec = "ieee" if xdt == "fp32" else "tf32"
+    for xdt, adt, prec in SPEC_DTYPES:
         for atomic in (True, False):
             values = dict(M=M, N=N, K=K, R=R, T=M, M_BUCKET=M, N_PER_SPLIT=N, stride_dym=N, stride_dyn=1,
                           stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_dss=M * R, stride_dsm=R,
@@ -307,7 +306,7 @@ def compile_specs():
                     "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
                     "dbias_ptr": "fp32", "scale_ptr": "fp32"}, values)
                 specs.append(CompileSpec(
-                    f"lora_bwd_dsdb x={xdt} ab={adt} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
+                    f"lora_bwd_dsdb x={xdt} ab={adt}/{prec} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
                     f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}",
                     _lora_bwd_dsdb_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
             for drop in (False, True):
@@ -318,7 +317,7 @@ def compile_specs():
                         "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
                         "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"lora_bwd_dx x={xdt} ab={adt} atomic={int(atomic)} drop={int(drop)} "
+                        f"lora_bwd_dx x={xdt} ab={adt}/{prec} atomic={int(atomic)} drop={int(drop)} "
                         f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r{meta['BLOCK_R']} "
                         f"w{cfg.num_warps} s{cfg.num_stages}",
                         _lora_bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))

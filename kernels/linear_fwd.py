@@ -287,6 +287,10 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
 # A typical launch (contiguous tensors, 4096-sized dims, rank 64 = the largest rank block) for the compile check.
 SPEC_M = SPEC_N = SPEC_K = 4096
 SPEC_R = MAX_BLOCK_R
+# (x dtype, adapter dtype, fp32 dot precision): half bases (fp32 adapters too), fp32 with torch's
+# default (ieee) and with allow_tf32
+SPEC_DTYPES = (("bf16", "bf16", "tf32"), ("bf16", "fp32", "tf32"), ("fp16", "fp16", "tf32"),
+               ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32"))
 
 
 def compile_specs():
@@ -295,8 +299,7 @@ def compile_specs():
                   stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1,
                   stride_sm=R, stride_sr=1, stride_ym=N, stride_yn=1)
     specs = []
-    for xdt, adt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
-        prec = "ieee" if xdt == "fp32" else "tf32"
+    for xdt, adt, prec in SPEC_DTYPES:
         for drop in (False, True):
             for cfg in _gemm_configs(xdt == "fp32"):
                 for one in (True, False):
@@ -306,7 +309,7 @@ def compile_specs():
                         "x_ptr": xdt, "w_ptr": xdt, "bias_ptr": xdt, "a_ptr": adt, "b_ptr": adt,
                         "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"}, values,
                         floats=("p", "inv_keep"))
-                    name = (f"lora_fwd[{'one' if one else 'two'}-launch] x={xdt} ab={adt} drop={int(drop)} "
+                    name = (f"lora_fwd[{'one' if one else 'two'}-launch] x={xdt} ab={adt}/{prec} drop={int(drop)} "
                             f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} "
                             f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                     specs.append(CompileSpec(name, _lora_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
@@ -316,7 +319,7 @@ def compile_specs():
                 sig, consts, attrs = specialize(_lora_shrink_kernel, meta, {
                     "x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32", "seed_ptr": "i64"}, values,
                     floats=("p", "inv_keep"))
-                name = (f"lora_shrink x={xdt} ab={adt} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
+                name = (f"lora_shrink x={xdt} ab={adt}/{prec} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
                         f"{cfg.kwargs['BLOCK_K']} r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                 specs.append(CompileSpec(name, _lora_shrink_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                          attrs=attrs))

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 # heaviest combination per kernel family; every tile/warp/stage config of each is included
-CI_SUBSET = r"x=bf16 ab=fp32 (drop=1|atomic=0 \d|atomic=0 drop=1)"
+CI_SUBSET = r"x=bf16 ab=fp32(/tf32)? (drop=1|atomic=\d \d|atomic=\d drop=1)"
 
 
 def _env():
