@@ -83,14 +83,24 @@ def plot_micro(csv_path, png_path) -> Path:
     return Path(png_path)
 
 
-def plot_bars(csv_path, png_path, value: str, label: str, group: str, bar: str, title: str) -> Path:
-    """Generic grouped bar chart: one group per ``group`` value, one bar per ``bar`` value."""
+def plot_bars(csv_path, png_path, value: str, label: str, group, bar: str, title: str,
+              log: bool = False) -> Path:
+    """Generic grouped bar chart: one group per ``group`` value, one bar per ``bar`` value.
+
+    ``group`` is a column name or a tuple of column names (joined into one label).
+    """
     rows = read_csv(csv_path)
+    if isinstance(group, tuple):
+        for r in rows:
+            r["_group"] = "\n".join(r[g] for g in group)
+        group = "_group"
     if not rows:
         raise ValueError(f"{csv_path}: no rows to plot")
     groups = list(dict.fromkeys(r[group] for r in rows))
     bars = list(dict.fromkeys(r[bar] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * len(bars) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.2 * len(groups) * len(bars))), 5))
+    if log:
+        ax.set_yscale("log")
     w = 0.8 / len(bars)
     for i, b in enumerate(bars):
         sel = {r[group]: r for r in rows if r[bar] == b}
@@ -118,8 +128,8 @@ def plot_csv(csv_path, png_path=None) -> Path:
     if {"provider", "median_ms", "p20_ms"} <= cols:
         return plot_micro(csv_path, png_path)
     if {"model_time_us", "gpu"} <= cols:
-        return plot_bars(csv_path, png_path, "model_time_us", "model: µs per layer", "case", "impl",
-                         f"MODEL (not measured): modelled time per layer — {rows[0]['gpu']}")
+        return plot_bars(csv_path, png_path, "model_time_us", "model: µs per layer", ("gpu", "case"), "impl",
+                         "MODEL (not measured): modelled time per layer, Σ roofline + launches", log=True)
     if {"saved_bytes", "provider"} <= cols:
         return plot_bars(csv_path, png_path, "saved_mib", "MiB saved for backward per layer", "case",
                          "provider", f"bytes saved for backward — {rows[0]['device']}")
