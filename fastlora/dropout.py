@@ -29,23 +29,17 @@ _UINT_TO_UNIFORM = 4.6566127342e-10
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 tensor b (in int64)."""
-    # a * b < 2**64 overflows int64; split b into 16-bit halves to stay exact.
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    lo_part = a * b_lo                       # < 2**48
-    hi_part = a * b_hi                       # < 2**48
-    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _MASK32
-    carry = (lo_part + ((hi_part & 0xFFFF) << 16)) >> 32
-    hi = ((hi_part >> 16) + carry) & _MASK32
-    return hi, lo
+    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 tensor b (held in int64).
 
-
-def philox_uniform4(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1), shape (*offsets.shape, 4), for int64 counters ``offsets``;
-    equals ``tl.rand4x(seed, offsets)`` stacked on the last dim (word 0 is ``tl.rand``).
-
-    ``seed`` is a Python int or a 0-d integer tensor (read on its device, no host sync).
+    a·b < 2**64: one int64 multiply keeps all 64 bits (two's-complement wrap-around past 2**63), the
+    arithmetic shift and the 32-bit mask then read the high word exactly.
     """
+    prod = b * a
+    return (prod >> 32) & _MASK32, prod & _MASK32
+
+
+def _philox4(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four uint32 output words (held in int64) of Philox-4x32-10 at int64 counters ``offsets``."""
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=offsets.device, dtype=torch.int64)
     else:
@@ -59,13 +53,24 @@ def philox_uniform4(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Te
     for _ in range(_N_ROUNDS):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    # uint32 -> int32 bit pattern -> fold negatives (~x) -> float32 * scale.
-    x = torch.stack((c0, c1, c2, c3), dim=-1)
-    x = torch.where(x >= 2**31, x - 2**32, x)
-    x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
+    return c0, c1, c2, c3
+
+
+def _fold(w: torch.Tensor) -> torch.Tensor:
+    """Triton's uint32 -> [0, 2**31) fold (int32 bit pattern x, ~x where x < 0) = min(w, 2**32 - 1 - w)."""
+    return torch.minimum(w, _MASK32 - w)
+
+
+def philox_uniform4(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1), shape (*offsets.shape, 4), for int64 counters ``offsets``;
+    equals ``tl.rand4x(seed, offsets)`` stacked on the last dim (word 0 is ``tl.rand``).
+
+    ``seed`` is a Python int or a 0-d integer tensor (read on its device, no host sync).
+    """
+    words = torch.stack(_philox4(seed, offsets), dim=-1)
+    return _fold(words).to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
 
 
 def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -73,13 +78,31 @@ def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     return philox_uniform4(seed, offsets)[..., 0]
 
 
+def _threshold(p: float) -> int:
+    """Smallest folded word v with float32(v)·scale >= float32(p), so that  u >= p  <=>  v >= threshold.
+
+    u = fl(fl(v)·scale) is monotone in v, so the keep decision can be made on integers.
+    """
+    scale = torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
+    pf = torch.tensor(p, dtype=torch.float32)
+    lo, hi = 0, 2**31          # hi = 2**31: no word is kept (p >= 1, excluded by the op's checks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if torch.tensor(mid, dtype=torch.int64).to(torch.float32) * scale >= pf:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float, device=None) -> torch.Tensor:
     """Boolean (M, K) keep-mask of LoRA dropout with probability ``p`` (True = kept)."""
     K4 = -(-K // 4)
     rows = torch.arange(M, device=device, dtype=torch.int64)
-    counters = torch.arange(K4, device=device, dtype=torch.int64)
-    u = philox_uniform4(seed, rows[:, None] * K4 + counters[None, :]).reshape(M, 4 * K4)[:, :K]
-    return u >= torch.tensor(p, dtype=torch.float32, device=device)
+    counters = rows[:, None] * K4 + torch.arange(K4, device=device, dtype=torch.int64)[None, :]
+    t = _threshold(p)
+    keep = torch.stack([_fold(w) >= t for w in _philox4(seed, counters)], dim=-1)   # (M, K4, 4)
+    return keep.reshape(M, 4 * K4)[:, :K]
 
 
 def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -70,10 +70,11 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
     if isinstance(scaling, Tensor):
         if scaling.numel() != 1 or scaling.dim() > 1:
             raise ValueError(f"scaling must be a float or a 0-d tensor, got shape {_shape(scaling)}")
-        if scaling.device.type == "cpu" and not torch.isfinite(scaling).all():
+        # value checks read the tensor: skipped while torch.compile traces (no data-dependent branch)
+        if scaling.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scaling).all():
             raise ValueError(f"scaling must be finite, got {scaling.item()}")
     elif isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
-        if not math.isfinite(scaling):
+        if not torch.compiler.is_compiling() and not math.isfinite(scaling):
             raise ValueError(f"scaling must be finite, got {scaling}")
     else:
         raise TypeError(f"scaling must be a float or a 0-d tensor, got {type(scaling).__name__}")

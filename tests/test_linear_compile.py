@@ -76,17 +76,11 @@ def _train_and_eval(model):
     return compiled, x
 
 
-SCALING_CHECK = pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason=(
-    "known bug, reported to the lead: check_inputs tests scaling for finiteness with a Python branch "
-    "(torch.isfinite(tensor).all() / math.isfinite(SymFloat)): a graph break under fullgraph=True"))
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compile_fullgraph_float_scaling(backend):
     _train_and_eval(Tiny(backend, p=0.1))
 
 
-@SCALING_CHECK
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compile_fullgraph_new_float_scaling(backend):
     """A changed Python-float scaling may recompile (dynamo guards it), but must trace and not go stale."""
@@ -97,7 +91,6 @@ def test_compile_fullgraph_new_float_scaling(backend):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-@SCALING_CHECK
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compile_fullgraph_tensor_scaling(backend):
     """A 0-d tensor scaling is a graph input: changing its value neither recompiles nor goes stale."""
