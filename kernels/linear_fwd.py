@@ -44,7 +44,7 @@ def _gemm_configs(fp32: bool = False):
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     if fp32:
-        return [cfg(128, 128, 32, 8, 3), cfg(64, 128, 32, 4, 3), cfg(128, 64, 32, 4, 3), cfg(64, 64, 32, 4, 3)]
+        return [cfg(64, 128, 32, 8, 3), cfg(128, 64, 32, 8, 3), cfg(64, 64, 32, 4, 4), cfg(64, 64, 32, 4, 3)]
     return [cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(64, 128, 64, 8, 3), cfg(128, 64, 64, 8, 3),
             cfg(64, 64, 64, 4, 4)]
 
@@ -54,7 +54,7 @@ def _shrink_configs(fp32: bool = False):
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bk, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)  # noqa: E731
     if fp32:
-        return [cfg(64, 64, 4, 3), cfg(32, 64, 4, 4), cfg(64, 32, 4, 4)]
+        return [cfg(64, 32, 4, 4), cfg(64, 32, 4, 3)]
     return [cfg(64, 64, 4, 4), cfg(64, 64, 4, 3), cfg(64, 32, 4, 4)]
 
 
