@@ -45,13 +45,14 @@ def device_name(device: torch.device | str) -> str:
 
 def versions() -> str:
     """'torch=… triton=… fastlora=… peft=… transformers=…' (missing packages say 'absent')."""
+    from importlib import metadata
     out = []
     for mod in ("torch", "triton", "fastlora", "peft", "transformers", "loralib"):
         try:
-            m = __import__(mod)
-            out.append(f"{mod}={getattr(m, '__version__', 'unknown')}")
+            v = getattr(__import__(mod), "__version__", None) or metadata.version(mod)
         except Exception:                      # noqa: BLE001 - an absent optional package is a fact, not an error
-            out.append(f"{mod}=absent")
+            v = "absent"
+        out.append(f"{mod}={v}")
     return " ".join(out)
 
 
