@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .backend import select_backend
+from .backend import resolve_backend_choice, select_backend
 from .bank import BASE, AdapterBank
 from .dropout import keep_mask, new_seed
 
@@ -264,7 +264,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
     y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings.float(), ids,
-                          bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, backend or "auto")
+                          bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, resolve_backend_choice(backend))
     return y
 
 
