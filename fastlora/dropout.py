@@ -15,6 +15,9 @@ backward pass regenerates it from the seed.
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 # Philox-4x32 constants (Salmon et al. 2011), as in triton/language/random.py.
@@ -78,17 +81,18 @@ def philox_uniform(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     return philox_uniform4(seed, offsets)[..., 0]
 
 
+@functools.lru_cache(maxsize=64)
 def _threshold(p: float) -> int:
     """Smallest folded word v with float32(v)·scale >= float32(p), so that  u >= p  <=>  v >= threshold.
 
-    u = fl(fl(v)·scale) is monotone in v, so the keep decision can be made on integers.
+    u = fl(fl(v)·scale) is monotone in v, so the keep decision can be made on integers. Host-side
+    float32 scalars (numpy), no tensor is read.
     """
-    scale = torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
-    pf = torch.tensor(p, dtype=torch.float32)
+    scale, pf = np.float32(_UINT_TO_UNIFORM), np.float32(p)
     lo, hi = 0, 2**31          # hi = 2**31: no word is kept (p >= 1, excluded by the op's checks)
     while lo < hi:
         mid = (lo + hi) // 2
-        if torch.tensor(mid, dtype=torch.int64).to(torch.float32) * scale >= pf:
+        if np.float32(mid) * scale >= pf:
             hi = mid
         else:
             lo = mid + 1
