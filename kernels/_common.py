@@ -25,6 +25,19 @@ def _x_row_offsets(rows, T, stride_xb, stride_xt):
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program over an (M, N) output in grouped order: GROUP_M row tiles run
+    together and share their column tiles in L2 (the Triton matmul tutorial's swizzle)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_m, (pid % group) // group_m
+
+
+@triton.jit
 def _keep(seed, rows, col0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dropout keep-mask (BLOCK_M, BLOCK_K) for x seen as (M, K), columns col0 .. col0 + BLOCK_K − 1
     (col0 a multiple of 4). One Philox call per 4 columns: counter row·⌈K/4⌉ + col // 4, word col % 4.

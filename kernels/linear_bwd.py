@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting,
+from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting,
                       is_fp32_input, m_bucket, union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
@@ -142,14 +142,7 @@ def _lora_bwd_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     """dx tile (BLOCK_M, BLOCK_K) and this row tile's share of dA[:, cols]. Grid: tiles of x."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    group = GROUP_M * num_k
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_k = (pid % group) // group_m
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -289,7 +282,6 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
 def compile_specs():
     from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R
     M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
-    mt = triton.cdiv(M, DSDB_BLOCK_M)
     specs = []
     for xdt, adt, prec in SPEC_DTYPES:
         for atomic in (True, False):

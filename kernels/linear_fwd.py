@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, TORCH_TO_TRITON, _keep, _mma, _x_row_offsets,
-                      acc_dtype, block_r, fp32_precision, interpreting, is_fp32_input, m_bucket, union, x_as_3d)
+from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, TORCH_TO_TRITON, _grouped_tile, _keep, _mma,
+                      _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, is_fp32_input, m_bucket,
+                      union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
@@ -138,15 +139,7 @@ def _lora_fwd_kernel(
 ):
     """y tile (BLOCK_M, BLOCK_N). SHRINK_IN_LOOP: one-launch (S from the K-loop, BLOCK_R ≥ R);
     else two-launch (S read from s_ptr in the epilogue, rank chunks of BLOCK_R). Grid: tiles of y."""
-    # grouped tile order: GROUP_M row-tiles share their W column-tiles in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -8,7 +8,6 @@ interpreter would make a GPT-2 forward far too slow for the budget.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 

@@ -19,30 +19,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import fastlora
 import fastlora.patching as fp
 from fastlora.checkpoint import load_peft_adapter
-from fastlora.dropout import keep_mask, new_seed
+from tests._replay import replay_dropout
 
 VOCAB = 64
-
-
-class ReplayDropout(nn.Module):
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        keep = keep_mask(new_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], self.p, x.device)
-        return x * keep.reshape(x.shape) / (1 - self.p)
-
-
-def replay(model):
-    for m in model.modules():
-        if isinstance(m, peft_lora.LoraLayer):
-            for k, d in m.lora_dropout.items():
-                if isinstance(d, nn.Dropout):
-                    m.lora_dropout[k] = ReplayDropout(d.p)
-    return model
 
 
 def base_model(kind):
@@ -97,8 +76,8 @@ def one_thread():
 def test_20_steps_losses_generate_and_save_load(kind, monkeypatch, tmp_path):
     pin_backend(monkeypatch, "torch")        # 3 x 20 training steps: the interpreter is checked below
     fast = peft_model(kind)
-    ref = replay(copy.deepcopy(fast))
-    o64 = replay(copy.deepcopy(fast).double())
+    ref = replay_dropout(copy.deepcopy(fast))
+    o64 = replay_dropout(copy.deepcopy(fast).double())
     report = fp.patch(fast)
     n_layers = sum(isinstance(m, peft_lora.Linear) for m in fast.modules())
     assert len(report.patched) == n_layers and not report.skipped and n_layers in (8, 14)
@@ -157,7 +136,7 @@ def test_interpreted_kernels_end_to_end_gpt2(monkeypatch):
         for n, p in fast.named_parameters():
             if "lora_B" in n:
                 nn.init.normal_(p, std=0.1)
-    ref, o64 = replay(copy.deepcopy(fast)), replay(copy.deepcopy(fast).double())
+    ref, o64 = replay_dropout(copy.deepcopy(fast)), replay_dropout(copy.deepcopy(fast).double())
     fp.patch(fast)
     ids = torch.randint(0, VOCAB, (1, 6))
     out = {}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fastlora.patching as fp
-from fastlora.dropout import keep_mask, new_seed
+from tests._replay import replay_dropout
 
 ATOL_ULPS = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}   # as tests/_tolerance.py
 
@@ -19,20 +19,6 @@ def check(name, got, ref64, plain):
     base = (plain.double() - ref64.double()).abs().max().item()
     atol = ATOL_ULPS[got.dtype] * torch.finfo(got.dtype).eps * ref64.abs().max().item()
     assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2*{base:.3e} + {atol:.3e}"
-
-
-class ReplayDropout(nn.Module):
-    """loralib's nn.Dropout replaced by fastlora's mask for the same seed draw (see test_patch_peft)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        keep = keep_mask(new_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], self.p, x.device)
-        return x * keep.reshape(x.shape) / (1 - self.p)
 
 
 class Block(nn.Module):
@@ -61,13 +47,6 @@ def make(dropout=0.0):
     return m
 
 
-def replay(model):
-    for mod in model.modules():
-        if isinstance(getattr(mod, "lora_dropout", None), nn.Dropout):
-            mod.lora_dropout = ReplayDropout(mod.lora_dropout.p)
-    return model
-
-
 def run(model, x, g):
     torch.manual_seed(3)
     x = x.detach().clone().requires_grad_(True)
@@ -83,7 +62,7 @@ def test_parity_train_eval(dropout, monkeypatch):
     real = fp.lora_linear
     monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = make(dropout)
-    ref, o64 = replay(copy.deepcopy(model)), replay(copy.deepcopy(model).double())
+    ref, o64 = replay_dropout(copy.deepcopy(model)), replay_dropout(copy.deepcopy(model).double())
     rep = fp.patch(model, warn=False)
     assert rep.patched == {"c_attn": "loralib.MergedLinear", "fc": "loralib.Linear"}
     assert rep.skipped == {"wte": "loralib Embedding layers are not served", "plain": "r == 0 (no adapter)"}

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fastlora.patching as fp
-from fastlora.dropout import keep_mask, new_seed
+from tests._replay import replay_dropout
 
 ATOL_ULPS = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}   # as tests/_tolerance.py
 
@@ -22,30 +22,6 @@ def check(name, got, ref64, plain):
     base = (plain.double() - ref64.double()).abs().max().item()
     atol = ATOL_ULPS[got.dtype] * torch.finfo(got.dtype).eps * ref64.abs().max().item()
     assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2*{base:.3e} + {atol:.3e}"
-
-
-class ReplayDropout(nn.Module):
-    """nn.Dropout that draws fastlora's mask: seed from torch's generator (as lora_linear does),
-    mask = fastlora.dropout.keep_mask(seed, M, K, p). Lets PEFT's own forward see the same masks."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = keep_mask(new_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], self.p, x.device)
-        return x * keep.reshape(x.shape) / (1 - self.p)
-
-
-def replay_dropout(model):
-    for m in model.modules():
-        if isinstance(m, peft_lora.LoraLayer):
-            for k, d in m.lora_dropout.items():
-                if isinstance(d, nn.Dropout):
-                    m.lora_dropout[k] = ReplayDropout(d.p)
-    return model
 
 
 class Tiny(nn.Module):
