@@ -15,6 +15,7 @@ from torch import nn
 import fastlora
 from fastlora.dropout import new_seed
 from fastlora.modules import LoraLinear, MergedLoraLinear, block_lora_B
+from tests._tolerance import assert_close
 
 try:
     from fastlora import kernels as _k
@@ -39,15 +40,9 @@ def force_backend(monkeypatch, name):
 
 # Same constants as the project's idiom (tests/_tolerance.py): atol = 64 ulps (fp32) or 2 ulps
 # (fp16/bf16) of the output's scale; accumulation order differs between implementations.
-ATOL_ULPS = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}
-
-
 def check(name, got, ref64, plain):
-    """max|got - ref64| <= 2·max|plain - ref64| + atol (plain torch in got's dtype is the baseline)."""
-    err = (got.double() - ref64).abs().max().item()
-    base = (plain.double() - ref64).abs().max().item()
-    atol = ATOL_ULPS[got.dtype] * torch.finfo(got.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2*{base:.3e} + {atol:.3e}"
+    """The project's idiom (tests/_tolerance.py): err vs float64 <= 2 x the same-dtype baseline's + atol."""
+    assert_close(name, got, ref64, plain)
 
 
 def _grads(module, x, g):

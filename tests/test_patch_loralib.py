@@ -9,16 +9,11 @@ from torch import nn
 
 import fastlora.patching as fp
 from tests._replay import replay_dropout
-
-ATOL_ULPS = {torch.float32: 64.0, torch.float16: 2.0, torch.bfloat16: 2.0}   # as tests/_tolerance.py
-
+from tests._tolerance import assert_close
 
 def check(name, got, ref64, plain):
-    """max|got - ref64| <= 2·max|plain - ref64| + atol (loralib in got's dtype is the baseline)."""
-    err = (got.double() - ref64.double()).abs().max().item()
-    base = (plain.double() - ref64.double()).abs().max().item()
-    atol = ATOL_ULPS[got.dtype] * torch.finfo(got.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + atol, f"{name}: err {err:.3e} > 2*{base:.3e} + {atol:.3e}"
+    """The project's idiom (tests/_tolerance.py): err vs float64 <= 2 x the same-dtype baseline's + atol."""
+    assert_close(name, got, ref64, plain)
 
 
 class Block(nn.Module):
