@@ -6,6 +6,7 @@ averaging gives the gradient of the global-batch mean, which one process compute
 LoRA dropout is 0 here: with p > 0 each rank draws its own seed, so the masks (not the maths)
 would differ from the single-process run.
 """
+import gc
 import os
 
 import torch
@@ -67,7 +68,10 @@ def _run(mode, rank):
     per = x.shape[0] // WORLD
     xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
     nn.functional.mse_loss(wrapped(xs), ys).backward()
-    return lora_grads(model)
+    grads = lora_grads(model)
+    del wrapped, model        # DDP's reducer / FSDP's state go before the process group does
+    gc.collect()
+    return grads
 
 
 def _worker(rank, init_file, out_dir):
@@ -76,6 +80,7 @@ def _worker(rank, init_file, out_dir):
     try:
         for mode in ("ddp", "fsdp"):
             torch.save(_run(mode, rank), os.path.join(out_dir, f"{mode}{rank}.pt"))
+        dist.barrier()            # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
