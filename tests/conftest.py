@@ -21,3 +21,12 @@ if os.environ.get("CI"):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tests made of many tiny ops: one intra-op thread avoids OpenMP spin contention on 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

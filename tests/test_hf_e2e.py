@@ -62,15 +62,6 @@ def train(model, data, steps=20):
     return torch.stack(losses)
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.usefixtures("one_thread")
 def test_20_steps_losses_generate_and_save_load(kind, monkeypatch, tmp_path):

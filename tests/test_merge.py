@@ -66,15 +66,6 @@ def _peft_drift(w0, A, B, scaling, cycles):
     return lin.get_base_layer().weight.detach()
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny ops: one intra-op thread avoids OpenMP spin contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.usefixtures("one_thread")
 def test_1000_cycles_restore_exact_bytes_and_beat_peft(dtype):
