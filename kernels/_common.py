@@ -139,5 +139,3 @@ def m_bucket(M: int) -> int:
     """Autotune key for the token count: next power of two (so a new M rarely re-tunes)."""
     return triton.next_power_of_2(max(M, 1))
 
-
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, TORCH_TO_TRITON, _grouped_tile, _keep, _mma,
+from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, _grouped_tile, _keep, _mma,
                       _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, is_fp32_input, m_bucket,
                       union, x_as_3d)
 from ._specs import CompileSpec, specialize
@@ -236,19 +236,18 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
     return y, (S if save_s else S[:0])
 
 
-def _choose_variant(args, key):
-    """FASTLORA_FWD_VARIANT pins one; the interpreter uses one-launch (two-launch with dropout);
+def _choose_variant(args, key, rank: int, p: float, on_gpu: bool) -> str:
+    """FASTLORA_FWD_VARIANT pins one; off the GPU (interpreter) one-launch, or two-launch with dropout;
     on a GPU both are timed once per shape key and the faster kept."""
     pinned = os.environ.get("FASTLORA_FWD_VARIANT", "auto")
     if pinned not in ("auto",) + VARIANTS:
         raise ValueError(f"FASTLORA_FWD_VARIANT must be 'auto', 'one' or 'two', got {pinned!r}")
-    R = args[8].shape[0]
-    if R > MAX_FUSED_R:
+    if rank > MAX_FUSED_R:
         return "two"                      # S of this rank does not fit in registers next to the tile
     if pinned != "auto":
         return pinned
-    if interpreting() or not args[1].is_cuda:
-        return "two" if args[11] > 0 else "one"
+    if not on_gpu:
+        return "two" if p > 0 else "one"
     if key not in _variant_cache:
         ms = {v: triton.testing.do_bench(lambda v=v: _launch(v, *args)) for v in VARIANTS}
         _variant_cache[key] = min(ms, key=ms.get)
@@ -268,7 +267,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
             fan_in_fan_out, save_s)
     key = (m_bucket(M), N, x.shape[-1], lora_A.shape[0], x.dtype, lora_A.dtype, dropout_p > 0,
            bias is not None, save_s)
-    y, S = _launch(_choose_variant(args, key), *args)
+    variant = _choose_variant(args, key, lora_A.shape[0], float(dropout_p), x.is_cuda and not interpreting())
+    y, S = _launch(variant, *args)
     return y.reshape(*x.shape[:-1], N), S
 
 
@@ -319,4 +319,4 @@ def compile_specs():
     return specs
 
 
-__all__ = ["lora_fwd", "compile_specs", "VARIANTS", "TORCH_TO_TRITON"]
+__all__ = ["lora_fwd", "compile_specs", "VARIANTS"]

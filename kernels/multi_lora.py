@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TORCH_TO_TRITON, _keep, _mma, fp32_precision, interpreting
+from ._common import _keep, _mma, fp32_precision, interpreting
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
@@ -445,4 +445,4 @@ def _gpu_cfg(kernel, regime):
 
 
 __all__ = ["multi_lora_fwd", "multi_lora_bwd", "plan_tokens", "choose_regime", "shrink", "expand",
-           "segment_grad", "compile_specs", "REGIMES", "TORCH_TO_TRITON"]
+           "segment_grad", "compile_specs", "REGIMES"]
