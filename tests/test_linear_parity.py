@@ -185,7 +185,7 @@ class MaskDropout(nn.Module):
         if self.p == 0:
             return x
         K = x.shape[-1]
-        keep = keep_mask(self.seed, x.numel() // K, K, self.p).reshape(x.shape)
+        keep = keep_mask(self.seed, x.numel() // K, K, self.p, x.device).reshape(x.shape)
         return x * keep / (1 - self.p)
 
 
@@ -220,7 +220,7 @@ def build_peft(pb: Problem, dropout: nn.Module | None = None) -> nn.Module:
         mod.weight.data.copy_(w.detach())
         mod.weight.requires_grad_(w.requires_grad)
     layer.lora_dropout["default"] = dropout if dropout is not None else MaskDropout(SEED, c.p)
-    return layer.train()
+    return layer.to(pb.x.device).train()          # the problem's device (tests/test_gpu.py: CUDA)
 
 
 def run_peft(pb: Problem) -> dict:

@@ -64,7 +64,7 @@ def baseline(x, W, b, adapters, ids_tok, p, seed):
     for k, (A, B, s) in enumerate(adapters):
         d = x2.to(A.dtype)
         if p > 0:
-            d = d * keep_mask(seed, x2.shape[0], K, p) / (1 - p)
+            d = d * keep_mask(seed, x2.shape[0], K, p, x2.device) / (1 - p)
         lk = (s * ((d @ A.t()) @ B.t())).to(x.dtype)
         y = torch.where((ids_tok == k)[:, None], y + lk, y)
     return y.reshape(*x.shape[:-1], N)

@@ -1,0 +1,155 @@
+"""The compiled kernels on a CUDA device: the CPU suite's parity checks, re-run on the GPU.
+
+    TRITON_INTERPRET=0 python -m pytest -q -n 8 tests/test_gpu.py        # on a machine with a GPU
+
+Skipped without CUDA and under the interpreter (the CPU suite runs the same kernels interpreted).
+Same idiom as everywhere (tests/_tolerance.py): every output and gradient vs a float64 oracle (computed
+on the GPU in float64 from the same inputs and the same Philox mask) and vs PEFT (single adapter) or
+PEFT's arithmetic (multi-adapter) in the same dtypes on the same GPU. What only a GPU shows:
+autotuned tile configs with masked tails at real sizes, the timed forward-variant choice, tensor-core
+precision (tf32 / tf32x3 for fp32 adapters on a half base), atomics vs the deterministic mode, and
+torch.compile with the Triton ops inside an inductor graph.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlora.backend import interpreting
+from tests import test_linear_parity as lp
+from tests import test_multi_parity as mp
+from tests._tolerance import assert_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or interpreting(),
+    reason="needs CUDA with TRITON_INTERPRET unset or 0 (compiled kernels)")]
+DEV = "cuda"
+
+
+def to_dev(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t on the GPU with the same sizes, strides and storage offset (a column slice stays a slice)."""
+    if t is None:
+        return None
+    buf = torch.zeros(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype, device=DEV)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset())
+    out.copy_(t.detach())
+    return out.requires_grad_(t.requires_grad)
+
+
+def gpu_problem(case: lp.Case) -> lp.Problem:
+    pb = lp.make_problem(case)
+    g = lp.Problem(to_dev(pb.x), to_dev(pb.weight), to_dev(pb.bias), to_dev(pb.A), to_dev(pb.B), pb.scaling,
+                   to_dev(pb.dy), case)
+    assert g.x.stride() == pb.x.stride() and g.x.is_contiguous() == pb.x.is_contiguous()
+    return g
+
+
+# ----------------------------------------------------------------------------- single adapter
+# The CPU suite's pairwise design with each forward variant pinned, its one-axis sweeps with the variant
+# chosen by timing (the GPU path of _choose_variant), and sizes big enough for several K-loop iterations,
+# tails in every tile dimension, and every autotuned config's masks.
+LARGE = [lp.Case(dtype=d, r=16, M=1000, KN=(1000, 1096), layout="3d", bias=True, p=0.1) for d in lp.DTYPES] + [
+    lp.Case(dtype="bf16", r=64, M=777, KN=(520, 1000), layout="slice", p=0.1),
+    lp.Case(dtype="fp16", r=3, M=1025, KN=(1000, 520), layout="3d_t", fan_in_fan_out=True, p=0.0),
+    lp.Case(dtype="bf16+fp32", r=128, M=300, KN=(4096, 4096), layout="contig", p=0.1),
+]
+CASES = ([(c, "one") for c in lp.PAIRWISE] + [(c, "two") for c in lp.PAIRWISE]
+         + [(c, "auto") for c in lp.SWEEPS + LARGE])
+
+
+@pytest.mark.parametrize("case,variant", CASES, ids=[f"{c.id}-{v}" for c, v in CASES])
+def test_linear_parity_gpu(case, variant, monkeypatch):
+    monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
+    pb = gpu_problem(case)
+    lp.check_parity(pb, lp.run_fastlora(pb, "triton"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16+fp32"])
+def test_deterministic_gpu(dtype):
+    """deterministic=True: no atomics, bitwise-identical gradients on repeat, and still correct."""
+    pb = gpu_problem(lp.Case(dtype=dtype, r=16, M=1000, KN=(1000, 1096), layout="3d", p=0.1))
+    first = lp.run_fastlora(pb, "triton", deterministic=True)
+    again = lp.run_fastlora(pb, "triton", deterministic=True)
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    lp.check_parity(pb, first)
+
+
+def test_torch_compile_gpu():
+    """torch.compile(fullgraph=True) over the custom op on CUDA: same y and gradients as eager."""
+    import fastlora
+    pb = gpu_problem(lp.Case(dtype="bf16", r=16, M=256, KN=(512, 384), layout="contig", p=0.1))
+
+    def f(x, w, b, A, B):
+        # x * 2 and relu are exact in bf16 (forward and backward), so compiled == eager bitwise
+        return torch.relu(fastlora.lora_linear(x * 2, w, b, A, B, 2.0, 0.1, True, seed=7))
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        x, b, A, B = (lp._leaf(t) for t in (pb.x, pb.bias, pb.A, pb.B))
+        y = fn(x, pb.weight, b, A, B)
+        y.backward(pb.dy)
+        outs.append([y.detach(), x.grad, b.grad, A.grad, B.grad])
+    for name, e, c in zip(("y", "dx", "dbias", "dA", "dB"), *outs):
+        torch.testing.assert_close(c, e, rtol=0, atol=0, msg=name)   # same kernels, same inputs: bitwise
+
+
+# ----------------------------------------------------------------------------- multi-adapter
+
+def _multi_gpu(K, N, ranks, xdt, adt, lead, requires_grad=False):
+    x, W, b, bank = mp.setup(K, N, ranks, xdt, adt, lead, requires_grad=requires_grad)
+    return x.to(DEV), W.to(DEV), b.to(DEV), bank.to(DEV)
+
+
+MULTI_FWD = [c for c in mp.FWD_CASES if c[-1] == "triton"]
+
+
+@pytest.mark.parametrize("case", MULTI_FWD, ids=[c[0] for c in MULTI_FWD])
+@pytest.mark.parametrize("KN", [(45, 70), (1000, 1096)], ids=lambda kn: f"K{kn[0]}N{kn[1]}")
+def test_multi_forward_gpu(case, KN):
+    from fastlora.multi import MultiLoraLinear
+    _, xdt, adt, ranks, lead, kind, regime, _ = case
+    K, N = KN
+    x, W, b, bank = _multi_gpu(K, N, ranks, xdt, adt, lead)
+    ids = mp.make_ids(kind, len(bank), lead).to(DEV)
+    layer = MultiLoraLinear(torch.nn.Linear(K, N, dtype=xdt, device=DEV), bank, regime=regime)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(W)
+        layer.base_layer.bias.copy_(b)
+        y = layer(x, ids)
+    it = mp.tok_ids(ids, x)
+    ref = mp.oracle(x.double(), W.double(), b.double(), mp.split(bank, torch.float64), it, 0.0, 0)
+    assert_close("y", y, ref, mp.baseline(x, W, b, mp.split(bank), it, 0.0, 0))
+
+
+@pytest.mark.parametrize("case", mp.GRAD_CASES, ids=[c[0] for c in mp.GRAD_CASES])
+@pytest.mark.parametrize("KN", [(38, 52), (1000, 1096)], ids=lambda kn: f"K{kn[0]}N{kn[1]}")
+def test_multi_grad_gpu(case, KN):
+    from fastlora.multi import multi_lora_linear
+    _, xdt, adt, lead, p, regime = case
+    K, N = KN
+    seed = 1234
+    x, W, b, bank = _multi_gpu(K, N, mp.MIXED + (8,), xdt, adt, lead, requires_grad=True)
+    kind = "per-seq" if len(lead) > 1 else "random"
+    ids = mp.make_ids(kind, len(bank), lead).to(DEV)
+    x.requires_grad_(True)
+    bias = b.clone().requires_grad_(True)
+    y = multi_lora_linear(x, W, bias, bank, ids, p, True, seed=seed, regime=regime)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(DEV, xdt)
+    y.backward(dy)
+
+    it = mp.tok_ids(ids, x)
+    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ad64 = mp.split(bank, torch.float64, requires_grad=True)
+    mp.oracle(x64, W.double(), b64, ad64, it, p, seed).backward(dy.double())
+    xb, bb = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    adb = mp.split(bank, requires_grad=True)
+    mp.baseline(xb, W, bb, adb, it, p, seed).backward(dy)
+
+    assert_close("dx", x.grad, x64.grad, xb.grad)
+    assert_close("dbias", bias.grad, b64.grad, bb.grad)
+    off = 0
+    for k, r in enumerate(bank.ranks):
+        assert_close(f"dA[{k}] r={r}", bank.lora_A.grad[off:off + r], ad64[k][0].grad, adb[k][0].grad)
+        assert_close(f"dB[{k}] r={r}", bank.lora_B.grad[:, off:off + r], ad64[k][1].grad, adb[k][1].grad)
+        off += r
