@@ -101,9 +101,13 @@ def x_as_3d(x: torch.Tensor):
     raise AssertionError("unreachable: a reshaped tensor always views")
 
 
-def block_r(r: int) -> int:
-    """Rank block of the skinny kernels: a tl.dot-legal power of two ≥ 16, at most MAX_BLOCK_R."""
-    return max(16, min(triton.next_power_of_2(r), MAX_BLOCK_R))
+MAX_BLOCK_R_X3 = 32  # with tf32x3 dots (lora_precision) a 64-rank block spills: the operands are split in two
+
+
+def block_r(r: int, precision: str = "tf32") -> int:
+    """Rank block of the skinny kernels: a tl.dot-legal power of two ≥ 16, at most MAX_BLOCK_R
+    (MAX_BLOCK_R_X3 for tf32x3 dots)."""
+    return max(16, min(triton.next_power_of_2(r), MAX_BLOCK_R_X3 if precision == "tf32x3" else MAX_BLOCK_R))
 
 
 def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -119,10 +123,28 @@ def fp32_precision(x_dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """input_precision of the dots whose fp32 results are, or feed, adapter gradients: S = x·Aᵀ
+    (saved for dB), dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·x. fp32 adapters on a half base (PEFT's
+    default) get "tf32x3" (three tf32 products: about fp32 accuracy, as PEFT's fp32 matmuls); plain
+    tf32 there left dA / dB with ~2^-11 relative errors, 100x PEFT's (measured on an H200). Every
+    other case: fp32_precision. Dots whose results are rounded to half (y, dx) keep fp32_precision."""
+    if x_dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32:
+        return "tf32x3"
+    return fp32_precision(x_dtype)
+
+
 def is_fp32_input(named_args: dict, pointer: str) -> bool:
     """For autotune pruning: does the kernel's ``pointer`` argument hold fp32 (or fp64) data?"""
     t = named_args.get(pointer)
     return getattr(t, "dtype", None) in (torch.float32, torch.float64)
+
+
+def wants_fp32_tiles(named_args: dict, pointer: str, meta: dict) -> bool:
+    """For autotune pruning: the fp32 tile list serves fp32 data, and tf32x3 dots (fp32 adapters on a
+    half base, lora_precision), whose split operands need the registers of fp32 tiles."""
+    prec = meta.get("FP32_PRECISION", named_args.get("FP32_PRECISION"))
+    return is_fp32_input(named_args, pointer) or prec == "tf32x3"
 
 
 def union(*config_lists):

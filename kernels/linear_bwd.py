@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting,
-                      is_fp32_input, m_bucket, union, x_as_3d)
+                      lora_precision,
+                      m_bucket, wants_fp32_tiles, union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
@@ -52,7 +53,7 @@ def _dx_configs(fp32: bool = False):
 
 def _prune_by_dtype(configs_of, pointer):
     def prune(configs, named_args, **kwargs):
-        keep = {str(c) for c in configs_of(is_fp32_input(named_args, pointer))}
+        keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, pointer, kwargs))}
         return [c for c in configs if str(c) in keep] or configs
     return prune
 
@@ -137,7 +138,7 @@ def _lora_bwd_dx_kernel(
     stride_dat, stride_dar, stride_dak,          # dA (R, K), or partials (M tiles, R, K): stride_dat = 0 if ATOMIC
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, ATOMIC: tl.constexpr,
-    FP32_PRECISION: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, DA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -171,7 +172,7 @@ def _lora_bwd_dx_kernel(
                         mask=rc_ok[:, None] & k_ok[None, :], other=0.0)         # (BLOCK_R, BLOCK_K)
             acc = _mma(ds, a, acc, FP32_PRECISION)
         if COMPUTE_DA:
-            da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC), FP32_PRECISION)
+            da = _mma(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC), DA_PRECISION)
             da_ptrs = da_ptr + pid_m * stride_dat + (r0 + rr)[:, None] * stride_dar + rk[None, :] * stride_dak
             if ATOMIC:
                 tl.atomic_add(da_ptrs, da * inv_keep, mask=rc_ok[:, None] & k_ok[None, :])
@@ -195,7 +196,7 @@ def _lora_bwd_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC"],
+_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC", "FP32_PRECISION"],
                         reset_to_zero=["db_ptr", "dbias_ptr"],
                         prune_configs_by={"early_config_prune": _prune_by_dtype(_dsdb_configs, "dy_ptr")})(_lora_bwd_dsdb_kernel)
 _dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)), key=["M_BUCKET", "N", "K", "COMPUTE_DX", "ATOMIC"],
@@ -229,8 +230,9 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
                 torch.zeros(N, device=dev, dtype=acc_dtype(x.dtype)) if needs_dbias else None)
     dy2 = dy.reshape(M, N)
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else weight.stride()
-    BR = block_r(R)
     prec = fp32_precision(x.dtype)
+    lprec = lora_precision(x.dtype, lora_A.dtype)     # dS, dB, dA: see lora_precision
+    BR = block_r(R, lprec)
     atomic = not deterministic
     alloc = torch.zeros if atomic else torch.empty
     f32 = dict(device=dev, dtype=acc_dtype(x.dtype))   # fp32 (fp64 for fp64 inputs)
@@ -253,7 +255,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
         dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1),
         S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
         *ds_part.stride(), *db3, dbias_t,
-        COMPUTE_DB=needs_dB, HAS_DBIAS=needs_dbias, ATOMIC=atomic, FP32_PRECISION=prec,
+        COMPUTE_DB=needs_dB, HAS_DBIAS=needs_dbias, ATOMIC=atomic, FP32_PRECISION=lprec,
         BLOCK_M=DSDB_BLOCK_M, BLOCK_R=BR)
     ds = ds_part[0] if split == 1 else ds_part.sum(0)
     dB = (db if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
@@ -273,6 +275,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             ds.stride(0), ds.stride(1), sxb, sxt, sxk,
             dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
+            DA_PRECISION=lprec,
             BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
         dx = dx.reshape(x.shape) if needs_dx else None
@@ -283,7 +286,7 @@ def compile_specs():
     from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R
     M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
     specs = []
-    for xdt, adt, prec in SPEC_DTYPES:
+    for xdt, adt, prec, lprec in SPEC_DTYPES:
         for atomic in (True, False):
             values = dict(M=M, N=N, K=K, R=R, T=M, M_BUCKET=M, N_PER_SPLIT=N, stride_dym=N, stride_dyn=1,
                           stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_dss=M * R, stride_dsm=R,
@@ -291,25 +294,25 @@ def compile_specs():
                           stride_dbiast=0 if atomic else N, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1,
                           stride_xb=0, stride_xt=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
                           stride_dat=0 if atomic else R * K, stride_dar=K, stride_dak=1)
-            for cfg in _dsdb_configs(xdt == "fp32"):
-                meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=prec,
-                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=block_r(R))
+            for cfg in _dsdb_configs(xdt == "fp32" or lprec == "tf32x3"):
+                meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=lprec,
+                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=block_r(R, lprec))
                 sig, consts, attrs = specialize(_lora_bwd_dsdb_kernel, meta, {
                     "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
                     "dbias_ptr": "fp32", "scale_ptr": "fp32"}, values)
                 specs.append(CompileSpec(
-                    f"lora_bwd_dsdb x={xdt} ab={adt}/{prec} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
+                    f"lora_bwd_dsdb x={xdt} ab={adt}/{lprec} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
                     f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}",
                     _lora_bwd_dsdb_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
             for drop in (False, True):
                 for cfg in _dx_configs(xdt == "fp32"):
                     meta = dict(cfg.kwargs, HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
-                                FP32_PRECISION=prec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
+                                FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
                     sig, consts, attrs = specialize(_lora_bwd_dx_kernel, meta, {
                         "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
                         "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"lora_bwd_dx x={xdt} ab={adt}/{prec} atomic={int(atomic)} drop={int(drop)} "
+                        f"lora_bwd_dx x={xdt} ab={adt}/{prec}{'+' + lprec if lprec != prec else ''} atomic={int(atomic)} drop={int(drop)} "
                         f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r{meta['BLOCK_R']} "
                         f"w{cfg.num_warps} s{cfg.num_stages}",
                         _lora_bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, _grouped_tile, _keep, _mma,
-                      _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, is_fp32_input, m_bucket,
+                      _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, lora_precision, wants_fp32_tiles,
+                      m_bucket,
                       union, x_as_3d)
 from ._specs import CompileSpec, specialize
 
@@ -60,9 +61,9 @@ def _shrink_configs(fp32: bool = False):
 
 
 def _prune_by_dtype(configs_of):
-    """early_config_prune: keep the tile set made for the input dtype (x_ptr's)."""
+    """early_config_prune: keep the tile set made for the input dtype (x_ptr's; fp32 tiles for tf32x3)."""
     def prune(configs, named_args, **kwargs):
-        keep = {str(c) for c in configs_of(is_fp32_input(named_args, "x_ptr"))}
+        keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, "x_ptr", kwargs))}
         return [c for c in configs if str(c) in keep] or configs
     return prune
 
@@ -201,7 +202,7 @@ _gemm = triton.autotune(configs=union(_gemm_configs(False), _gemm_configs(True))
                         key=["M_BUCKET", "N", "K", "SHRINK_IN_LOOP", "HAS_DROPOUT"],
                         prune_configs_by={"early_config_prune": _prune_by_dtype(_gemm_configs)})(_lora_fwd_kernel)
 _shrink = triton.autotune(configs=union(_shrink_configs(False), _shrink_configs(True)),
-                          key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"],
+                          key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT", "FP32_PRECISION"],
                           prune_configs_by={"early_config_prune": _prune_by_dtype(_shrink_configs)})(_lora_shrink_kernel)
 
 # ---------------------------------------------------------------------------
@@ -219,12 +220,15 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
     y = torch.empty((M, N), device=x3.device, dtype=x3.dtype)
     one = variant == "one"
     S = torch.empty((M, R) if (save_s or not one) else (0, R), device=x3.device, dtype=acc_dtype(x3.dtype))
-    common = dict(HAS_DROPOUT=p > 0, FP32_PRECISION=fp32_precision(x3.dtype))
+    prec = fp32_precision(x3.dtype)
+    s_prec = lora_precision(x3.dtype, a.dtype) if save_s else prec    # S saved for dB: see lora_precision
+    assert not (one and s_prec != prec), "a tf32x3 S is computed by the shrink kernel (two-launch)"
     inv_keep = 1.0 / (1.0 - p)
     if not one:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, meta["BLOCK_R"]))  # noqa: E731
         _shrink[grid](x3, a, S, seed, M, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk,
-                      a.stride(0), a.stride(1), S.stride(0), S.stride(1), BLOCK_R=block_r(R), **common)
+                      a.stride(0), a.stride(1), S.stride(0), S.stride(1), BLOCK_R=block_r(R, s_prec),
+                      HAS_DROPOUT=p > 0, FP32_PRECISION=s_prec)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm[grid](x3, w, bias if bias is not None else y, a, b, S, y, scale, seed,
                 M, N, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk, stride_wn, stride_wk,
@@ -232,18 +236,20 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
                 S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
                 y.stride(0), y.stride(1),
                 HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=one and save_s, BLOCK_R=GEMM_BLOCK_R,
-                **common)
+                HAS_DROPOUT=p > 0, FP32_PRECISION=prec)
     return y, (S if save_s else S[:0])
 
 
-def _choose_variant(args, key, rank: int, p: float, on_gpu: bool) -> str:
+def _choose_variant(args, key, rank: int, p: float, on_gpu: bool, x3_s: bool = False) -> str:
     """FASTLORA_FWD_VARIANT pins one; off the GPU (interpreter) one-launch, or two-launch with dropout;
-    on a GPU both are timed once per shape key and the faster kept."""
+    on a GPU both are timed once per shape key and the faster kept. Two-launch is forced where the
+    one-launch kernel cannot serve: rank > MAX_FUSED_R, or an S that must be saved in tf32x3 (x3_s:
+    fp32 adapters on a half base in training; those dots next to the GEMM tile spill on sm_80)."""
     pinned = os.environ.get("FASTLORA_FWD_VARIANT", "auto")
     if pinned not in ("auto",) + VARIANTS:
         raise ValueError(f"FASTLORA_FWD_VARIANT must be 'auto', 'one' or 'two', got {pinned!r}")
-    if rank > MAX_FUSED_R:
-        return "two"                      # S of this rank does not fit in registers next to the tile
+    if rank > MAX_FUSED_R or x3_s:
+        return "two"                      # S does not fit in registers next to the tile
     if pinned != "auto":
         return pinned
     if not on_gpu:
@@ -267,7 +273,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
             fan_in_fan_out, save_s)
     key = (m_bucket(M), N, x.shape[-1], lora_A.shape[0], x.dtype, lora_A.dtype, dropout_p > 0,
            bias is not None, save_s)
-    variant = _choose_variant(args, key, lora_A.shape[0], float(dropout_p), x.is_cuda and not interpreting())
+    x3_s = save_s and lora_precision(x.dtype, lora_A.dtype) != fp32_precision(x.dtype)
+    variant = _choose_variant(args, key, lora_A.shape[0], float(dropout_p), x.is_cuda and not interpreting(), x3_s)
     y, S = _launch(variant, *args)
     return y.reshape(*x.shape[:-1], N), S
 
@@ -280,10 +287,10 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
 # A typical launch (contiguous tensors, 4096-sized dims, rank 64 = the largest rank block) for the compile check.
 SPEC_M = SPEC_N = SPEC_K = 4096
 SPEC_R = MAX_BLOCK_R
-# (x dtype, adapter dtype, fp32 dot precision): half bases (fp32 adapters too), fp32 with torch's
-# default (ieee) and with allow_tf32
-SPEC_DTYPES = (("bf16", "bf16", "tf32"), ("bf16", "fp32", "tf32"), ("fp16", "fp16", "tf32"),
-               ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32"))
+# (x dtype, adapter dtype, fp32 dot precision, precision of the gradient-feeding dots (lora_precision)):
+# half bases (fp32 adapters: tf32x3 there), fp32 with torch's default (ieee) and with allow_tf32
+SPEC_DTYPES = (("bf16", "bf16", "tf32", "tf32"), ("bf16", "fp32", "tf32", "tf32x3"), ("fp16", "fp16", "tf32", "tf32"),
+               ("fp32", "fp32", "ieee", "ieee"), ("fp32", "fp32", "tf32", "tf32"))
 
 
 def compile_specs():
@@ -292,7 +299,7 @@ def compile_specs():
                   stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1,
                   stride_sm=R, stride_sr=1, stride_ym=N, stride_yn=1)
     specs = []
-    for xdt, adt, prec in SPEC_DTYPES:
+    for xdt, adt, prec, lprec in SPEC_DTYPES:
         for drop in (False, True):
             for cfg in _gemm_configs(xdt == "fp32"):
                 for one in (True, False):
@@ -307,12 +314,14 @@ def compile_specs():
                             f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                     specs.append(CompileSpec(name, _lora_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                              attrs=attrs))
-            for cfg in _shrink_configs(xdt == "fp32"):
-                meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=prec, BLOCK_R=block_r(R))
+            # S for y only (eval: prec) and S saved for dB (training: lprec), each with its tile list
+            for sprec, cfg in [(sp, c) for sp in dict.fromkeys((prec, lprec))
+                               for c in _shrink_configs(xdt == "fp32" or sp == "tf32x3")]:
+                meta = dict(cfg.kwargs, HAS_DROPOUT=drop, FP32_PRECISION=sprec, BLOCK_R=block_r(R, sprec))
                 sig, consts, attrs = specialize(_lora_shrink_kernel, meta, {
                     "x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32", "seed_ptr": "i64"}, values,
                     floats=("p", "inv_keep"))
-                name = (f"lora_shrink x={xdt} ab={adt}/{prec} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
+                name = (f"lora_shrink x={xdt} ab={adt}/{sprec} drop={int(drop)} {cfg.kwargs['BLOCK_M']}x"
                         f"{cfg.kwargs['BLOCK_K']} r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                 specs.append(CompileSpec(name, _lora_shrink_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                          attrs=attrs))

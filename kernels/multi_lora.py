@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _keep, _mma, fp32_precision, interpreting
+from ._common import _keep, _mma, fp32_precision, interpreting, lora_precision
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
@@ -208,8 +208,9 @@ def _grad_kernel(
 REGIMES = ("auto", "decode", "grouped")
 
 
-def _cfg(kernel: str, regime: str) -> dict:
-    """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token)."""
+def _cfg(kernel: str, regime: str, precision: str = "tf32") -> dict:
+    """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token).
+    tf32x3 dots (lora_precision: fp32 adapters on a half base) take half the shrink's BLOCK_C (no spills)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=32, num_warps=1, num_stages=1)
     # Sized so every shipped config compiles for sm_80 / sm_90 with zero spill bytes (see compile_specs):
@@ -217,7 +218,7 @@ def _cfg(kernel: str, regime: str) -> dict:
     # Both regimes share one config (decode tiles hold one token, grouped tiles up to BLOCK_M), so the
     # shipped set stays small; shrink and expand share the token plan, hence BLOCK_M.
     if kernel == "shrink":
-        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=64 if precision == "tf32x3" else 128, num_warps=4, num_stages=3)
     if kernel == "expand":     # 3 stages spill 16 B on sm_80 for fp16 with dropout
         return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_R=16, BLOCK_C=64, num_warps=4, num_stages=2)      # grad
@@ -281,7 +282,8 @@ def plan_tokens(ids: torch.Tensor, n: int, regime: str, block_m: int) -> Plan:
 def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, dropout):
     """out (M, r_max) fp32 = σ_k·drop(inp)·W_kᵀ per token; W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
     M, C = inp.shape
-    cfg = _cfg("shrink", plan.regime)
+    prec = lora_precision(inp.dtype, w.dtype)
+    cfg = _cfg("shrink", plan.regime, prec)
     if cfg["BLOCK_M"] != plan.block_m:
         raise ValueError(f"plan built for BLOCK_M={plan.block_m}, shrink uses {cfg['BLOCK_M']}")
     grid = (triton.cdiv(r_max, cfg["BLOCK_R"]), plan.tile_adapter.numel())
@@ -290,7 +292,7 @@ def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, 
     _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
                          C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
                          out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                         FP32_PRECISION=fp32_precision(inp.dtype), **cfg)
+                         FP32_PRECISION=prec, **cfg)
     return out
 
 
@@ -316,7 +318,8 @@ def segment_grad(L, R, g, g_strides, plan, off, scale, seed, p, r_max, *, scaled
     grid = (n, triton.cdiv(r_max, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _grad_kernel[grid](L, R, g, plan.rows, plan.bounds, off, scale, seed, C, p, 1.0 / (1.0 - p),
                        L.stride(0), L.stride(1), R.stride(0), R.stride(1), g_strides[0], g_strides[1],
-                       HAS_DROPOUT=dropout, HAS_SCALE=scaled, FP32_PRECISION=fp32_precision(base_dtype), **cfg)
+                       HAS_DROPOUT=dropout, HAS_SCALE=scaled,
+                       FP32_PRECISION=lora_precision(base_dtype, g.dtype), **cfg)
     return g
 
 
@@ -415,30 +418,32 @@ def compile_specs():
     fns = {"shrink": _shrink_kernel, "expand": _expand_kernel, "grad": _grad_kernel}
     specs = []
     for xdt, adt in _DTYPES:
-        prec = "ieee" if xdt == "fp32" else "tf32"
         for kname, role, ptrs, drops, scaled, regimes, values in _LAUNCHES:
+            # shrink (S, dS) and grad (dA, dB) feed adapter gradients: tf32x3 for fp32 adapters on a half
+            # base (kernels/_common.lora_precision); expand (y, dx) is rounded to the base dtype
+            prec = "ieee" if xdt == "fp32" else ("tf32x3" if adt == "fp32" and kname != "expand" else "tf32")
             fn = fns[kname]
             for drop in drops:
                 for regime in regimes:
-                    cfg = dict(_gpu_cfg(kname, regime.split("+")[0]))
+                    cfg = dict(_gpu_cfg(kname, regime.split("+")[0], prec))
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
                     pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
                     pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64")
                     sig, consts, attrs = specialize(fn, meta, pointers, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"multi_lora_{kname}[{role}, {regime}] x={xdt} ab={adt} drop={int(drop)} "
+                        f"multi_lora_{kname}[{role}, {regime}] x={xdt} ab={adt}/{prec} drop={int(drop)} "
                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
                         fn, sig, consts, warps, stages, attrs=attrs))
     return specs
 
 
-def _gpu_cfg(kernel, regime):
+def _gpu_cfg(kernel, regime, precision):
     """The GPU config even when the interpreter is on (compile_specs describes the shipped GPU configs)."""
     import os
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return _cfg(kernel, regime)
+        return _cfg(kernel, regime, precision)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved

@@ -248,9 +248,14 @@ def check_parity(pb: Problem, got: dict, oracle: dict | None = None, peft: dict 
     peft = peft if peft is not None else run_peft(pb)
     scale = run_oracle(abs_problem(pb))
     assert set(got) == set(oracle) == set(peft), (set(got), set(oracle), set(peft))
-    for name in oracle:
-        assert_baseline_sane(f"PEFT {name}", peft[name], oracle[name], scale=scale[name])
-        assert_close(name, got[name], oracle[name], peft[name], scale=scale[name])
+    errors = []
+    for name in oracle:                    # every output checked; all failures reported together
+        try:
+            assert_baseline_sane(f"PEFT {name}", peft[name], oracle[name], scale=scale[name])
+            assert_close(name, got[name], oracle[name], peft[name], scale=scale[name])
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
 
 
 # ---------------------------------------------------------------------------
