@@ -121,6 +121,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         deterministic = torch.are_deterministic_algorithms_enabled()
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    if not save_s and not torch.compiler.is_compiling():
+        # inference in eager mode: no graph to record, so the op's dispatcher / autograd layers are skipped
+        y, _ = ops.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out, False,
+                           resolve_backend_choice(backend))
+        return y
     y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
                                save_s, bool(deterministic), resolve_backend_choice(backend))
     return y

@@ -128,15 +128,22 @@ def torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dro
 # custom ops
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("fastlora::multi_lora_fwd", mutates_args=())
-def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                   offsets: Tensor, scalings: Tensor, ids: Tensor, r_max: int, dropout_p: float, seed: Tensor,
-                   fan_in_fan_out: bool, save_s: bool, regime: str, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out,
+             save_s, regime, backend):
+    """The forward itself on the selected backend (eager inference calls it directly, like fastlora.ops.forward)."""
     if select_backend(x.device, backend) == "triton":
         return _kernels().multi_lora_fwd(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max,
                                          dropout_p, seed, fan_in_fan_out, save_s, regime)
     return torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
                          fan_in_fan_out, save_s)
+
+
+@torch.library.custom_op("fastlora::multi_lora_fwd", mutates_args=())
+def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   offsets: Tensor, scalings: Tensor, ids: Tensor, r_max: int, dropout_p: float, seed: Tensor,
+                   fan_in_fan_out: bool, save_s: bool, regime: str, backend: str) -> tuple[Tensor, Tensor]:
+    return _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
+                    fan_in_fan_out, save_s, regime, backend)
 
 
 @multi_lora_fwd.register_fake
@@ -263,8 +270,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
         seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
-    y, _ = multi_lora_fwd(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings.float(), ids,
-                          bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, resolve_backend_choice(backend))
+    op = multi_lora_fwd if save_s or torch.compiler.is_compiling() else _forward   # eager inference: no op layers
+    y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings.float(), ids,
+              bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, resolve_backend_choice(backend))
     return y
 
 

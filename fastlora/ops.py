@@ -27,16 +27,23 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                    scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool, save_s: bool,
-                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
-    # deterministic only shapes the backward; it is an input here so setup_context can keep it.
+def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend):
+    """The forward computation itself, on the selected backend. The custom op below wraps it; inference
+    calls in eager mode (nothing to differentiate, not tracing) call it directly, skipping the op's
+    dispatcher and autograd layers (fastlora.functional)."""
     if select_backend(x.device, backend) == "triton":
         return _kernels().lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
     return reference.torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool, save_s: bool,
+                    deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    # deterministic only shapes the backward; it is an input here so setup_context can keep it.
+    return forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend)
 
 
 @lora_linear_fwd.register_fake

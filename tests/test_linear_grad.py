@@ -174,6 +174,24 @@ def test_training_false_ignores_dropout(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_fast_path_is_the_op(backend, monkeypatch):
+    """Under no_grad, eager calls skip the custom op's layers (fastlora.ops.forward directly): same result,
+    bitwise, as the op; with grad enabled, and under torch.compile, the op itself is called."""
+    from fastlora import ops
+    pb = make_problem(Case(dtype="bf16+fp32", M=33, KN=(40, 24), r=8, layout="3d", p=0.0))
+    args = (pb.x.detach(), pb.weight, pb.bias.detach(), pb.A.detach(), pb.B.detach(), pb.scaling)
+    calls = []
+    real_op = ops.lora_linear_fwd
+    monkeypatch.setattr(ops, "lora_linear_fwd", lambda *a: calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        y_fast = lora_linear(*args, backend=backend)
+    assert calls == []
+    y_op = lora_linear(args[0].requires_grad_(), *args[1:], backend=backend)
+    assert calls == [1]
+    assert torch.equal(y_fast, y_op.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_seed_default_follows_torch_generator(backend):
     pb = make_problem(Case(dtype="fp32", M=16, KN=(24, 20), r=4, layout="contig"))
     args = (pb.x, pb.weight, pb.bias, pb.A, pb.B, pb.scaling, 0.3)
