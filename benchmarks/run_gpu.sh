@@ -5,10 +5,13 @@
 #     bash benchmarks/run_gpu.sh [OUT_DIR]        # default OUT_DIR: benchmarks/results
 #
 # 1. the GPU tests (tests/test_gpu.py: the compiled kernels vs float64 and PEFT; CUDA-graph capture),
-# 2. issue 2's paired ratios (python -m benchmarks.bench_linear),
-# 3. the microbenchmarks (bench_linear, bench_multi, bench_merge: pytest-benchmark, CSV + PNG),
-# 4. the paper's Table 1 (python -m benchmarks.paper_table, all columns, 100 trials),
-# 5. saved-for-backward memory (python -m benchmarks.memory).
+# 2. the probe (python -m benchmarks.gpu_probe: kernel-only times, per-kernel profile, tuned configs),
+# 3. issue 2's paired ratios (python -m benchmarks.bench_linear),
+# 4. the microbenchmarks (bench_multi, bench_linear, bench_merge: pytest-benchmark, CSV + PNG),
+# 5. the paper's Table 1 (python -m benchmarks.paper_table, all columns, 100 trials),
+# 6. saved-for-backward memory (python -m benchmarks.memory).
+# The first GPU run (15 minutes of device time, benchmarks/results/h200_2026-11-26/) needed about: tests
+# 170 s (-n 12, compiles dominate), probe 75 s, ratios > 50 s, bench_multi 40 s, paper table > 70 s.
 # Each step has its own time limit (seconds, overridable: T_TESTS=… bash benchmarks/run_gpu.sh), so one
 # slow step cannot starve the others; a failing step is reported and the next one runs. The exit
 # status is the number of failed steps.
@@ -30,9 +33,13 @@ step() {
 step 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step 30 python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-step "${T_TESTS:-200}" python3 -m pytest -q -n "${JOBS:-8}" -p no:cacheprovider -rfE --tb=short \
+# parallel workers (pytest-xdist) when installed: the GPU tests' time is mostly Triton compiling
+par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${JOBS:-12}")
+export FASTLORA_LIVE_REPORT="$OUT_DIR/gpu_tests_live.txt"      # a line per test as it ends (cut-off safe)
+step "${T_TESTS:-200}" python3 -m pytest -q $par -p no:cacheprovider -p tests._live_report -rfE --tb=short \
     tests/test_gpu.py tests/test_multi_kernels.py::test_cuda_graph_capture
-step "${T_RATIOS:-60}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"
+step "${T_PROBE:-100}" python3 -m benchmarks.gpu_probe
+step "${T_RATIOS:-90}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"
 step "${T_MULTI:-70}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
 step "${T_PAPER:-90}" python3 -m benchmarks.paper_table --device cuda --out-dir "$OUT_DIR" --no-progress
 step "${T_MICRO:-90}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_linear.py benchmarks/bench_merge.py \
