@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting,
-                      lora_precision,
-                      m_bucket, wants_fp32_tiles, union, x_as_3d)
+from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
+                      fp32_precision, interpreting, lora_precision, m_bucket, union, wants_fp32_tiles, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
+# (128-row dx tiles, tried after an H200 run showed this kernel at 2.4x cuBLAS's dY·W time, spill on
+# sm_80, and on sm_90 with dropout or tf32x3: python -m fastlora.inspect, 2026-11-26.)
 DSDB_BLOCK_M = 16 if interpreting() else 64
 DX_BLOCK_M = 16 if interpreting() else 64
 
@@ -52,6 +53,7 @@ def _dx_configs(fp32: bool = False):
 
 
 def _prune_by_dtype(configs_of, pointer):
+    """early_config_prune: keep the tile list of the dtype / precision tier (fp32 tiles for tf32x3)."""
     def prune(configs, named_args, **kwargs):
         keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, pointer, kwargs))}
         return [c for c in configs if str(c) in keep] or configs
@@ -196,12 +198,16 @@ def _lora_bwd_dx_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)), key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC", "FP32_PRECISION"],
+_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)),
+                        key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC", "FP32_PRECISION"],
                         reset_to_zero=["db_ptr", "dbias_ptr"],
-                        prune_configs_by={"early_config_prune": _prune_by_dtype(_dsdb_configs, "dy_ptr")})(_lora_bwd_dsdb_kernel)
-_dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)), key=["M_BUCKET", "N", "K", "COMPUTE_DX", "ATOMIC"],
+                        prune_configs_by={"early_config_prune": _prune_by_dtype(_dsdb_configs, "dy_ptr")},
+                        )(_lora_bwd_dsdb_kernel)
+_dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)),
+                      key=["M_BUCKET", "N", "K", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "ATOMIC"],
                       reset_to_zero=["da_ptr"],
-                      prune_configs_by={"early_config_prune": _prune_by_dtype(_dx_configs, "dy_ptr")})(_lora_bwd_dx_kernel)
+                      prune_configs_by={"early_config_prune": _prune_by_dtype(_dx_configs, "dy_ptr")},
+                      )(_lora_bwd_dx_kernel)
 
 
 def _split_n(M: int, N: int, R: int, device: torch.device) -> tuple[int, int]:
@@ -275,8 +281,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             ds.stride(0), ds.stride(1), sxb, sxt, sxk,
             dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
-            DA_PRECISION=lprec,
-            BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
+            DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
         dx = dx.reshape(x.shape) if needs_dx else None
     return dx, dA, dB, dbias

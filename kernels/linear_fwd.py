@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, _grouped_tile, _keep, _mma,
-                      _x_row_offsets, acc_dtype, block_r, fp32_precision, interpreting, lora_precision, wants_fp32_tiles,
-                      m_bucket,
-                      union, x_as_3d)
+from ._common import (GEMM_BLOCK_R, MAX_BLOCK_R, MAX_FUSED_R, _grouped_tile, _keep, _mma, _x_row_offsets,
+                      acc_dtype, block_r, fp32_precision, interpreting, lora_precision, m_bucket, union,
+                      wants_fp32_tiles, x_as_3d)
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------
@@ -39,16 +38,20 @@ from ._specs import CompileSpec, specialize
 # (python -m fastlora.inspect); candidates that spilled were dropped, not hidden.
 
 
-def _gemm_configs(fp32: bool = False):
-    """GEMM tiles; fp32 inputs get BLOCK_K = 32 (same bytes per stage as 64 half-precision columns)."""
+def _gemm_configs(fp32: bool = False, one_launch: bool = True):
+    """GEMM tiles; fp32 inputs get BLOCK_K = 32 (same bytes per stage as 64 half-precision columns).
+    The two-launch GEMM (no S tile held through the K-loop) also tries the large Hopper tiles 128x256 and
+    256x128 (an H200 run had 128x128 at ~490 TFLOP/s where cuBLAS reached ~770); next to the one-launch
+    kernel's S they spill."""
     if interpreting():   # the interpreter is slow and has no tiles to tune: one small config
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     if fp32:
         return [cfg(64, 128, 32, 8, 3), cfg(128, 64, 32, 8, 3), cfg(64, 64, 32, 4, 4), cfg(64, 64, 32, 4, 3)]
-    return [cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(64, 128, 64, 8, 3), cfg(128, 64, 64, 8, 3),
-            cfg(64, 64, 64, 4, 4)]
+    tiles = [cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(64, 128, 64, 8, 3), cfg(128, 64, 64, 8, 3),
+             cfg(64, 64, 64, 4, 4)]
+    return tiles if one_launch else tiles + [cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3)]
 
 
 def _shrink_configs(fp32: bool = False):
@@ -61,9 +64,11 @@ def _shrink_configs(fp32: bool = False):
 
 
 def _prune_by_dtype(configs_of):
-    """early_config_prune: keep the tile set made for the input dtype (x_ptr's; fp32 tiles for tf32x3)."""
+    """early_config_prune: keep the tile set made for the input dtype (x_ptr's; fp32 tiles for tf32x3) and,
+    for the GEMM, for its variant (SHRINK_IN_LOOP)."""
     def prune(configs, named_args, **kwargs):
-        keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, "x_ptr", kwargs))}
+        variant = {"one_launch": kwargs["SHRINK_IN_LOOP"]} if "SHRINK_IN_LOOP" in kwargs else {}
+        keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, "x_ptr", kwargs), **variant)}
         return [c for c in configs if str(c) in keep] or configs
     return prune
 
@@ -198,7 +203,8 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_gemm = triton.autotune(configs=union(_gemm_configs(False), _gemm_configs(True)),
+_gemm = triton.autotune(configs=union(_gemm_configs(False, one_launch=False),       # every tile list
+                                      _gemm_configs(True, one_launch=False)),
                         key=["M_BUCKET", "N", "K", "SHRINK_IN_LOOP", "HAS_DROPOUT"],
                         prune_configs_by={"early_config_prune": _prune_by_dtype(_gemm_configs)})(_lora_fwd_kernel)
 _shrink = triton.autotune(configs=union(_shrink_configs(False), _shrink_configs(True)),
@@ -301,8 +307,8 @@ def compile_specs():
     specs = []
     for xdt, adt, prec, lprec in SPEC_DTYPES:
         for drop in (False, True):
-            for cfg in _gemm_configs(xdt == "fp32"):
-                for one in (True, False):
+            for one in (True, False):
+                for cfg in _gemm_configs(xdt == "fp32", one_launch=one):
                     meta = dict(cfg.kwargs, HAS_BIAS=True, HAS_DROPOUT=drop, SHRINK_IN_LOOP=one,
                                 STORE_S=one, FP32_PRECISION=prec, BLOCK_R=GEMM_BLOCK_R)
                     sig, consts, attrs = specialize(_lora_fwd_kernel, meta, {

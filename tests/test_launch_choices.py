@@ -72,3 +72,18 @@ def test_multi_shrink_block_for_tf32x3(monkeypatch):
     assert multi_lora._cfg("shrink", "grouped", "tf32x3")["BLOCK_C"] < multi_lora._cfg("shrink", "grouped")["BLOCK_C"]
     for kernel in ("shrink", "expand", "grad"):          # the token plan's BLOCK_M never depends on precision
         assert multi_lora._cfg(kernel, "decode", "tf32x3")["BLOCK_M"] == multi_lora._cfg(kernel, "decode")["BLOCK_M"]
+
+
+def test_large_gemm_tiles_only_for_the_two_launch_forward(monkeypatch):
+    """128x256 / 256x128 tiles spill next to the one-launch kernel's S tile (python -m fastlora.inspect):
+    the autotuner sees them only for the two-launch GEMM."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    prune = linear_fwd._prune_by_dtype(linear_fwd._gemm_configs)
+    every = _common.union(linear_fwd._gemm_configs(False, one_launch=False),
+                          linear_fwd._gemm_configs(True, one_launch=False))
+    x = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    tiles = lambda one: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])  # noqa: E731
+                         for c in prune(every, x, SHRINK_IN_LOOP=one, FP32_PRECISION="tf32")}
+    big = {(128, 256), (256, 128)}
+    assert big <= tiles(False) and not big & tiles(True)
+    assert tiles(True) < tiles(False)
