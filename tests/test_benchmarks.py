@@ -127,6 +127,27 @@ def test_multi_adapter_row_matches_peft_mixed_batch(torch_backend):
     assert model.names == [f"a{i}" for i in range(16)]
 
 
+def test_multi_adapter_row_half_precision_uses_the_idiom(torch_backend):
+    """In float16 the row is checked against a float32 run of the PEFT model (2x PEFT's own error)."""
+    cfg = tiny_cfg(dtype=torch.float16)
+    made = paper_table.multi_adapter_row(paper_table.build_base(cfg), cfg, "16x256")
+    assert made is not None and made[1] == 16 * cfg.n_layer * paper_table.LORA_R * 4 * cfg.n_embd
+
+
+def test_check_row_catches_a_wrong_row_not_rounding():
+    g = torch.Generator().manual_seed(0)
+    ref32 = torch.randn(4, 8, 16, generator=g)
+    peft = (ref32 + 1e-3 * torch.randn(ref32.shape, generator=g)).half()      # PEFT's own half rounding
+    close = (ref32 + 1.5e-3 * torch.randn(ref32.shape, generator=g)).half()
+    paper_table.check_row("close", close, peft, lambda: ref32)               # within 2x PEFT's error
+    wrong = close.clone()
+    wrong[3] = torch.randn(8, 16, generator=g).half()                         # one sequence, other adapter
+    with pytest.raises(RuntimeError, match="wrong row disagrees with PEFT"):
+        paper_table.check_row("wrong", wrong, peft, lambda: ref32)
+    with pytest.raises(RuntimeError, match="disagrees"):                     # float32 table: its own reference
+        paper_table.check_row("f32", ref32 + 1e-3, ref32, None)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def test_paper_table_main_writes_csv_and_png(tmp_path, torch_backend, capsys):
