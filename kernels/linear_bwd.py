@@ -25,7 +25,7 @@ from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, 
 from ._specs import CompileSpec, specialize
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
-# (128-row dx tiles, tried after an H200 run showed this kernel at 2.4x cuBLAS's dY·W time, spill on
+# (128-row dx tiles, tried after an H200 run showed this kernel at about 2x a cuBLAS GEMM's time, spill on
 # sm_80, and on sm_90 with dropout or tf32x3: python -m fastlora.inspect, 2026-11-26.)
 DSDB_BLOCK_M = 16 if interpreting() else 64
 DX_BLOCK_M = 16 if interpreting() else 64
