@@ -210,13 +210,13 @@ _dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)),
                       )(_lora_bwd_dx_kernel)
 
 
-def _split_n(M: int, N: int, R: int, device: torch.device) -> tuple[int, int]:
+def _split_n(M: int, N: int, R: int, BR: int, device: torch.device) -> tuple[int, int]:
     """(SPLIT_N, N_PER_SPLIT): split dY's columns so kernel 1 has ~2 programs per SM.
     N_PER_SPLIT is a multiple of 256 (whole BLOCK_N tiles, aligned loads); any value is correct."""
     if device.type != "cuda":
         return 1, max(N, 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = triton.cdiv(M, DSDB_BLOCK_M) * triton.cdiv(R, block_r(R))
+    programs = triton.cdiv(M, DSDB_BLOCK_M) * triton.cdiv(R, BR)
     split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(N, 256)))
     per = triton.cdiv(triton.cdiv(N, split), 256) * 256
     return triton.cdiv(N, per), per
@@ -246,7 +246,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
 
     # kernel 1: dS (always: dx and dA need it), dB, dbias
     if split_n is None:
-        split, per = _split_n(M, N, R, dev)
+        split, per = _split_n(M, N, R, BR, dev)
     else:
         per = triton.cdiv(N, split_n)
         split = triton.cdiv(N, per)
