@@ -281,3 +281,17 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
     assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 64
     assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
     assert all(r["saved_bytes"] > 0 for r in rows.values())
+
+
+def test_tile_sweep_runs_every_candidate_and_checks_it():
+    """The GPU tile sweep's machinery at toy size in the interpreter: each candidate config really runs (the
+    autotuner restricted to it), its result is checked against float64, and the kernels get their lists back."""
+    from benchmarks import tile_sweep
+    from fastlora.kernels import linear_bwd, linear_fwd
+    before = (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs))
+    rows = tile_sweep.sweep(d=40, M=20, r=4, device=torch.device("cpu"), dtype=torch.float32)
+    n_fwd, n_dx = len(tile_sweep.fwd_candidates()), len(tile_sweep.dx_candidates())
+    assert [r["kernel"] for r in rows] == ["fwd"] * n_fwd + ["dx p=0.0"] * n_dx + ["dx p=0.1"] * n_dx
+    assert all(r["error"] == "" for r in rows), [r["error"] for r in rows]
+    assert len({r["config"] for r in rows if r["kernel"] == "fwd"}) == n_fwd
+    assert (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs)) == before
