@@ -218,7 +218,6 @@ def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
     wrapped = _PerSequenceAdapters(MultiAdapterModel(model), names).eval()
     with torch.inference_mode():
         check_row("fastlora multi-adapter", forward(wrapped, ids), ref, lambda: peft_mixed(fp32))
-    del fp32
     return wrapped, params, None
 
 
