@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from benchmarks import adapters as adp
-from benchmarks import common, paper_table, plot, traffic
+from benchmarks import common, paper_table, plot, tile_sweep, traffic
+# Imported here, at collection, while conftest's TRITON_INTERPRET=1 holds: Triton fixes a kernel's mode when
+# its module is imported, and the torch_backend fixture below sets TRITON_INTERPRET=0 for model-level tests.
+from fastlora.kernels import linear_bwd, linear_fwd
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--bottleneck", "3", "--no-progress"]
 
@@ -286,8 +289,6 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
 def test_tile_sweep_runs_every_candidate_and_checks_it():
     """The GPU tile sweep's machinery at toy size in the interpreter: each candidate config really runs (the
     autotuner restricted to it), its result is checked against float64, and the kernels get their lists back."""
-    from benchmarks import tile_sweep
-    from fastlora.kernels import linear_bwd, linear_fwd
     before = (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs))
     rows = tile_sweep.sweep(d=40, M=20, r=4, device=torch.device("cpu"), dtype=torch.float32)
     n_fwd, n_dx = len(tile_sweep.fwd_candidates()), len(tile_sweep.dx_candidates())
