@@ -13,8 +13,12 @@ Shapes: W (N, K), or (K, N) for fan_in_fan_out (strides, no copy) · A (r, K) ·
 Reductions over M (dB, dbias, dA) either go through fp32 atomics (default) or, in deterministic
 mode, into per-row-tile partial buffers summed by torch afterwards: no atomics, bitwise repeatable.
 dS is split over N only to fill the GPU; its partials (SPLIT_N, M, r) are summed the same way.
+Without dropout a second variant, "split", runs dx on the forward's GEMM kernel (dY·W0ᵀ with dS·A in its
+epilogue, through strides) and kernel 2 for dA only; on a GPU the faster is kept per shape.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,6 +27,7 @@ import triton.language as tl
 from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
                       fp32_precision, interpreting, lora_precision, m_bucket, union, wants_fp32_tiles, x_as_3d)
 from ._specs import CompileSpec, specialize
+from .linear_fwd import gemm_lowrank
 
 # Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
 # (128-row dx tiles, tried after an H200 run showed this kernel at about 2x a cuBLAS GEMM's time, spill on
@@ -267,24 +272,59 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
     dB = (db if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
     dbias = (dbias if atomic else dbias.sum(0)) if needs_dbias else None
 
-    # kernel 2: dx and dA on the tiles of x
-    dx = dA = None
-    if needs_dx or needs_dA:
-        dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx else unused
+    # kernel 2: dx and dA on the tiles of x ("fused"), or dx on the forward's GEMM + a dA pass ("split")
+    p = float(dropout_p)
+
+    def dx_da(variant):
+        split_dx = variant == "split" and needs_dx
+        dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx and not split_dx else unused
         da = (alloc((R, K) if atomic else (triton.cdiv(M, DX_BLOCK_M), R, K), **f32)) if needs_dA else unused
         da3 = ((0, *da.stride()) if atomic else da.stride()) if needs_dA else (0, 0, 0)
-        p = float(dropout_p)
-        grid = lambda meta: (triton.cdiv(M, DX_BLOCK_M) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-        _dx[grid](
-            dy2, weight, lora_A, ds, x3, dx, da, seed, M, N, K, R, T, m_bucket(M), p, 1.0 / (1.0 - p),
-            dy2.stride(0), dy2.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
-            ds.stride(0), ds.stride(1), sxb, sxt, sxk,
-            dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
-            HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic, FP32_PRECISION=prec,
-            DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
+        if needs_dA or not split_dx:
+            grid = lambda meta: (triton.cdiv(M, DX_BLOCK_M) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+            _dx[grid](
+                dy2, weight, lora_A, ds, x3, dx, da, seed, M, N, K, R, T, m_bucket(M), p, 1.0 / (1.0 - p),
+                dy2.stride(0), dy2.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
+                ds.stride(0), ds.stride(1), sxb, sxt, sxk,
+                dx.stride(0) if needs_dx and not split_dx else 0, dx.stride(1) if needs_dx and not split_dx else 0,
+                *da3, HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx and not split_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic,
+                FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
+        if split_dx:     # dx[m, c] = Σ_j dY[m, j]·W[j, c] + Σ_j dS[m, j]·A[j, c]: W0ᵀ and Aᵀ through strides
+            dx = gemm_lowrank(dy2, (weight, stride_wk, stride_wn), K, ds,
+                              (lora_A, lora_A.stride(1), lora_A.stride(0)))
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
-        dx = dx.reshape(x.shape) if needs_dx else None
+        return (dx.reshape(x.shape) if needs_dx else None), dA
+
+    dx = dA = None
+    if needs_dx or needs_dA:
+        key = (m_bucket(M), N, K, R, x.dtype, lora_A.dtype, needs_dA, atomic)
+        dx, dA = dx_da(_choose_bwd_variant(dx_da, key, p, needs_dx, x.is_cuda and not interpreting()))
     return dx, dA, dB, dbias
+
+
+BWD_VARIANTS = ("fused", "split")
+_bwd_variant_cache: dict = {}
+
+
+def _choose_bwd_variant(run, key, p: float, needs_dx: bool, on_gpu: bool) -> str:
+    """"fused": one kernel for dx (LoRA term first, then dY·W) and dA. "split": dx on the forward's two-launch
+    GEMM (dY·W0ᵀ with dS·A in its epilogue; its large tiles) plus a dA-only pass of the dx kernel — only
+    without dropout (the GEMM epilogue does not mask). On a GPU both are timed once per shape key (an H200 run
+    had the fused dx kernel at 435 µs where the forward GEMM of the same size took 283 µs); off the GPU,
+    fused. FASTLORA_BWD_VARIANT pins one where it applies."""
+    pinned = os.environ.get("FASTLORA_BWD_VARIANT", "auto")
+    if pinned not in ("auto",) + BWD_VARIANTS:
+        raise ValueError(f"FASTLORA_BWD_VARIANT must be 'auto', 'fused' or 'split', got {pinned!r}")
+    if p > 0 or not needs_dx:
+        return "fused"
+    if pinned != "auto":
+        return pinned
+    if not on_gpu:
+        return "fused"
+    if key not in _bwd_variant_cache:
+        ms = {v: triton.testing.do_bench(lambda v=v: run(v)) for v in BWD_VARIANTS}
+        _bwd_variant_cache[key] = min(ms, key=ms.get)
+    return _bwd_variant_cache[key]
 
 
 def compile_specs():

@@ -235,15 +235,38 @@ def _launch(variant, x3, M, T, sxb, sxt, sxk, w, bias, a, b, scale, seed, p, fan
         _shrink[grid](x3, a, S, seed, M, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk,
                       a.stride(0), a.stride(1), S.stride(0), S.stride(1), BLOCK_R=block_r(R, s_prec),
                       HAS_DROPOUT=p > 0, FP32_PRECISION=s_prec)
+    _run_gemm(x3, M, T, sxb, sxt, sxk, (w, stride_wn, stride_wk), N, bias, a, (b, b.stride(0), b.stride(1)), S,
+              y, scale, seed, p, one, one and save_s, prec)
+    return y, (S if save_s else S[:0])
+
+
+def _run_gemm(x3, M, T, sxb, sxt, sxk, w_strided, N, bias, a, b_strided, S, y, scale, seed, p, one, store_s, prec):
+    """The GEMM kernel on y (M, N): w_strided = (W, stride over n, stride over k), b_strided = (B, stride over
+    n, stride over r); a (r, K) is read only by the one-launch variant."""
+    (w, stride_wn, stride_wk), (b, stride_bn, stride_br) = w_strided, b_strided
+    K, R = x3.shape[-1], S.shape[1]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm[grid](x3, w, bias if bias is not None else y, a, b, S, y, scale, seed,
-                M, N, K, R, T, m_bucket(M), p, inv_keep, sxb, sxt, sxk, stride_wn, stride_wk,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                M, N, K, R, T, m_bucket(M), p, 1.0 / (1.0 - p), sxb, sxt, sxk, stride_wn, stride_wk,
+                a.stride(0), a.stride(1), stride_bn, stride_br,
                 S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
                 y.stride(0), y.stride(1),
-                HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=one and save_s, BLOCK_R=GEMM_BLOCK_R,
+                HAS_BIAS=bias is not None, SHRINK_IN_LOOP=one, STORE_S=store_s, BLOCK_R=GEMM_BLOCK_R,
                 HAS_DROPOUT=p > 0, FP32_PRECISION=prec)
-    return y, (S if save_s else S[:0])
+
+
+def gemm_lowrank(x, w_strided, N: int, L: torch.Tensor, b_strided) -> torch.Tensor:
+    """y (M, N) = x·Wᵀ + L·Bᵀ in x's dtype, one rounding: the two-launch forward's GEMM with a given low-rank
+    factor L (M, r) (fp32; fp64 for fp64 x) in place of S and scale 1. W and B come with explicit strides
+    (w_strided = (W, stride over n, stride over k), b_strided = (B, stride over n, stride over r)), so the
+    backward can run dx = dY·W + dS·A on it (x = dY, W = W0ᵀ, B = Aᵀ) — see linear_bwd's "split" variant."""
+    x3, M, T, sxb, sxt, sxk = x_as_3d(x)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    one = torch.ones((), device=x.device, dtype=acc_dtype(x.dtype))
+    no_seed = torch.zeros((), device=x.device, dtype=torch.int64)        # never read (no dropout)
+    _run_gemm(x3, M, T, sxb, sxt, sxk, w_strided, N, None, L, b_strided, L, y, one, no_seed, 0.0, False, False,
+              fp32_precision(x.dtype))
+    return y
 
 
 def _choose_variant(args, key, rank: int, p: float, on_gpu: bool, x3_s: bool = False) -> str:
@@ -331,7 +354,21 @@ def compile_specs():
                         f"{cfg.kwargs['BLOCK_K']} r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
                 specs.append(CompileSpec(name, _lora_shrink_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
                                          attrs=attrs))
+        # the backward's "split" dx (gemm_lowrank): dY·W0ᵀ + dS·A on the two-launch GEMM — W read transposed
+        # (as for fan_in_fan_out), B = Aᵀ, no bias, no dropout, the low-rank factor fp32
+        wt = dict(values, stride_wn=1, stride_wk=N, stride_bn=1, stride_br=K)
+        for cfg in _gemm_configs(xdt == "fp32", one_launch=False):
+            meta = dict(cfg.kwargs, HAS_BIAS=False, HAS_DROPOUT=False, SHRINK_IN_LOOP=False, STORE_S=False,
+                        FP32_PRECISION=prec, BLOCK_R=GEMM_BLOCK_R)
+            sig, consts, attrs = specialize(_lora_fwd_kernel, meta, {
+                "x_ptr": xdt, "w_ptr": xdt, "bias_ptr": xdt, "a_ptr": "fp32", "b_ptr": adt,
+                "s_ptr": "fp32", "y_ptr": xdt, "scale_ptr": "fp32", "seed_ptr": "i64"}, wt, floats=("p", "inv_keep"))
+            name = (f"lora_fwd[split-dx, Wᵀ] x={xdt} ab={adt}/{prec} drop=0 "
+                    f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} "
+                    f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}")
+            specs.append(CompileSpec(name, _lora_fwd_kernel, sig, consts, cfg.num_warps, cfg.num_stages,
+                                     attrs=attrs))
     return specs
 
 
-__all__ = ["lora_fwd", "compile_specs", "VARIANTS"]
+__all__ = ["lora_fwd", "gemm_lowrank", "compile_specs", "VARIANTS"]

@@ -53,13 +53,19 @@ LARGE = [lp.Case(dtype=d, r=16, M=1000, KN=(1000, 1096), layout="3d", bias=True,
     lp.Case(dtype="fp16", r=3, M=1025, KN=(1000, 520), layout="3d_t", fan_in_fan_out=True, p=0.0),
     lp.Case(dtype="bf16+fp32", r=128, M=300, KN=(4096, 4096), layout="contig", p=0.1),
 ]
+# "split": the backward's dx on the forward GEMM (only without dropout)
+SPLIT = [lp.Case(dtype=d, r=16, M=1000, KN=(1000, 1096), layout="3d", p=0.0) for d in lp.DTYPES] + [
+    lp.Case(dtype="bf16", r=64, M=777, KN=(520, 1000), layout="slice", fan_in_fan_out=True, p=0.0)]
 CASES = ([(c, "one") for c in lp.PAIRWISE] + [(c, "two") for c in lp.PAIRWISE]
-         + [(c, "auto") for c in lp.SWEEPS + LARGE])
+         + [(c, "auto") for c in lp.SWEEPS + LARGE] + [(c, "split") for c in SPLIT])
 
 
 @pytest.mark.parametrize("case,variant", CASES, ids=[f"{c.id}-{v}" for c, v in CASES])
 def test_linear_parity_gpu(case, variant, monkeypatch):
-    monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
+    if variant == "split":
+        monkeypatch.setenv("FASTLORA_BWD_VARIANT", "split")
+    else:
+        monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
     pb = gpu_problem(case)
     lp.check_parity(pb, lp.run_fastlora(pb, "triton"))
 

@@ -16,7 +16,8 @@ import sys
 import pytest
 
 # heaviest combination per kernel family; every tile/warp/stage config of each is included
-CI_SUBSET = r"(x=bf16 ab=(bf16|fp32)[^ ]*|x=fp32 ab=fp32(/ieee)?) (drop=1|atomic=\d \d|atomic=\d drop=1)"
+CI_SUBSET = (r"(x=bf16 ab=(bf16|fp32)[^ ]*|x=fp32 ab=fp32(/ieee)?) (drop=1|atomic=\d \d|atomic=\d drop=1)"
+             r"|^lora_fwd\[split-dx.* (x=bf16|x=fp32 ab=fp32/ieee) ")         # the backward's dx on the GEMM
 
 
 def _env():
@@ -41,7 +42,8 @@ def test_every_shipped_config_compiles_without_spills(report):
     sms = [r.split()[-6] for r in rows]
     assert sms.count("80") == sms.count("90") == len(rows) // 2, sms
     assert all(r.rstrip().endswith("ok") for r in rows), "\n".join(r for r in rows if not r.rstrip().endswith("ok"))
-    for fam in ("lora_fwd[one-launch]", "lora_fwd[two-launch]", "lora_shrink", "lora_bwd_dsdb", "lora_bwd_dx"):
+    for fam in ("lora_fwd[one-launch]", "lora_fwd[two-launch]", "lora_fwd[split-dx", "lora_shrink", "lora_bwd_dsdb",
+                "lora_bwd_dx"):
         assert any(r.startswith(fam) for r in rows), f"no {fam} config compiled"
 
 

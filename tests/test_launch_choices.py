@@ -87,3 +87,20 @@ def test_large_gemm_tiles_only_for_the_two_launch_forward(monkeypatch):
     big = {(128, 256), (256, 128)}
     assert big <= tiles(False) and not big & tiles(True)
     assert tiles(True) < tiles(False)
+
+
+def test_backward_variant_choice(monkeypatch):
+    """"split" (dx on the forward's GEMM) only serves calls without dropout that need dx; off the GPU the
+    fused kernel is the default; a pin applies where the variant is free; a bad pin is an error."""
+    from fastlora.kernels import linear_bwd
+    monkeypatch.delenv("FASTLORA_BWD_VARIANT", raising=False)
+    choose = linear_bwd._choose_bwd_variant
+    never = lambda v: (_ for _ in ()).throw(AssertionError("no timing off the GPU"))  # noqa: E731
+    assert choose(never, None, 0.0, True, on_gpu=False) == "fused"
+    monkeypatch.setenv("FASTLORA_BWD_VARIANT", "split")
+    assert choose(never, None, 0.0, True, on_gpu=False) == "split"
+    assert choose(never, None, 0.1, True, on_gpu=True) == "fused"       # the GEMM epilogue does not mask
+    assert choose(never, None, 0.0, False, on_gpu=True) == "fused"      # no dx: nothing to split
+    monkeypatch.setenv("FASTLORA_BWD_VARIANT", "both")
+    with pytest.raises(ValueError, match="FASTLORA_BWD_VARIANT"):
+        choose(never, None, 0.0, True, on_gpu=False)
