@@ -18,7 +18,6 @@ import torch
 from fastlora.backend import interpreting
 from tests import test_linear_parity as lp
 from tests import test_multi_parity as mp
-from tests._tolerance import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or interpreting(),
@@ -102,67 +101,16 @@ def test_torch_compile_gpu():
 
 # ----------------------------------------------------------------------------- multi-adapter
 
-def _multi_gpu(K, N, ranks, xdt, adt, lead, requires_grad=False):
-    x, W, b, bank = mp.setup(K, N, ranks, xdt, adt, lead, requires_grad=requires_grad)
-    return x.to(DEV), W.to(DEV), b.to(DEV), bank.to(DEV)
-
-
 MULTI_FWD = [c for c in mp.FWD_CASES if c[-1] == "triton"]
 
 
 @pytest.mark.parametrize("case", MULTI_FWD, ids=[c[0] for c in MULTI_FWD])
 @pytest.mark.parametrize("KN", [(45, 70), (1000, 1096)], ids=lambda kn: f"K{kn[0]}N{kn[1]}")
 def test_multi_forward_gpu(case, KN):
-    from fastlora.multi import MultiLoraLinear
-    _, xdt, adt, ranks, lead, kind, regime, _ = case
-    K, N = KN
-    x, W, b, bank = _multi_gpu(K, N, ranks, xdt, adt, lead)
-    ids = mp.make_ids(kind, len(bank), lead).to(DEV)
-    layer = MultiLoraLinear(torch.nn.Linear(K, N, dtype=xdt, device=DEV), bank, regime=regime)
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(W)
-        layer.base_layer.bias.copy_(b)
-        y = layer(x, ids)
-    it = mp.tok_ids(ids, x)
-    ref = mp.oracle(x.double(), W.double(), b.double(), mp.split(bank, torch.float64), it, 0.0, 0)
-    assert_close("y", y, ref, mp.baseline(x, W, b, mp.split(bank), it, 0.0, 0))
+    mp.check_forward(case, *KN, device=DEV)
 
 
 @pytest.mark.parametrize("case", mp.GRAD_CASES, ids=[c[0] for c in mp.GRAD_CASES])
 @pytest.mark.parametrize("KN", [(38, 52), (1000, 1096)], ids=lambda kn: f"K{kn[0]}N{kn[1]}")
 def test_multi_grad_gpu(case, KN):
-    from fastlora.multi import multi_lora_linear
-    _, xdt, adt, lead, p, regime = case
-    K, N = KN
-    seed = 1234
-    x, W, b, bank = _multi_gpu(K, N, mp.MIXED + (8,), xdt, adt, lead, requires_grad=True)
-    kind = "per-seq" if len(lead) > 1 else "random"
-    ids = mp.make_ids(kind, len(bank), lead).to(DEV)
-    x.requires_grad_(True)
-    bias = b.clone().requires_grad_(True)
-    y = multi_lora_linear(x, W, bias, bank, ids, p, True, seed=seed, regime=regime)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(DEV, xdt)
-    y.backward(dy)
-
-    it = mp.tok_ids(ids, x)
-    x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    ad64 = mp.split(bank, torch.float64, requires_grad=True)
-    mp.oracle(x64, W.double(), b64, ad64, it, p, seed).backward(dy.double())
-    xb, bb = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-    adb = mp.split(bank, requires_grad=True)
-    mp.baseline(xb, W, bb, adb, it, p, seed).backward(dy)
-
-    sx, sbias, sad = mp.abs_scales(x, W, b, mp.split(bank), it, p, seed, dy)
-    checks = [("dx", x.grad, x64.grad, xb.grad, sx), ("dbias", bias.grad, b64.grad, bb.grad, sbias)]
-    off = 0
-    for k, r in enumerate(bank.ranks):
-        checks += [(f"dA[{k}] r={r}", bank.lora_A.grad[off:off + r], ad64[k][0].grad, adb[k][0].grad, sad[k][0]),
-                   (f"dB[{k}] r={r}", bank.lora_B.grad[:, off:off + r], ad64[k][1].grad, adb[k][1].grad, sad[k][1])]
-        off += r
-    errors = []
-    for name, got, ref, base, scale in checks:     # every tensor checked, all failures reported together
-        try:
-            assert_close(name, got, ref, base, scale=scale)
-        except AssertionError as e:
-            errors.append(str(e))
-    assert not errors, "\n".join(errors)
+    mp.check_grads(case, None, *KN, device=DEV)
