@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/tile_sweep_<device>.csv)")
     a = ap.parse_args(argv)
+    for name, vals in (("--d", a.d), ("--tokens", [a.tokens]), ("--r", [a.r])):
+        if min(vals) < 1:
+            ap.error(f"{name} must be >= 1, got {min(vals)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not interpreting():
         ap.error("needs a CUDA device (or TRITON_INTERPRET=1 for a toy-size dry run)")

@@ -127,7 +127,7 @@ def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
     """input_precision of the dots whose fp32 results are, or feed, adapter gradients: S = x·Aᵀ
     (saved for dB), dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·x. fp32 adapters on a half base (PEFT's
     default) get "tf32x3" (three tf32 products: about fp32 accuracy, as PEFT's fp32 matmuls); plain
-    tf32 there left dA with ~2^-11 relative errors, 500-9000x PEFT's (tests/test_gpu.py on an H200,
+    tf32 there left dA with ~2^-11 relative errors, 460-9100x PEFT's (tests/test_gpu.py on an H200,
     2026-11-26). Every other case: fp32_precision. Dots whose results are rounded to half (y, dx) keep
     fp32_precision."""
     if x_dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32:

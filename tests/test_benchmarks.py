@@ -296,3 +296,11 @@ def test_tile_sweep_runs_every_candidate_and_checks_it():
     assert all(r["error"] == "" for r in rows), [r["error"] for r in rows]
     assert len({r["config"] for r in rows if r["kernel"] == "fwd"}) == n_fwd
     assert (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs)) == before
+
+
+@pytest.mark.parametrize("args,match", [(["--d", "0"], "--d must be >= 1"), (["--r", "-1"], "--r must be >= 1"),
+                                        (["--tokens", "0"], "--tokens must be >= 1")])
+def test_tile_sweep_rejects_bad_sizes(args, match, capsys):
+    with pytest.raises(SystemExit):
+        tile_sweep.main(args)
+    assert match in capsys.readouterr().err
