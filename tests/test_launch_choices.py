@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastlora.kernels import _common, linear_bwd, linear_fwd, multi_lora
+from fastlora.kernels._torch_compat import cuda_matmul_tf32
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -22,12 +23,14 @@ def test_fp32_adapters_on_half_base_get_tf32x3_for_gradient_dots(x_dtype):
     assert _common.fp32_precision(x_dtype) == "tf32"                   # y and dx are rounded to half
 
 
-def test_fp32_base_follows_torch_matmul_setting(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _common.lora_precision(torch.float32, torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _common.lora_precision(torch.float32, torch.float32) == "tf32"
-    assert _common.lora_precision(torch.float64, torch.float64) == "ieee"
+def test_fp32_base_follows_torch_matmul_setting():
+    # set and restored through torch's current API (fp32_precision) where it exists; the kernels must read
+    # it through the same API (reading the deprecated allow_tf32 after it raises in torch >= 2.9)
+    with cuda_matmul_tf32(False):
+        assert _common.lora_precision(torch.float32, torch.float32) == "ieee"
+    with cuda_matmul_tf32(True):
+        assert _common.lora_precision(torch.float32, torch.float32) == "tf32"
+        assert _common.lora_precision(torch.float64, torch.float64) == "ieee"
 
 
 def test_rank_block_is_capped_for_tf32x3():
