@@ -3,6 +3,14 @@
 Every CSV written by the benchmarks carries the same provenance columns
 (``device``, ``dtype`` where relevant, ``versions``, ``timestamp``) so a result
 file can be read without knowing how it was produced.
+
+Output folder (one rule for every benchmark, ``output_dir``): ``--out-dir`` if given, else the
+environment variable FASTLORA_BENCH_OUT, else ``benchmarks/out/`` (git-ignored). The committed
+reference results under ``benchmarks/results/`` are written only when named explicitly
+(``--out-dir benchmarks/results``): a user's run never overwrites them.
+
+Ratios between two timed things come from interleaved trials, one ratio per trial (``ratio_interval``):
+the geometric mean of the paired ratios with a 95% Student-t interval on their logarithms.
 """
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"      # committed reference results
+OUT_DIR = Path(__file__).resolve().parent / "out"              # default output folder, git-ignored
+OUT_ENV = "FASTLORA_BENCH_OUT"
 
 # Columns of the microbenchmark CSVs (Liger-Kernel's layout, plus provenance).
 MICRO_COLUMNS = ("kernel", "provider", "mode", "shape", "median_ms", "p20_ms", "p80_ms",
@@ -128,3 +138,66 @@ def device_tag(device: torch.device | str) -> str:
     if device.type == "cuda":
         return "cuda-" + "".join(c if c.isalnum() else "_" for c in torch.cuda.get_device_name(device))
     return "cpu"
+
+
+# ---------------------------------------------------------------------------- output folder
+
+def output_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The folder a benchmark writes to: ``explicit`` (the --out-dir option) if given, else $FASTLORA_BENCH_OUT,
+    else OUT_DIR (benchmarks/out/, git-ignored). Never benchmarks/results/ unless one of the first two names it."""
+    chosen = explicit if explicit not in (None, "") else (os.environ.get(OUT_ENV) or OUT_DIR)
+    return Path(chosen)
+
+
+def add_out_dir_option(parser) -> None:
+    """``--out-dir`` (alias ``--out``) on an argparse parser, resolved later with ``output_dir(args.out_dir)``."""
+    parser.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                        help=f"folder for the CSV and PNG (default: ${OUT_ENV} if set, else benchmarks/out/, "
+                             "git-ignored; the committed reference results are benchmarks/results/)")
+
+
+# ---------------------------------------------------------------------------- paired ratios
+
+# Student t quantiles t_{0.975, df} for df = 1..30 (two-sided 95%); beyond, a Cornish-Fisher expansion.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (error < 1e-3)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """(geometric mean, 95% low, 95% high) of paired per-trial ratios.
+
+    Each ratio is one trial's time of A over the same trial's time of B (interleaved, so a slow spell
+    hits both). The interval is Student's t on log(ratio) (ratios are multiplicative: 2x and 0.5x are
+    symmetric), exponentiated back. One ratio gives no interval: (r, nan, nan).
+    """
+    import math
+    rs = [float(r) for r in ratios]
+    if not rs:
+        raise ValueError("ratio_interval of an empty sequence")
+    if any(not (r > 0) or math.isinf(r) for r in rs):
+        raise ValueError(f"ratios must be positive and finite, got {rs}")
+    logs = [math.log(r) for r in rs]
+    n, mean = len(logs), sum(logs) / len(logs)
+    if n == 1:
+        return math.exp(mean), float("nan"), float("nan")
+    sd = (sum((v - mean) ** 2 for v in logs) / (n - 1)) ** 0.5
+    half = t975(n - 1) * sd / n ** 0.5
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def indistinguishable(lo: float, hi: float, at: float = 1.0) -> bool:
+    """True when the interval [lo, hi] contains ``at`` (or there is no interval): the data cannot tell
+    the ratio from ``at`` (1.0: the two timed things are equally fast) at 95%."""
+    import math
+    return math.isnan(lo) or math.isnan(hi) or lo <= at <= hi

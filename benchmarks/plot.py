@@ -117,12 +117,45 @@ def plot_bars(csv_path, png_path, value: str, label: str, group, bar: str, title
     return Path(png_path)
 
 
+def plot_train_step(csv_path, png_path) -> Path:
+    """Left: tokens/s per provider (median, whiskers p20–p80). Right: peak memory (CUDA) or saved-for-backward."""
+    rows = read_csv(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows to plot")
+    names = [r["provider"] for r in rows]
+    colors = ["tab:green" if n == "fastlora" else "tab:blue" for n in names]
+    med = [_f(r["median_tok_s"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    axes[0].bar(names, med, yerr=[[m - _f(r["p20_tok_s"]) for m, r in zip(med, rows)],
+                                  [_f(r["p80_tok_s"]) - m for m, r in zip(med, rows)]], capsize=4, color=colors)
+    axes[0].set_ylabel("tokens/s per optimizer step (median, p20–p80)")
+    f = next((r for r in rows if r["provider"] == "fastlora"), None)
+    if f is not None:
+        ci = f" [{_f(f['speedup_lo']):.3f}, {_f(f['speedup_hi']):.3f}] (95%)" if f["speedup_lo"] else ""
+        axes[0].set_title(f"fastlora tokens/s ÷ PEFT's, paired: {_f(f['speedup_vs_peft']):.3f}x{ci}", fontsize=9)
+    cuda = all(r["peak_mib"] not in ("", "n/a") for r in rows)
+    key, label = ("peak_mib", "peak MiB (resident + step, CUDA)") if cuda else \
+        ("saved_mib", "MiB saved for backward (CPU: no peak statistics)")
+    axes[1].bar(names, [_f(r[key]) for r in rows], color=colors)
+    axes[1].set_ylabel(label)
+    r0 = rows[0]
+    fig.suptitle(f"train step: Llama {r0['layers']}L d{r0['hidden']} ff{r0['intermediate']} vocab {r0['vocab']}, "
+                 f"batch {r0['batch']}x{r0['seq']}, LoRA r {r0['r']} p {r0['lora_dropout']} — {r0['device']}, "
+                 f"{r0['dtype']}, {r0['rounds']} rounds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
 def plot_csv(csv_path, png_path=None) -> Path:
     """Plot any benchmark CSV, recognised by its columns; the PNG goes beside it by default."""
     csv_path = Path(csv_path)
     png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
     rows = read_csv(csv_path)
     cols = set(rows[0]) if rows else set()
+    if {"median_tok_s", "provider"} <= cols:
+        return plot_train_step(csv_path, png_path)
     if {"paper_mean_ms", "overhead_pct"} <= cols:
         return plot_paper_table(csv_path, png_path)
     if {"provider", "median_ms", "p20_ms"} <= cols:
