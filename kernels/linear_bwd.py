@@ -1,68 +1,30 @@
-"""Fused LoRA linear, backward.
+"""LoRA linear, backward — the anchored plan: Triton does the low-rank passes, cuBLAS the dY·W0 GEMM.
 
-Given dY (M, N) and what forward saved — x (M, K) through strides, S = dropout(x)·Aᵀ (M, r) float32,
-the seed and the scale s — compute
+Given dY (M, N) and what forward saved — x (M, K), S = dropout(x)·Aᵀ (M, r) fp32, the seed and the scale s:
 
-    dS    = s · dY·B              (M, r)      kernel 1, one pass over dY, computed ONCE
-    dB    = s · dYᵀ·S             (N, r)      kernel 1, same pass
-    dbias = Σ_m dY                (N,)        kernel 1, same pass
-    dx    = dY·W + (dS·A) ⊙ keep / (1 − p)    kernel 2: the LoRA term seeds the GEMM's accumulator
-    dA    = dSᵀ·(x ⊙ keep) / (1 − p)  (r, K)  kernel 2, on the same (M, K) tiles, mask regenerated
+    dS    = s · dY·B                  (M, r)   _lora_bwd_dsdb_kernel: ONE pass over dY gives dS (computed once),
+    dB    = s · dYᵀ·S                 (N, r)                          dB and dbias
+    dbias = Σ_m dY                    (N,)
+    dx    = (dS·A) ⊙ keep / (1 − p)   (M, K)   _lora_bwd_dx_kernel: per tile of x, writes the LoRA term into dx
+    dA    = dSᵀ·(x ⊙ keep) / (1 − p)  (r, K)                        and adds its share of dA (mask regenerated)
+    dx   += dY·W0                              cuBLAS addmm_ with beta = 1
 
-Shapes: W (N, K), or (K, N) for fan_in_fan_out (strides, no copy) · A (r, K) · B (N, r).
-Reductions over M (dB, dbias, dA) either go through fp32 atomics (default) or, in deterministic
-mode, into per-row-tile partial buffers summed by torch afterwards: no atomics, bitwise repeatable.
-dS is split over N only to fill the GPU; its partials (SPLIT_N, M, r) are summed the same way.
-Without dropout a second variant, "split", runs dx on the forward's GEMM kernel (dY·W0ᵀ with dS·A in its
-epilogue, through strides) and kernel 2 for dA only; on a GPU the faster is kept per shape.
+Shapes: W0 (N, K), or (K, N) for fan_in_fan_out (a transposed view for cuBLAS) · A (r, K) · B (N, r).
+Reductions over M (dB, dbias, dA) go through fp32 atomics (default) or, in deterministic mode, into per-row-tile
+partial buffers summed by torch afterwards: no atomics, bitwise repeatable. dS may be split over N to fill the GPU;
+its partials (SPLIT_N, M, r) are summed the same way.
+Rounding: dx = round(round((dS·A)⊙keep/(1−p)) + dY·W0), two roundings like PEFT; dS, dA, dB stay fp32.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (GEMM_BLOCK_R, _grouped_tile, _keep, _mma, _x_row_offsets, acc_dtype, block_r,
-                      fp32_precision, interpreting, lora_precision, m_bucket, union, wants_fp32_tiles, x_as_3d)
+from . import policy
+from ._common import _keep, _mma
 from ._specs import CompileSpec, specialize
-from .linear_fwd import gemm_lowrank
-
-# Row-tile heights are fixed per kernel (not tuned): the deterministic partial buffers are sized by them.
-# (128-row dx tiles, tried after an H200 run showed this kernel at 2.4x cuBLAS's same-size GEMM, spill on
-# sm_80, and on sm_90 with dropout or tf32x3: python -m fastlora.inspect, 2026-11-26.)
-DSDB_BLOCK_M = 16 if interpreting() else 64
-DX_BLOCK_M = 16 if interpreting() else 64
-
-
-# Every config below compiles for sm_80 and sm_90 with zero spill bytes under every flag combination
-# (python -m fastlora.inspect); fp32 inputs (FMA dots, no tensor cores at "ieee") need narrower tiles.
-
-
-def _dsdb_configs(fp32: bool = False):
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    if fp32:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=s) for s in (2, 3)]
-    return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=s) for s in (3, 4)]
-
-
-def _dx_configs(fp32: bool = False):
-    if interpreting():
-        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
-    cfg = lambda bk, bn, w, s: triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)  # noqa: E731
-    if fp32:
-        return [cfg(32, 32, 4, 3), cfg(32, 16, 4, 3), cfg(64, 32, 8, 2)]
-    return [cfg(64, 64, 4, 4), cfg(128, 64, 8, 3)]
-
-
-def _prune_by_dtype(configs_of, pointer):
-    """early_config_prune: keep the tile list of the dtype / precision tier (fp32 tiles for tf32x3)."""
-    def prune(configs, named_args, **kwargs):
-        keep = {str(c) for c in configs_of(wants_fp32_tiles(named_args, pointer, kwargs))}
-        return [c for c in configs if str(c) in keep] or configs
-    return prune
+from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R, _cfg_name, spec_tier, weight_nk
 
 
 @triton.jit
@@ -70,7 +32,7 @@ def _lora_bwd_dsdb_kernel(
     # pointers
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, dbias_ptr, scale_ptr,
     # sizes
-    M, N, R, N_PER_SPLIT, M_BUCKET,
+    M, N, R, N_PER_SPLIT,
     # strides
     stride_dym, stride_dyn,
     stride_bn, stride_br,
@@ -102,7 +64,7 @@ def _lora_bwd_dsdb_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_ok = rn < n_end
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+        dy = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)             # (BLOCK_M, BLOCK_N)
         b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)              # (BLOCK_N, BLOCK_R)
@@ -130,42 +92,37 @@ def _lora_bwd_dsdb_kernel(
 @triton.jit
 def _lora_bwd_dx_kernel(
     # pointers
-    dy_ptr, w_ptr, a_ptr, ds_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr,
+    a_ptr, ds_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr,
     # sizes
-    M, N, K, R, T, M_BUCKET,
+    M, K, R,
     # dropout
     p, inv_keep,
     # strides
-    stride_dym, stride_dyn,
-    stride_wn, stride_wk,
     stride_ar, stride_ak,
     stride_dsm, stride_dsr,
-    stride_xb, stride_xt, stride_xk,
+    stride_xm, stride_xk,
     stride_dxm, stride_dxk,
     stride_dat, stride_dar, stride_dak,          # dA (R, K), or partials (M tiles, R, K): stride_dat = 0 if ATOMIC
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, ATOMIC: tl.constexpr,
     FP32_PRECISION: tl.constexpr, DA_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """dx tile (BLOCK_M, BLOCK_K) and this row tile's share of dA[:, cols]. Grid: tiles of x."""
-    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-
+    """dx tile (BLOCK_M, BLOCK_K) = (dS·A)⊙keep/(1−p) in dx's dtype, and this row tile's share of dA[:, cols];
+    the rank is walked in chunks of BLOCK_R. Grid (M / BLOCK_M, K / BLOCK_K)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rn = tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
     k_ok = rk < K
 
     ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
-    # 1) LoRA part first, so its temporaries are dead before the main loop's accumulator grows:
-    #    acc = (dS·A) ⊙ keep / (1 − p); dA share = dSᵀ·(x ⊙ keep) / (1 − p)
     if HAS_DROPOUT:
         keep = _keep(tl.load(seed_ptr), rm, pid_k * BLOCK_K, K, p, BLOCK_M, BLOCK_K)
     if COMPUTE_DA:
-        x = tl.load(x_ptr + _x_row_offsets(rm, T, stride_xb, stride_xt)[:, None] + rk[None, :] * stride_xk,
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
@@ -189,39 +146,22 @@ def _lora_bwd_dx_kernel(
     if COMPUTE_DX:
         if HAS_DROPOUT:
             acc = tl.where(keep, acc * inv_keep, 0.0)
-        # 2) base GEMM dY·W on top
-        dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk      # (BLOCK_N, BLOCK_K) of W
-        for n0 in range(0, N, BLOCK_N):
-            n_ok = (n0 + rn) < N
-            dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(dy, w, acc, FP32_PRECISION)
-            dy_ptrs += BLOCK_N * stride_dyn
-            w_ptrs += BLOCK_N * stride_wn
-        dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+        dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
 
 
-_dsdb = triton.autotune(configs=union(_dsdb_configs(False), _dsdb_configs(True)),
-                        key=["M_BUCKET", "N", "BLOCK_R", "ATOMIC", "FP32_PRECISION"],
-                        reset_to_zero=["db_ptr", "dbias_ptr"],
-                        prune_configs_by={"early_config_prune": _prune_by_dtype(_dsdb_configs, "dy_ptr")},
-                        )(_lora_bwd_dsdb_kernel)
-_dx = triton.autotune(configs=union(_dx_configs(False), _dx_configs(True)),
-                      key=["M_BUCKET", "N", "K", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "ATOMIC"],
-                      reset_to_zero=["da_ptr"],
-                      prune_configs_by={"early_config_prune": _prune_by_dtype(_dx_configs, "dy_ptr")},
-                      )(_lora_bwd_dx_kernel)
+# ---------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------
 
 
-def _split_n(M: int, N: int, R: int, BR: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT_N, N_PER_SPLIT): split dY's columns so kernel 1 has ~2 programs per SM.
-    N_PER_SPLIT is a multiple of 256 (whole BLOCK_N tiles, aligned loads); any value is correct."""
-    if device.type != "cuda":
+def _split_n(M: int, N: int, R: int, BM: int, BR: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT_N, N_PER_SPLIT): split dY's columns so the dS/dB pass has at least ~2 programs per SM.
+    N_PER_SPLIT is a multiple of 256 (whole column tiles); any value is correct."""
+    _, sms = policy.device_info(device)
+    if sms is None:
         return 1, max(N, 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = triton.cdiv(M, DSDB_BLOCK_M) * triton.cdiv(R, BR)
+    programs = triton.cdiv(M, BM) * triton.cdiv(R, BR)
     split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(N, 256)))
     per = triton.cdiv(triton.cdiv(N, split), 256) * 256
     return triton.cdiv(N, per), per
@@ -229,136 +169,112 @@ def _split_n(M: int, N: int, R: int, BR: int, device: torch.device) -> tuple[int
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
              needs_dx, needs_dA, needs_dB, needs_dbias, deterministic, split_n=None):
-    """Returns (dx, dA, dB, dbias) — None where not needed. dbias is float32 (float64 for float64 x).
-    ``split_n`` overrides the column split of kernel 1 (tests use it on CPU)."""
-    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    R, K = lora_A.shape
-    x3, M, T, sxb, sxt, sxk = x_as_3d(x)
+    """Returns (dx, dA, dB, dbias) — None where not needed. dbias is fp32 (fp64 for fp64 x).
+    ``split_n`` forces the column split of the dS/dB pass (tests use it on CPU, where it is 1)."""
+    w = weight_nk(weight, fan_in_fan_out)
+    N, K = w.shape
+    R = lora_A.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
     dev = x.device
     if M == 0:
         return (torch.zeros_like(x) if needs_dx else None, torch.zeros_like(lora_A) if needs_dA else None,
                 torch.zeros_like(lora_B) if needs_dB else None,
-                torch.zeros(N, device=dev, dtype=acc_dtype(x.dtype)) if needs_dbias else None)
+                torch.zeros(N, device=dev, dtype=policy.acc_dtype(x.dtype)) if needs_dbias else None)
     dy2 = dy.reshape(M, N)
-    stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else weight.stride()
-    prec = fp32_precision(x.dtype)
-    lprec = lora_precision(x.dtype, lora_A.dtype)     # dS, dB, dA: see lora_precision
-    BR = block_r(R, lprec)
+    prec = policy.fp32_precision(x.dtype)
+    lprec = policy.lora_precision(x.dtype, lora_A.dtype)     # dS, dB, dA
     atomic = not deterministic
     alloc = torch.zeros if atomic else torch.empty
-    f32 = dict(device=dev, dtype=acc_dtype(x.dtype))   # fp32 (fp64 for fp64 inputs)
-    unused = torch.empty(1, **f32)   # pointer for outputs not asked for (never written)
+    f32 = dict(device=dev, dtype=policy.acc_dtype(x.dtype))
+    unused = torch.empty(0, **f32)            # pointer for outputs not asked for (never written)
 
-    # kernel 1: dS (always: dx and dA need it), dB, dbias
+    # 1) dS (always: dx and dA need it), dB, dbias — one pass over dY
+    meta, opts = policy.launch_options(policy.config("dsdb", x.dtype, lprec, M, N, R, dev))
+    BM, BR = meta["BLOCK_M"], policy.block_r(R, lprec)
     if split_n is None:
-        split, per = _split_n(M, N, R, BR, dev)
+        split, per = _split_n(M, N, R, BM, BR, dev)
     else:
         per = triton.cdiv(N, split_n)
         split = triton.cdiv(N, per)
-    m_tiles = triton.cdiv(M, DSDB_BLOCK_M)
+    m_tiles = triton.cdiv(M, BM)
     ds_part = torch.empty((split, M, R), **f32)
     db = alloc((N, R) if atomic else (m_tiles, N, R), **f32) if needs_dB else unused
     dbias = alloc((N,) if atomic else (m_tiles, N), **f32) if needs_dbias else unused
-    db3 = (0, *db.stride()) if (needs_dB and atomic) else (db.stride() if needs_dB else (0, 0, 0))
+    db3 = ((0, *db.stride()) if atomic else db.stride()) if needs_dB else (0, 0, 0)
     dbias_t = (0 if atomic else dbias.stride(0)) if needs_dbias else 0
-    _dsdb[(m_tiles, split, triton.cdiv(R, BR))](
-        dy2, lora_B, S, ds_part, db, dbias, scale, M, N, R, per, m_bucket(M),
+    _lora_bwd_dsdb_kernel[(m_tiles, split, triton.cdiv(R, BR))](
+        dy2, lora_B, S, ds_part, db, dbias, scale, M, N, R, per,
         dy2.stride(0), dy2.stride(1), lora_B.stride(0), lora_B.stride(1),
-        S.stride(0) if S.numel() else 0, S.stride(1) if S.numel() else 0,
+        S.stride(0) if needs_dB else 0, S.stride(1) if needs_dB else 0,
         *ds_part.stride(), *db3, dbias_t,
-        COMPUTE_DB=needs_dB, HAS_DBIAS=needs_dbias, ATOMIC=atomic, FP32_PRECISION=lprec,
-        BLOCK_M=DSDB_BLOCK_M, BLOCK_R=BR)
+        COMPUTE_DB=needs_dB, HAS_DBIAS=needs_dbias, ATOMIC=atomic, FP32_PRECISION=lprec, BLOCK_R=BR,
+        **meta, **opts)
     ds = ds_part[0] if split == 1 else ds_part.sum(0)
     dB = (db if atomic else db.sum(0)).to(lora_B.dtype) if needs_dB else None
     dbias = (dbias if atomic else dbias.sum(0)) if needs_dbias else None
 
-    # kernel 2: dx and dA on the tiles of x ("fused"), or dx on the forward's GEMM + a dA pass ("split")
-    p = float(dropout_p)
-
-    def dx_da(variant):
-        split_dx = variant == "split" and needs_dx
-        dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx and not split_dx else unused
-        da = (alloc((R, K) if atomic else (triton.cdiv(M, DX_BLOCK_M), R, K), **f32)) if needs_dA else unused
-        da3 = ((0, *da.stride()) if atomic else da.stride()) if needs_dA else (0, 0, 0)
-        if needs_dA or not split_dx:
-            grid = lambda meta: (triton.cdiv(M, DX_BLOCK_M) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-            _dx[grid](
-                dy2, weight, lora_A, ds, x3, dx, da, seed, M, N, K, R, T, m_bucket(M), p, 1.0 / (1.0 - p),
-                dy2.stride(0), dy2.stride(1), stride_wn, stride_wk, lora_A.stride(0), lora_A.stride(1),
-                ds.stride(0), ds.stride(1), sxb, sxt, sxk,
-                dx.stride(0) if needs_dx and not split_dx else 0, dx.stride(1) if needs_dx and not split_dx else 0,
-                *da3, HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx and not split_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic,
-                FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
-        if split_dx:     # dx[m, c] = Σ_j dY[m, j]·W[j, c] + Σ_j dS[m, j]·A[j, c]: W0ᵀ and Aᵀ through strides
-            dx = gemm_lowrank(dy2, (weight, stride_wk, stride_wn), K, ds,
-                              (lora_A, lora_A.stride(1), lora_A.stride(0)))
-        dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
-        return (dx.reshape(x.shape) if needs_dx else None), dA
-
+    # 2) the LoRA term of dx (written into dx) and dA, on the tiles of x; 3) cuBLAS adds dY·W0 onto dx
     dx = dA = None
     if needs_dx or needs_dA:
-        key = (m_bucket(M), N, K, R, x.dtype, lora_A.dtype, needs_dA, atomic)
-        dx, dA = dx_da(_choose_bwd_variant(dx_da, key, p, needs_dx, x.is_cuda and not interpreting()))
+        p = float(dropout_p)
+        meta, opts = policy.launch_options(policy.config("dx", x.dtype, lprec, M, K, R, dev))
+        m_tiles = triton.cdiv(M, meta["BLOCK_M"])
+        dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx else None
+        da = alloc((R, K) if atomic else (m_tiles, R, K), **f32) if needs_dA else unused
+        da3 = ((0, *da.stride()) if atomic else da.stride()) if needs_dA else (0, 0, 0)
+        _lora_bwd_dx_kernel[(m_tiles, triton.cdiv(K, meta["BLOCK_K"]))](
+            lora_A, ds, x2, dx if needs_dx else unused, da, seed, M, K, R, p, 1.0 / (1.0 - p),
+            lora_A.stride(0), lora_A.stride(1), ds.stride(0), ds.stride(1), x2.stride(0), x2.stride(1),
+            dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0, *da3,
+            HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic,
+            FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_R=policy.CHUNK_R, **meta, **opts)
+        if needs_dx:
+            dx.addmm_(dy2, w)                  # cuBLAS: dx = dx0 + dY·W0 (beta = 1)
+            dx = dx.reshape(x.shape)
+        dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
     return dx, dA, dB, dbias
 
 
-BWD_VARIANTS = ("fused", "split")
-_bwd_variant_cache: dict = {}
-
-
-def _choose_bwd_variant(run, key, p: float, needs_dx: bool, on_gpu: bool) -> str:
-    """"fused": one kernel for dx (LoRA term first, then dY·W) and dA. "split": dx on the forward's two-launch
-    GEMM (dY·W0ᵀ with dS·A in its epilogue; its large tiles) plus a dA-only pass of the dx kernel — only
-    without dropout (the GEMM epilogue does not mask). On a GPU both are timed once per shape key (an H200 run
-    had the fused dx kernel at 435 µs where the forward GEMM of the same size took 283 µs); off the GPU,
-    fused. FASTLORA_BWD_VARIANT pins one where it applies."""
-    pinned = os.environ.get("FASTLORA_BWD_VARIANT", "auto")
-    if pinned not in ("auto",) + BWD_VARIANTS:
-        raise ValueError(f"FASTLORA_BWD_VARIANT must be 'auto', 'fused' or 'split', got {pinned!r}")
-    if p > 0 or not needs_dx:
-        return "fused"
-    if pinned != "auto":
-        return pinned
-    if not on_gpu:
-        return "fused"
-    if key not in _bwd_variant_cache:
-        ms = {v: triton.testing.do_bench(lambda v=v: run(v)) for v in BWD_VARIANTS}
-        _bwd_variant_cache[key] = min(ms, key=ms.get)
-    return _bwd_variant_cache[key]
+# ---------------------------------------------------------------------------
+# shipped configs, for python -m fastlora.inspect
+# ---------------------------------------------------------------------------
 
 
 def compile_specs():
-    from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R
     M, N, K, R = SPEC_M, SPEC_N, SPEC_K, SPEC_R
     specs = []
     for xdt, adt, prec, lprec in SPEC_DTYPES:
         for atomic in (True, False):
-            values = dict(M=M, N=N, K=K, R=R, T=M, M_BUCKET=M, N_PER_SPLIT=N, stride_dym=N, stride_dyn=1,
+            values = dict(M=M, N=N, K=K, R=R, N_PER_SPLIT=N, stride_dym=N, stride_dyn=1,
                           stride_bn=R, stride_br=1, stride_sm=R, stride_sr=1, stride_dss=M * R, stride_dsm=R,
                           stride_dsr=1, stride_dbt=0 if atomic else N * R, stride_dbn=R, stride_dbr=1,
-                          stride_dbiast=0 if atomic else N, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1,
-                          stride_xb=0, stride_xt=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
+                          stride_dbiast=0 if atomic else N, stride_ar=K, stride_ak=1,
+                          stride_xm=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
                           stride_dat=0 if atomic else R * K, stride_dar=K, stride_dak=1)
-            for cfg in _dsdb_configs(xdt == "fp32" or lprec == "tf32x3"):
-                meta = dict(cfg.kwargs, COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=lprec,
-                            BLOCK_M=DSDB_BLOCK_M, BLOCK_R=block_r(R, lprec))
+            for cfg in policy.CANDIDATES["dsdb"][spec_tier(xdt, lprec)]:
+                meta, opts = policy.launch_options(cfg)
+                meta.update(COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=lprec,
+                            BLOCK_R=policy.block_r(R, lprec))
                 sig, consts, attrs = specialize(_lora_bwd_dsdb_kernel, meta, {
                     "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
                     "dbias_ptr": "fp32", "scale_ptr": "fp32"}, values)
                 specs.append(CompileSpec(
-                    f"lora_bwd_dsdb x={xdt} ab={adt}/{lprec} atomic={int(atomic)} {DSDB_BLOCK_M}x{cfg.kwargs['BLOCK_N']} "
-                    f"r{meta['BLOCK_R']} w{cfg.num_warps} s{cfg.num_stages}",
-                    _lora_bwd_dsdb_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
+                    f"lora_bwd_dsdb x={xdt} ab={adt}/{lprec} atomic={int(atomic)} {_cfg_name(cfg)} r{meta['BLOCK_R']}",
+                    _lora_bwd_dsdb_kernel, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
             for drop in (False, True):
-                for cfg in _dx_configs(xdt == "fp32"):
-                    meta = dict(cfg.kwargs, HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
-                                FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_M=DX_BLOCK_M, BLOCK_R=GEMM_BLOCK_R)
+                for cfg in policy.CANDIDATES["dx"][spec_tier(xdt, lprec)]:
+                    meta, opts = policy.launch_options(cfg)
+                    meta.update(HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
+                                FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_R=policy.CHUNK_R)
                     sig, consts, attrs = specialize(_lora_bwd_dx_kernel, meta, {
-                        "dy_ptr": xdt, "w_ptr": xdt, "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt,
-                        "dx_ptr": xdt, "da_ptr": "fp32", "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
+                        "a_ptr": adt, "ds_ptr": "fp32", "x_ptr": xdt, "dx_ptr": xdt, "da_ptr": "fp32",
+                        "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"lora_bwd_dx x={xdt} ab={adt}/{prec}{'+' + lprec if lprec != prec else ''} atomic={int(atomic)} drop={int(drop)} "
-                        f"{DX_BLOCK_M}x{cfg.kwargs['BLOCK_K']}x{cfg.kwargs['BLOCK_N']} r{meta['BLOCK_R']} "
-                        f"w{cfg.num_warps} s{cfg.num_stages}",
-                        _lora_bwd_dx_kernel, sig, consts, cfg.num_warps, cfg.num_stages, attrs=attrs))
+                        f"lora_bwd_dx x={xdt} ab={adt}/{prec}{'+' + lprec if lprec != prec else ''} "
+                        f"atomic={int(atomic)} drop={int(drop)} {_cfg_name(cfg)} r{policy.CHUNK_R}",
+                        _lora_bwd_dx_kernel, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
     return specs
+
+
+__all__ = ["lora_bwd", "compile_specs"]

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _keep, _mma, fp32_precision, interpreting, lora_precision
+from ._common import _keep, _mma, interpreting
+from .policy import fp32_precision, lora_precision
 from ._specs import CompileSpec, specialize
 
 # ---------------------------------------------------------------------------

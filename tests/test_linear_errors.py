@@ -188,17 +188,3 @@ def test_lora_linear_impossible_backend_is_an_error(env, spies):
     assert torch.equal(args["x"], x0) and args["x"].grad is None
     y = lora_linear(**args)                               # auto without the interpreter: pure torch
     assert spies == {"triton": 0, "torch": 1} and y.shape == (M, N)
-
-
-@pytest.mark.parametrize("r,p,want", [(8, 0.0, "one"), (8, 0.1, "two"), (17, 0.0, "two")])
-def test_forward_variant_choice_off_gpu(monkeypatch, r, p, want):
-    """Off the GPU: one-launch for r <= 16 without dropout, two-launch with dropout or r > 16."""
-    import importlib
-    fwd = importlib.import_module("fastlora.kernels.linear_fwd")
-    monkeypatch.delenv("FASTLORA_FWD_VARIANT", raising=False)
-    used = []
-    real = fwd._launch
-    monkeypatch.setattr(fwd, "_launch", lambda variant, *a: used.append(variant) or real(variant, *a))
-    x, W, A, B = torch.randn(5, 24), torch.randn(20, 24), torch.randn(r, 24), torch.randn(20, r)
-    fastlora.lora_linear(x, W, None, A, B, 1.0, p, training=True, seed=1, backend="triton")
-    assert used == [want]

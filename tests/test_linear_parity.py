@@ -28,11 +28,7 @@ from tests._tolerance import assert_baseline_sane, assert_close
 
 SEED = 1234                      # dropout seed shared by fastlora, the oracle and PEFT
 BACKENDS = ["triton", "torch"]
-# The pairwise cases also pin each forward variant of the kernels (one-launch: shrink in the GEMM's
-# K-loop; two-launch: separate shrink kernel), and the backward's "split" variant (dx on the forward's
-# GEMM; used without dropout). Unpinned, the interpreter picks one-launch / two-launch by dropout and the
-# fused backward.
-PAIRWISE_BACKENDS = ["triton-one", "triton-two", "triton-split", "torch"]
+PAIRWISE_BACKENDS = BACKENDS
 # dtype mode -> (x / W0 / bias dtype, lora_A / lora_B dtype)
 DTYPES = {
     "fp32": (torch.float32, torch.float32),
@@ -334,13 +330,7 @@ def test_layouts_are_what_they_claim():
 
 @pytest.mark.parametrize("backend", PAIRWISE_BACKENDS)
 @pytest.mark.parametrize("case", PAIRWISE, ids=lambda c: c.id)
-def test_parity_pairwise(case, backend, monkeypatch):
-    if backend.startswith("triton-"):
-        backend, variant = backend.split("-")
-        if variant == "split":
-            monkeypatch.setenv("FASTLORA_BWD_VARIANT", variant)
-        else:
-            monkeypatch.setenv("FASTLORA_FWD_VARIANT", variant)
+def test_parity_pairwise(case, backend):
     pb = make_problem(case)
     check_parity(pb, run_fastlora(pb, backend))
 

@@ -1,0 +1,254 @@
+"""Launch policy of the single-adapter LoRA kernels: the tile config of every launch and the precision of
+every fp32 dot. Decided here, nowhere else, and never by timing inside a user's call.
+
+Tile configs come, in this order, from
+  1. the interpreter's one small config (TRITON_INTERPRET=1: nothing to tune, the interpreter is slow);
+  2. the per-device tune cache written by ``python -m fastlora.tune`` (JSON; path: $FASTLORA_TUNE_CACHE, default
+     ~/.cache/fastlora/tune.json), read once per process; a missing entry, or an unreadable / stale file (a
+     warning), falls back to
+  3. a fixed rule: the first candidate of the kernel's list, with fewer rows per program when that leaves the
+     GPU's SMs idle (programs are counted, not timed).
+Every candidate of every list is compiled for sm_80 and sm_90 with zero spills (python -m fastlora.inspect), so
+the tuner can only ever pick a shipped config.
+
+Precision tiers (``input_precision`` of tl.dot on fp32 operands):
+  fp32 / fp64 base  torch's CUDA matmul setting: "tf32" when it allows tf32, else "ieee" (torch's default);
+  half base         "tf32" for dots rounded to half at the end; "tf32x3" (≈ fp32, three tf32 products) for the
+                    dots that produce or feed fp32 adapter gradients (S saved for dB, dS, dB, dA) — plain tf32
+                    there left dA with ~2^-11 relative errors, 460-9100x PEFT's (tests/test_gpu.py on an H200,
+                    2026-11-26).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+import triton
+
+from ._common import interpreting
+from ._torch_compat import cuda_matmul_allows_tf32
+
+# ---------------------------------------------------------------------------
+# precision
+# ---------------------------------------------------------------------------
+
+
+def fp32_precision(x_dtype: torch.dtype) -> str:
+    """input_precision for fp32 dots whose results are rounded to x's dtype (y, dx) or that run on an fp32 base."""
+    if x_dtype == torch.float32:
+        return "tf32" if cuda_matmul_allows_tf32() else "ieee"
+    return "ieee" if x_dtype == torch.float64 else "tf32"
+
+
+def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """input_precision of the dots whose fp32 results are, or feed, adapter gradients (S saved for dB, dS, dB,
+    dA): "tf32x3" for fp32 adapters on a half base (PEFT's default), else fp32_precision."""
+    if x_dtype in (torch.float16, torch.bfloat16) and adapter_dtype == torch.float32:
+        return "tf32x3"
+    return fp32_precision(x_dtype)
+
+
+# Rank blocking: the skinny kernels (shrink, dS/dB) hold up to MAX_BLOCK_R ranks per program (32 with tf32x3
+# dots, whose split operands need twice the registers); the expand and dx-prologue kernels walk the rank in
+# chunks of CHUNK_R so their (BLOCK_M, BLOCK_N) tile never shares registers with a wide S.
+MAX_BLOCK_R = 64
+MAX_BLOCK_R_X3 = 32
+CHUNK_R = 16
+
+
+def block_r(r: int, precision: str = "tf32") -> int:
+    """Rank block of the skinny kernels: a tl.dot-legal power of two ≥ 16, at most MAX_BLOCK_R (MAX_BLOCK_R_X3
+    for tf32x3 dots)."""
+    return max(16, min(triton.next_power_of_2(r), MAX_BLOCK_R_X3 if precision == "tf32x3" else MAX_BLOCK_R))
+
+
+def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / S / partial-buffer dtype: float32, float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def tier(x_dtype: torch.dtype, precision: str) -> str:
+    """Tile-list tier: "half" (half data, tf32 dots) or "fp32" (fp32/fp64 data, or tf32x3 dots, which need the
+    registers of fp32 tiles)."""
+    return "half" if x_dtype in (torch.float16, torch.bfloat16) and precision != "tf32x3" else "fp32"
+
+
+# ---------------------------------------------------------------------------
+# tile candidates, per kernel and tier (first = default); each a dict of meta-parameters + num_warps/num_stages
+# ---------------------------------------------------------------------------
+
+def _c(num_warps, num_stages, **blocks):
+    return dict(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+INTERPRETER = {   # one small config per kernel: the interpreter is slow and has nothing to tune
+    "shrink": _c(1, 1, BLOCK_M=16, BLOCK_K=16),
+    "expand": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
+    "dsdb": _c(1, 1, BLOCK_M=16, BLOCK_N=16),
+    "dx": _c(1, 1, BLOCK_M=16, BLOCK_K=16),
+}
+
+# shrink: S = drop(x)·Aᵀ, grid (M / BLOCK_M, R / BLOCK_R); streams x once (memory-bound), K-loop pipelined.
+# expand: y0 = s·S·Bᵀ + bias, grid (M / BLOCK_M, N / BLOCK_N); writes y0 once (store-bound), no K-loop.
+# dsdb:   dS, dB, dbias, grid (M / BLOCK_M, N splits, R / BLOCK_R); streams dY once.
+# dx:     dx0 = (dS·A)⊙keep/(1−p) and dA, grid (M / BLOCK_M, K / BLOCK_K); reads x and writes dx0 once.
+CANDIDATES = {
+    "shrink": {"half": [_c(4, 3, BLOCK_M=64, BLOCK_K=64), _c(4, 4, BLOCK_M=64, BLOCK_K=64),
+                        _c(4, 3, BLOCK_M=32, BLOCK_K=128), _c(4, 3, BLOCK_M=16, BLOCK_K=128)],
+               "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_K=32), _c(4, 4, BLOCK_M=64, BLOCK_K=32),
+                        _c(4, 3, BLOCK_M=32, BLOCK_K=64), _c(4, 3, BLOCK_M=16, BLOCK_K=64)]},
+    "expand": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_N=128), _c(8, 2, BLOCK_M=128, BLOCK_N=128),
+                        _c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(4, 2, BLOCK_M=32, BLOCK_N=64)],
+               "fp32": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=128),
+                        _c(4, 2, BLOCK_M=32, BLOCK_N=64)]},
+    "dsdb": {"half": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 4, BLOCK_M=64, BLOCK_N=64),
+                      _c(4, 3, BLOCK_M=32, BLOCK_N=64)],
+             "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_N=16), _c(4, 2, BLOCK_M=64, BLOCK_N=16),
+                      _c(4, 3, BLOCK_M=32, BLOCK_N=32)]},
+    "dx": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_K=128), _c(8, 2, BLOCK_M=128, BLOCK_K=128),
+                    _c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(4, 2, BLOCK_M=32, BLOCK_K=64)],
+           "fp32": [_c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(4, 2, BLOCK_M=32, BLOCK_K=64),
+                    _c(4, 2, BLOCK_M=64, BLOCK_K=32)]},
+}
+KERNELS = tuple(CANDIDATES)
+
+
+def candidates(kernel: str, tier_: str) -> list[dict]:
+    """The shipped configs of ``kernel`` for a tier (the interpreter's single config when interpreting)."""
+    if interpreting():
+        return [INTERPRETER[kernel]]
+    return CANDIDATES[kernel][tier_]
+
+
+def _programs(kernel: str, cfg: dict, M: int, width: int, R: int) -> int:
+    rows = triton.cdiv(M, cfg["BLOCK_M"])
+    if kernel in ("shrink", "dsdb"):
+        return rows * triton.cdiv(R, 16)
+    return rows * triton.cdiv(width, cfg["BLOCK_N" if kernel == "expand" else "BLOCK_K"])
+
+
+def default_config(kernel: str, tier_: str, M: int, width: int, R: int, sms: int | None) -> dict:
+    """The fixed rule: the kernel's first candidate; where that launches fewer programs than the device has
+    SMs, the candidate with the most programs among those with as few rows per program as needed."""
+    cands = candidates(kernel, tier_)
+    first = cands[0]
+    if sms is None or _programs(kernel, first, M, width, R) >= sms:
+        return first
+    return max(cands, key=lambda c: (min(_programs(kernel, c, M, width, R), sms), -cands.index(c)))
+
+
+# ---------------------------------------------------------------------------
+# the tune cache (python -m fastlora.tune writes it; read once per process, never timed here)
+# ---------------------------------------------------------------------------
+
+CACHE_ENV = "FASTLORA_TUNE_CACHE"
+CACHE_VERSION = 1
+
+
+def cache_path() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastlora", "tune.json")
+
+
+def m_bucket(M: int) -> int:
+    """Token count bucket of a tuned entry: the next power of two."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+def cache_key(kernel: str, tier_: str, M: int, width: int, R: int) -> str:
+    """'kernel/tier/M-bucket/width/rank-block': width is N (expand, dsdb) or K (shrink, dx)."""
+    return f"{kernel}/{tier_}/{m_bucket(M)}/{width}/{block_r(R)}"
+
+
+_tuned: dict[str, dict] | None = None      # device name -> {cache_key: config}
+_device_info: dict = {}                    # device index -> (name, SM count)
+
+
+def _load() -> dict:
+    global _tuned
+    if _tuned is None:
+        _tuned = read_cache(cache_path())
+    return _tuned
+
+
+def read_cache(path: str) -> dict:
+    """{device name: {key: config}} from a tune cache; {} (with a warning) for a corrupt or stale file. Entries
+    that are not shipped candidates are dropped with a warning (an old file must not launch an unchecked config)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("version") != CACHE_VERSION:
+            raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
+        out = {}
+        for dev, entries in data["devices"].items():
+            for key, cfg in entries.items():
+                kernel, tier_ = key.split("/")[:2]
+                if cfg not in CANDIDATES[kernel][tier_]:
+                    raise ValueError(f"{key}: {cfg} is not a shipped config")
+                out.setdefault(dev, {})[key] = cfg
+        return out
+    except Exception as e:  # noqa: BLE001 — any unreadable cache means: defaults, and say so
+        warnings.warn(f"fastlora: ignoring the tune cache {path} ({type(e).__name__}: {e}); using the default "
+                      f"launch configs. Re-run `python -m fastlora.tune` to rebuild it.", stacklevel=3)
+        return {}
+
+
+def write_cache(path: str, device_name: str, entries: dict) -> None:
+    """Merge ``entries`` ({key: config}) for one device into the cache file (atomically replaced)."""
+    data = {"version": CACHE_VERSION, "devices": {}}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("version") == CACHE_VERSION:
+                data = old
+        except Exception:  # noqa: BLE001 — a corrupt file is overwritten
+            pass
+    data["devices"].setdefault(device_name, {}).update(entries)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    reset()
+
+
+def reset() -> None:
+    """Forget the cache read so far (the next launch re-reads it): after tuning, and in tests."""
+    global _tuned
+    _tuned = None
+
+
+def device_info(device: torch.device) -> tuple[str, int | None]:
+    """(name, SM count) of a CUDA device, read once; ("interpreter", None) off the GPU."""
+    if device.type != "cuda":
+        return "interpreter", None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _device_info:
+        props = torch.cuda.get_device_properties(idx)
+        _device_info[idx] = (props.name, props.multi_processor_count)
+    return _device_info[idx]
+
+
+def config(kernel: str, x_dtype: torch.dtype, precision: str, M: int, width: int, R: int,
+           device: torch.device) -> dict:
+    """The launch config of ``kernel`` for this call: interpreter config, tuned entry, or the fixed rule."""
+    tier_ = tier(x_dtype, precision)
+    if interpreting():
+        return INTERPRETER[kernel]
+    name, sms = device_info(device)
+    tuned = _load().get(name)
+    if tuned:
+        cfg = tuned.get(cache_key(kernel, tier_, M, width, R))
+        if cfg is not None:
+            return cfg
+    return default_config(kernel, tier_, M, width, R, sms)
+
+
+def launch_options(cfg: dict) -> tuple[dict, dict]:
+    """(meta-parameters, {num_warps, num_stages}) of a config."""
+    meta = {k: v for k, v in cfg.items() if k.isupper()}
+    return meta, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
