@@ -19,8 +19,15 @@ trials after warm-up. Rows:
     fastlora multi-adapter  a different adapter per sequence (batch adapters in a PEFT model, run
                    through fastlora.multi.MultiAdapterModel); checked against PEFT's mixed batch
 
-Output: a table (ms ± std, % over merged, the paper's numbers beside), a CSV under
-benchmarks/results/ with device, dtype and versions, and a PNG (benchmarks/plot.py).
+Output: a table (ms ± std, the ratio to merged with its 95% interval, the paper's numbers beside), a
+CSV in the output folder (benchmarks/out/ unless --out-dir; benchmarks.common.output_dir) with device,
+dtype and versions, and a PNG (benchmarks/plot.py).
+
+Ratio to merged: every trial times every row once (interleaved), so each trial gives one paired ratio
+row / merged; the table reports their geometric mean with a 95% Student-t interval on the log ratios
+(benchmarks.common.ratio_interval) and says "≈ merged" (indistinguishable) when the interval contains
+1.0 — on a busy machine a row's mean can sit 20% above merged while the paired trials cannot tell
+them apart.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ PAPER = {
 ROWS = ("merged", "AdapterL", "AdapterH", "LoRA PEFT", "LoRA fastlora")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CSV_COLUMNS = ("column", "batch", "seq", "row", "mean_ms", "std_ms", "overhead_pct", "median_ms",
-               "median_overhead_pct", "trials", "warmup",
+               "median_overhead_pct", "ratio", "ratio_lo", "ratio_hi", "vs_merged", "trials", "warmup",
                "paper_mean_ms", "paper_std_ms", "paper_overhead_pct", "adapter_params", "bottleneck_r",
                "lora_r", "n_layer", "n_embd", "device", "dtype", "versions", "timestamp")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 32, 0.1    # the paper's GPT-2 M setting (Appendix D.3)
@@ -64,7 +71,7 @@ class Config:
     n_head: int = 16
     vocab: int = 50257
     bottleneck: int | None = None      # None: derived per column from the paper's |Θ|
-    out_dir: Path = common.RESULTS_DIR
+    out_dir: Path = common.OUT_DIR
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -80,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", default=None,
                    help=f"comma list of {', '.join(COLUMNS)} or 'all' (default: all on CUDA, 1x128 on CPU)")
     p.add_argument("--quick", action="store_true", help="few trials (3 on CPU, 10 on CUDA) and 1 warm-up")
-    p.add_argument("--out-dir", default=str(common.RESULTS_DIR), help="where the CSV and PNG go")
+    common.add_out_dir_option(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g = p.add_argument_group("smoke-test sizes (not the paper's model)")
     g.add_argument("--n-layer", type=int, default=24)
@@ -129,7 +136,7 @@ def make_config(args: argparse.Namespace) -> Config:
         raise ValueError(f"--bottleneck must be >= 1, got {args.bottleneck}")
     cfg = Config(device=device, dtype=dtype, trials=trials, warmup=warmup, columns=columns,
                  n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, bottleneck=args.bottleneck,
-                 out_dir=Path(args.out_dir), progress=not args.no_progress)
+                 out_dir=common.output_dir(args.out_dir), progress=not args.no_progress)
     if not cuda and set(columns) != set(COLUMNS):
         cfg.notes.append("CPU default runs the batch 1 / seq 128 column only; the other columns need "
                          "--columns all (minutes per cell on a small CPU).")
@@ -264,6 +271,17 @@ def _fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).float()
 
 
+def ratio_to_merged(row_ms: list[float], merged_ms: list[float]) -> dict:
+    """Paired per-trial ratios row / merged (element t of both lists ran in the same interleaved trial) ->
+    dict(ratio (geometric mean), lo, hi (95% interval; nan with one trial), verdict): verdict is
+    "indistinguishable" when the interval contains 1.0 (or there is no interval), else "slower" / "faster"."""
+    if len(row_ms) != len(merged_ms) or not row_ms:
+        raise ValueError(f"paired trials needed: {len(row_ms)} row times vs {len(merged_ms)} merged times")
+    ratio, lo, hi = common.ratio_interval([a / b for a, b in zip(row_ms, merged_ms)])
+    verdict = "indistinguishable" if common.indistinguishable(lo, hi) else ("slower" if lo > 1 else "faster")
+    return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict)
+
+
 def _time_interleaved(models: dict, ids, cfg: Config, bar) -> dict[str, list[float]]:
     """Per-row trial times (ms). Rows are interleaved — each trial times every row once, in a fresh
     random order — so a slow spell on a shared machine hits all rows alike instead of one row."""
@@ -310,11 +328,13 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
                           lambda: forward(_fp32_copy(peft_model), ids))
         bar.set_postfix_str(f"batch {b} / seq {s}")
         times = _time_interleaved({row: m[0] for row, m in made.items()}, ids, cfg, bar)
-        results = {}
+        results, paired = {}, {}
         for row, ts in times.items():
             mean = sum(ts) / len(ts)
             std = (sum((t - mean) ** 2 for t in ts) / max(len(ts) - 1, 1)) ** 0.5
             results[row] = (mean, std, common.quantile(ts, 0.5), made[row][1], made[row][2])
+            if "merged" in times:
+                paired[row] = ratio_to_merged(ts, times["merged"])
         del made
         bar.refresh()
         base_mean = results["merged"][0] if "merged" in results else None
@@ -323,11 +343,15 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
         for row, (mean, std, median, params, r) in results.items():
             paper = PAPER.get(row, {})      # the paper has no unmerged-LoRA row
             pm, ps = paper.get(column, ("", ""))
+            pr = paired.get(row)
+            fmt = lambda k: "" if pr is None or pr[k] != pr[k] else f"{pr[k]:.4f}"   # noqa: E731 (x != x: nan)
             out.append(dict(
                 column=column, batch=b, seq=s, row=row, mean_ms=f"{mean:.3f}", std_ms=f"{std:.3f}",
                 overhead_pct=f"{100 * (mean / base_mean - 1):.2f}" if base_mean else "",
                 median_ms=f"{median:.3f}",
                 median_overhead_pct=f"{100 * (median / base_median - 1):.2f}" if base_median else "",
+                ratio=fmt("ratio"), ratio_lo=fmt("lo"), ratio_hi=fmt("hi"),
+                vs_merged=pr["verdict"] if pr and row != "merged" else "",
                 trials=cfg.trials, warmup=cfg.warmup, paper_mean_ms=pm, paper_std_ms=ps,
                 paper_overhead_pct=f"{100 * (pm / pbase - 1):.1f}" if pm != "" else "",
                 adapter_params=params, bottleneck_r=r if r is not None else "",
@@ -338,25 +362,35 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
     return out
 
 
+def _ratio_cell(r: dict) -> str:
+    """'1.234x [1.10, 1.38] slower' or '... ≈ merged' from a CSV row ('' for merged or without merged)."""
+    if r["ratio"] == "" or r["row"] == "merged":
+        return ""
+    ci = f" [{float(r['ratio_lo']):.2f}, {float(r['ratio_hi']):.2f}]" if r["ratio_lo"] != "" else " [1 trial]"
+    word = "≈ merged" if r["vs_merged"] == "indistinguishable" else r["vs_merged"]
+    return f"{float(r['ratio']):.3f}x{ci} {word}"
+
+
 def format_table(rows: list[dict]) -> str:
-    """The result as a text table: measured ms ± std (% over merged) | paper ms ± std (%)."""
+    """The result as a text table: measured ms ± std, ratio to merged [95% interval] | paper ms ± std (%)."""
     lines = []
     for column in dict.fromkeys(r["column"] for r in rows):
         sel = [r for r in rows if r["column"] == column]
         b, s, theta = COLUMNS[column]
         lines.append(f"\nbatch {b} / seq {s}   (adapter |Θ| target {theta / 1e6:g}M; "
                      f"{sel[0]['device']}, {sel[0]['dtype']}, {sel[0]['trials']} trials)")
-        lines.append(f"  {'row':<24}{'measured ms':>22}{'over merged':>13}{'median (over)':>22}"
-                     f"   {'paper ms (RTX8000)':>24}   {'params':>10}  r")
+        lines.append(f"  {'row':<24}{'measured ms':>22}{'median ms':>11}   {'ratio to merged [95%]':<32}"
+                     f"{'paper ms (RTX8000)':>24}   {'params':>10}  r")
         for r in sel:
-            ov = f"{float(r['overhead_pct']):+.1f}%" if r["overhead_pct"] != "" else ""
             paper = (f"{r['paper_mean_ms']}±{r['paper_std_ms']} ({float(r['paper_overhead_pct']):+.1f}%)"
                      if r["paper_mean_ms"] != "" else "—")
             rr = r["bottleneck_r"] if r["bottleneck_r"] != "" else r["lora_r"]
-            mo = f"{float(r['median_overhead_pct']):+.1f}%" if r["median_overhead_pct"] != "" else ""
-            med = f"{float(r['median_ms']):.2f} ({mo})"
-            lines.append(f"  {r['row']:<24}{float(r['mean_ms']):>13.2f} ± {float(r['std_ms']):<6.2f}{ov:>13}"
-                         f"{med:>22}   {paper:>24}   {r['adapter_params']:>10}  {rr}")
+            lines.append(f"  {r['row']:<24}{float(r['mean_ms']):>13.2f} ± {float(r['std_ms']):<6.2f}"
+                         f"{float(r['median_ms']):>11.2f}   {_ratio_cell(r):<32}{paper:>24}   "
+                         f"{r['adapter_params']:>10}  {rr}")
+    lines.append("\nratio to merged: geometric mean of the per-trial ratios row / merged (all rows timed in every "
+                 "trial, in random order) with a 95% t-interval;\n'≈ merged': the interval contains 1.0, so these "
+                 "trials cannot tell the row from merged (rerun with more --trials or on a quieter machine)")
     return "\n".join(lines)
 
 

@@ -24,12 +24,14 @@ def _f(v: str) -> float:
 
 
 def plot_paper_table(csv_path, png_path) -> Path:
-    """Left: measured ms ± std per row, one group per column. Right: % over merged, measured vs paper."""
+    """Left: measured ms ± std per row, one group per column. Right: ratio to merged with its 95% interval
+    (paired trials; older CSVs without the ratio columns: % over merged from the means), measured vs paper."""
     rows = read_csv(csv_path)
     if not rows:
         raise ValueError(f"{csv_path}: no rows to plot")
     columns = list(dict.fromkeys(r["column"] for r in rows))
     names = list(dict.fromkeys(r["row"] for r in rows))
+    paired = "ratio" in rows[0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     w = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -37,8 +39,16 @@ def plot_paper_table(csv_path, png_path) -> Path:
         xs = [j + i * w for j in range(len(columns))]
         axes[0].bar(xs, [_f(sel[c]["mean_ms"]) if c in sel else 0 for c in columns], w,
                     yerr=[_f(sel[c]["std_ms"]) if c in sel else 0 for c in columns], capsize=3, label=name)
-        axes[1].bar(xs, [_f(sel[c]["overhead_pct"]) if c in sel else 0 for c in columns], w, label=name)
-        paper = [_f(sel[c]["paper_overhead_pct"]) if c in sel else float("nan") for c in columns]
+        if paired:
+            ratio = [_f(sel[c]["ratio"]) if c in sel else float("nan") for c in columns]
+            lo = [r - _f(sel[c]["ratio_lo"]) if c in sel else 0 for r, c in zip(ratio, columns)]
+            hi = [_f(sel[c]["ratio_hi"]) - r if c in sel else 0 for r, c in zip(ratio, columns)]
+            axes[1].bar(xs, [r - 1 for r in ratio], w, bottom=1, label=name,
+                        yerr=[[0 if v != v else v for v in lo], [0 if v != v else v for v in hi]], capsize=3)
+            paper = [1 + _f(sel[c]["paper_overhead_pct"]) / 100 if c in sel else float("nan") for c in columns]
+        else:
+            axes[1].bar(xs, [_f(sel[c]["overhead_pct"]) if c in sel else 0 for c in columns], w, label=name)
+            paper = [_f(sel[c]["paper_overhead_pct"]) if c in sel else float("nan") for c in columns]
         axes[1].scatter(xs, paper, marker="x", color="black", zorder=3,
                         label="paper (RTX8000)" if i == 0 else None)
     labels = [f"batch {rows_[0]['batch']} / seq {rows_[0]['seq']}"
@@ -46,8 +56,8 @@ def plot_paper_table(csv_path, png_path) -> Path:
     for ax in axes:
         ax.set_xticks([j + w * (len(names) - 1) / 2 for j in range(len(columns))], labels)
     axes[0].set_ylabel("ms per forward pass (mean ± std)")
-    axes[1].set_ylabel("% over merged (base model)")
-    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set_ylabel("ratio to merged, paired trials (95% interval)" if paired else "% over merged (base model)")
+    axes[1].axhline(1 if paired else 0, color="grey", lw=0.8)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     r0 = rows[0]
