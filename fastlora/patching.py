@@ -23,7 +23,7 @@ seed drawn from torch's generator, so it differs from nn.Dropout's draw but has 
 """
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -251,7 +251,7 @@ def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> Patch
     for path, m, kind in todo:
         fn = _peft_forward if kind == "peft.Linear" else _loralib_forward
         object.__setattr__(m, _ATTR, _State(kind))
-        object.__setattr__(m, "forward", types.MethodType(fn, m))
+        object.__setattr__(m, "forward", functools.partial(fn, m))   # picklable: fn is module-level
         report.patched[path] = kind
     if _fingerprint(model) != before:   # cannot happen by construction; never leave a half-changed model
         for _, m, _ in todo:
