@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fastlora import lora_linear
+from fastlora import lora_linear, lora_linear_reference
 from tests._tolerance import assert_close
-from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, Case, build_peft, check_parity, layout_ok,
-                                      make_problem, run_fastlora, run_oracle, run_peft)
+from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, SEED, Case, abs_problem, build_peft, check_parity,
+                                      layout_ok, make_problem, run_fastlora, run_oracle, run_peft)
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_scaling_float_tensor_and_no_stale_cache(backend):
     f = lambda s: lora_linear(x, W, b, A, B, s, 0.1, seed=9, backend=backend)  # noqa: E731
     # float, fp32 / fp64 0-d tensors and a 1-element 1-D tensor all mean the same runtime value
     y = f(0.3)
-    for s in (torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64)):
+    for s in (torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64), torch.tensor([0.3])):
         assert torch.equal(f(s), y)
     # a new value takes effect (nothing cached from the first call), linearly in s
     y0, y1, y3 = f(0.0), f(1.0), f(3.0)
@@ -231,3 +231,52 @@ def test_scaling_scales_adapter_grads(backend):
     for name in ("dA", "dB"):
         torch.testing.assert_close(g2[name], 2 * g1[name], rtol=1e-6, atol=0)
     check_parity(pb, g2, run_oracle(pb), run_peft(pb))
+
+
+# ---------------------------------------------------------------------------
+# the split-N path of the dS/dB pass (1 on CPU unless forced), a trainable base weight
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("split_n", [2, 3])
+def test_split_n_dsdb_pass(split_n, deterministic):
+    """The dS/dB pass split over N's columns (GPUs split it to fill their SMs; on CPU the split is 1, so it
+    is forced here through lora_bwd's split_n=) on an N that no split divides: dx, dA, dB, dbias vs float64."""
+    from fastlora import ops
+    from fastlora.kernels.linear_bwd import lora_bwd
+    pb = make_problem(Case(dtype="fp32", M=21, KN=(20, 37), r=5, layout="contig", p=0.1))
+    x, A, B = pb.x.detach(), pb.A.detach(), pb.B.detach()
+    scale, seed = torch.tensor(pb.scaling, dtype=torch.float32), torch.tensor(SEED)
+    _, S = ops.forward(x, pb.weight, pb.bias, A, B, scale, pb.case.p, seed, False, True, "triton")
+    dx, dA, dB, dbias = lora_bwd(pb.dy, x, pb.weight, A, B, S, scale, pb.case.p, seed, False,
+                                 True, True, True, True, deterministic, split_n=split_n)
+    got = {"dx": dx, "dA": dA, "dB": dB, "dbias": dbias}
+    oracle, peft, scale_of = run_oracle(pb), run_peft(pb), run_oracle(abs_problem(pb))
+    for name, t in got.items():
+        assert_close(f"{name} (split_n={split_n})", t, oracle[name], peft[name], scale=scale_of[name])
+
+
+def _all_grads(pb, f, dtype=None):
+    """Gradients of every input, the weight included, of f(x, W, bias, A, B) on pb's values (cast to dtype)."""
+    x, W, b, A, B = (t.detach().to(dtype or t.dtype).requires_grad_() for t in (pb.x, pb.weight, pb.bias, pb.A, pb.B))
+    f(x, W, b, A, B).backward(pb.dy.to(x.dtype))
+    return {"dW": W.grad, "dx": x.grad, "dA": A.grad, "dB": B.grad, "dbias": b.grad}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_trainable_base_weight_gradient(backend, dtype, fan_in_fan_out):
+    """weight.requires_grad=True (the README: a trainable W0 gets its gradient): dW in W0's layout ((K, N) with
+    fan_in_fan_out), K != N, and every other gradient next to it, vs float64 autograd through the reference;
+    the baseline is the same autograd in the case's dtype."""
+    pb = make_problem(Case(dtype=dtype, M=13, KN=(20, 12), r=4, layout="3d", p=0.1, fan_in_fan_out=fan_in_fan_out))
+    p, s = pb.case.p, pb.scaling
+    fused = lambda x, W, b, A, B: lora_linear(x, W, b, A, B, s, p, fan_in_fan_out=fan_in_fan_out,  # noqa: E731
+                                              seed=SEED, backend=backend)
+    ref = lambda x, W, b, A, B: lora_linear_reference(x, W, b, A, B, s, p, SEED, fan_in_fan_out)  # noqa: E731
+    got, base, oracle = _all_grads(pb, fused), _all_grads(pb, ref), _all_grads(pb, ref, torch.float64)
+    terms = _all_grads(abs_problem(pb), ref, torch.float64)      # Σ|terms| scales (tests/_tolerance.py)
+    assert got["dW"].shape == pb.weight.shape and got["dW"].dtype == pb.weight.dtype
+    for name in got:
+        assert_close(name, got[name], oracle[name], base[name], scale=terms[name])

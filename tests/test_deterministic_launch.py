@@ -1,0 +1,130 @@
+"""deterministic=True must reach the kernels: every Triton launch that could reduce with atomics is
+launched with ATOMIC=False.
+
+Bitwise-repeat tests (tests/test_linear_grad.py) cannot show this on a CPU: the interpreter runs atomic
+adds in a fixed order, so they are repeatable there even when deterministic mode never reaches the
+kernels. These tests spy on the launches instead: the ``run`` method of every Triton kernel class
+(``KernelInterface`` and its subclasses: JIT, interpreted, autotuned), so they hold whatever the kernels
+and launchers are called. A launch is recorded with its kernel's name, its meta-parameters and whether
+the kernel's source uses atomics.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import pytest
+import torch
+from triton.runtime.jit import KernelInterface
+
+from fastlora.bank import AdapterBank
+from fastlora.multi import multi_lora_linear
+from tests.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
+
+
+@dataclass
+class Launch:
+    kernel: str
+    meta: dict
+    uses_atomics: bool
+
+
+def _kernel_function(obj):
+    """The Python function behind a JIT / interpreted / autotuned kernel object."""
+    while not inspect.isfunction(obj):
+        obj = obj.fn
+    return obj
+
+
+def _subclasses(cls):
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton kernel launch during the test, in order (an autotuner's launch and the launch of the
+    kernel it picks are both recorded)."""
+    seen: list[Launch] = []
+    for cls in set(_subclasses(KernelInterface)):
+        if "run" not in vars(cls):
+            continue
+
+        def run(self, *args, _orig=vars(cls)["run"], **kwargs):
+            if not kwargs.get("warmup", False):
+                fn = _kernel_function(self)
+                seen.append(Launch(fn.__name__, kwargs, "atomic_" in inspect.getsource(fn)))
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "run", run)
+    return seen
+
+
+def _backward(deterministic, p, fan_in_fan_out=False):
+    """fastlora.lora_linear forward + backward on the interpreted kernels; returns its gradients."""
+    pb = make_problem(Case(dtype="fp32", M=37, KN=(20, 36), r=5, layout="contig", p=p,
+                           fan_in_fan_out=fan_in_fan_out))
+    return pb, run_fastlora(pb, "triton", deterministic=deterministic)
+
+
+def _assert_atomic_free(runs, what):
+    assert runs, f"{what}: no Triton launch was recorded (is the spy still in the launch path?)"
+    bad = [(r.kernel, r.meta.get("ATOMIC", "no ATOMIC switch")) for r in runs
+           if r.meta.get("ATOMIC", False) is not False or (r.uses_atomics and "ATOMIC" not in r.meta)]
+    assert not bad, f"{what}: launches that may reduce with atomics: {bad}"
+
+
+@pytest.mark.parametrize("p,fan_in_fan_out", [(0.1, False), (0.0, True)])
+def test_deterministic_reaches_every_atomic_launch(launches, p, fan_in_fan_out):
+    """By default the backward reduces dA / dB / dbias with atomics (ATOMIC=True reaches a kernel);
+    deterministic=True (the argument, or torch.use_deterministic_algorithms) launches none with atomics."""
+    _backward(False, p, fan_in_fan_out)
+    default = list(launches)
+    assert any(r.meta.get("ATOMIC") is True for r in default), (
+        f"no launch got ATOMIC=True by default: {[(r.kernel, r.meta.get('ATOMIC')) for r in default]}; "
+        f"this test can only prove something about a switch it sees")
+    assert any(r.uses_atomics for r in default)
+
+    launches.clear()
+    pb, got = _backward(True, p, fan_in_fan_out)
+    _assert_atomic_free(launches, "deterministic=True")
+    check_parity(pb, got)                      # and the atomic-free reduction is right
+
+    launches.clear()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _backward(None, p, fan_in_fan_out)     # deterministic=None follows torch's flag
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    _assert_atomic_free(launches, "torch.use_deterministic_algorithms(True)")
+
+
+def test_torch_backend_launches_no_kernel(launches):
+    """The torch backend (pure torch matmuls, no atomics anywhere) launches no Triton kernel at all, in
+    either mode, and repeats bitwise."""
+    pb = make_problem(Case(dtype="fp32", M=37, KN=(20, 36), r=5, layout="contig", p=0.1))
+    a, b = run_fastlora(pb, "torch", deterministic=True), run_fastlora(pb, "torch", deterministic=True)
+    run_fastlora(pb, "torch", deterministic=False)
+    assert launches == []
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("regime", ["decode", "grouped"])
+def test_multi_adapter_kernels_never_use_atomics(launches, regime):
+    """The multi-adapter op has no deterministic switch because its kernels write disjoint blocks: every
+    launch of its forward and backward is atomic-free (a kernel that starts using atomics needs a switch)."""
+    K, N = 20, 28
+    g = torch.Generator().manual_seed(0)
+    bank = AdapterBank(K, N, requires_grad=True)
+    for i, r in enumerate((2, 5, 8)):
+        bank.add(f"a{i}", torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), alpha=r)
+    x = torch.randn(19, K, generator=g, requires_grad=True)
+    ids = torch.randint(-1, 3, (19,), generator=g, dtype=torch.int32)
+    y = multi_lora_linear(x, torch.randn(N, K, generator=g), None, bank, ids, 0.1, seed=SEED, regime=regime,
+                          backend="triton")
+    y.backward(torch.randn(y.shape, generator=g))
+    _assert_atomic_free(launches, f"multi-adapter ({regime})")
+    kernels = {r.kernel for r in launches}
+    assert len(kernels) >= 3, kernels          # shrink, expand and the segment-gradient kernel all ran
