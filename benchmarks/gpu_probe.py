@@ -5,11 +5,10 @@
 For M = 4096 tokens, d ∈ {4096, 8192}, r = 16, bfloat16, prints
   * forward (eval) times from triton.testing.do_bench, eager and replayed from a CUDA graph (the graph
     removes host launch overhead, so "graph" is the kernels' own time): the base GEMM (cuBLAS), fastlora
-    with each forward variant pinned and with the timed choice, and the cuBLAS composite
-    addmm(bias, x, Wᵀ).addmm_(x·Aᵀ, Bᵀ);
+    (Triton shrink + expand, cuBLAS addmm_) and the cuBLAS composite addmm(bias, x, Wᵀ).addmm_(x·Aᵀ, Bᵀ);
   * forward+backward (x requires grad, W0 frozen) for p ∈ {0, 0.1}, against the base layer's
     forward+backward, and the profiler's per-kernel CUDA time table;
-  * the autotuner's chosen configs;
+  * the launch configs the policy chose (fixed rule, or the tune cache in $FASTLORA_TUNE_CACHE);
   * a layer-level check of the multi-adapter kernels on a GPT-2 c_attn shape (transformers Conv1D,
     32 adapters of rank 4, one per sequence) against a float64 per-sequence reference;
   * the paper table's multi-adapter row check at growing depth (GPT-2 d 1024, 32 sequences × 128 tokens, one
@@ -19,15 +18,12 @@ For M = 4096 tokens, d ∈ {4096, 8192}, r = 16, bfloat16, prints
     (benchmarks.paper_table.check_row).
 benchmarks/results/h200_2026-11-26/gpu_probe_output.txt is its output on an H200.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 import fastlora
-from fastlora.kernels import linear_bwd as lb
-from fastlora.kernels import linear_fwd as lf
+from fastlora.kernels import policy
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -50,17 +46,18 @@ def fused_op(d, M=4096, r=16):
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(DEV, DT)   # noqa: E731
     W, b, A, B, x, dy = mk(d, d), mk(d), mk(r, d), mk(d, r), mk(M, d) * 50, mk(M, d) * 50
+    f = lambda: fastlora.lora_linear(x, W, b, A, B, 2.0, 0.0, False)   # noqa: E731
     rows = {"base eager": do_bench(lambda: F.linear(x, W, b)), "base graph": graph_ms(lambda: F.linear(x, W, b))}
-    for v in ("one", "two", "auto"):
-        os.environ["FASTLORA_FWD_VARIANT"] = v
-        f = lambda: fastlora.lora_linear(x, W, b, A, B, 2.0, 0.0, False)   # noqa: E731
-        with torch.no_grad():
-            rows[f"fwd {v} eager"] = do_bench(f)
-            rows[f"fwd {v} graph"] = graph_ms(f)
-    os.environ["FASTLORA_FWD_VARIANT"] = "auto"
+    with torch.no_grad():
+        rows["fastlora eager"] = do_bench(f)
+        rows["fastlora graph"] = graph_ms(f)
     rows["composite graph"] = graph_ms(lambda: torch.addmm(b, x, W.t()).addmm_(x @ A.t(), B.t(), alpha=2.0))
-    print(f"d={d} M={M} r={r} bf16, ms (do_bench):", {k: round(v, 4) for k, v in rows.items()})
-    print("  gemm best:", lf._gemm.best_config, " shrink best:", getattr(lf._shrink, "best_config", None))
+    print(f"d={d} M={M} r={r} bf16, ms (do_bench):", {k: round(v, 4) for k, v in rows.items()},
+          f"fastlora/base graph {rows['fastlora graph'] / rows['base graph']:.3f}")
+    prec, lprec = policy.fp32_precision(DT), policy.lora_precision(DT, DT)
+    dev = torch.device(DEV)
+    print("  configs (policy):", {k: policy.config(k, DT, pr, M, w, r, dev) for k, pr, w in
+                                  (("shrink", lprec, d), ("expand", prec, d), ("dsdb", lprec, d), ("dx", lprec, d))})
     xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
     for p in (0.0, 0.1):
         def fb():
@@ -75,7 +72,6 @@ def fused_op(d, M=4096, r=16):
                 fb()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
-    print("  dsdb best:", lb._dsdb.best_config, " dx best:", lb._dx.best_config)
 
 
 def multi_conv1d():
@@ -138,6 +134,7 @@ def multi_model_agreement(device=DEV, layers=(1, 4, 24), dtypes=(torch.float32, 
 
 
 if __name__ == "__main__":
+    fused_op(1024, M=128)          # small: host time and launch latency dominate
     for d in (4096, 8192):
         fused_op(d)
     multi_conv1d()

@@ -2,15 +2,17 @@
 # Everything that needs a GPU (run it from anywhere on a machine with CUDA, after
 # `pip install -e ".[test,bench]"`):
 #
-#     bash benchmarks/run_gpu.sh [OUT_DIR]                      # every step; OUT_DIR default benchmarks/results
-#     STEPS="tests probe sweep" bash benchmarks/run_gpu.sh OUT  # some steps (a 10-minute command limit:
-#     STEPS="ratios multi paper micro memory" bash ...          #   run these two halves as two calls)
+#     bash benchmarks/run_gpu.sh [OUT_DIR]                      # every step; OUT_DIR default benchmarks/out/gpu
+#     STEPS="tests tune probe" bash benchmarks/run_gpu.sh OUT   # some steps (a 10-minute command limit:
+#     STEPS="ratios train multi paper micro memory" bash ...    #   run these two halves as two calls)
 #
 # tests   the GPU tests (tests/test_gpu.py: compiled kernels vs float64 and PEFT; CUDA-graph capture), with a
 #         line per test in OUT_DIR/gpu_tests_live.txt as it ends (a run cut off by its limit still tells),
-# probe   python -m benchmarks.gpu_probe: kernel-only times, per-kernel profile, tuned configs, model checks,
-# sweep   python -m benchmarks.tile_sweep: every candidate tile of the forward and dx kernels vs cuBLAS,
-# ratios  issue 2's paired ratios (python -m benchmarks.bench_linear),
+# tune    python -m fastlora.tune: every shipped tile config of the Triton kernels timed at the benchmarks' shapes,
+#         winners written to OUT_DIR/tune.json, which every later step reads (FASTLORA_TUNE_CACHE),
+# probe   python -m benchmarks.gpu_probe: kernel-only times, per-kernel profile, chosen configs, model checks,
+# ratios  paired ratios vs the base layer and PEFT (python -m benchmarks.bench_linear),
+# train   one AdamW step of a Llama-3.2-1B-sized LoRA model, PEFT vs PEFT + fastlora.patch (benchmarks.train_step),
 # multi   bench_multi (pytest-benchmark, CSV + PNG),
 # paper   the paper's Table 1 (python -m benchmarks.paper_table, all columns, 100 trials),
 # micro   bench_linear and bench_merge (pytest-benchmark, CSV + PNG),
@@ -21,10 +23,10 @@
 # reported and the next one runs. The exit status is the number of failed steps.
 set -u
 cd "$(dirname "$0")/.."
-OUT_DIR=$(realpath -m "${1:-benchmarks/results}")
-STEPS=" ${STEPS:-tests probe sweep ratios multi paper micro memory} "
+OUT_DIR=$(realpath -m "${1:-benchmarks/out/gpu}")
+STEPS=" ${STEPS:-tests tune probe ratios train multi paper micro memory} "
 mkdir -p "$OUT_DIR"
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 FASTLORA_BENCH_OUT="$OUT_DIR"
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 FASTLORA_BENCH_OUT="$OUT_DIR" FASTLORA_TUNE_CACHE="$OUT_DIR/tune.json"
 failed=0
 step() {     # step NAME LIMIT CMD...: runs CMD when NAME is in STEPS
     local name=$1 limit=$2; shift 2
@@ -44,9 +46,10 @@ par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${JOBS:-12}")
 export FASTLORA_LIVE_REPORT="$OUT_DIR/gpu_tests_live.txt"
 step tests "${T_TESTS:-200}" python3 -m pytest -q $par -p no:cacheprovider -p tests._live_report -rfE --tb=short \
     tests/test_gpu.py tests/test_multi_kernels.py::test_cuda_graph_capture
+step tune "${T_TUNE:-120}" python3 -m fastlora.tune --tokens 128 2048 4096 8192 --dims 1024 4096 5120 8192 --ranks 16
 step probe "${T_PROBE:-120}" python3 -m benchmarks.gpu_probe
-step sweep "${T_SWEEP:-150}" python3 -m benchmarks.tile_sweep --out "$OUT_DIR/tile_sweep.csv"
 step ratios "${T_RATIOS:-90}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"
+step train "${T_TRAIN:-150}" python3 -m benchmarks.train_step
 step multi "${T_MULTI:-70}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
 step paper "${T_PAPER:-120}" python3 -m benchmarks.paper_table --device cuda --out-dir "$OUT_DIR" --no-progress
 step micro "${T_MICRO:-90}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_linear.py \

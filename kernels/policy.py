@@ -20,6 +20,7 @@ Precision tiers (``input_precision`` of tl.dot on fp32 operands):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -163,6 +164,7 @@ def cache_key(kernel: str, tier_: str, M: int, width: int, R: int) -> str:
 
 _tuned: dict[str, dict] | None = None      # device name -> {cache_key: config}
 _device_info: dict = {}                    # device index -> (name, SM count)
+_forced: dict[str, dict] = {}              # kernel -> config, while fastlora.tune times that config
 
 
 def _load() -> dict:
@@ -186,7 +188,7 @@ def read_cache(path: str) -> dict:
         for dev, entries in data["devices"].items():
             for key, cfg in entries.items():
                 kernel, tier_ = key.split("/")[:2]
-                if cfg not in CANDIDATES[kernel][tier_]:
+                if cfg not in candidates(kernel, tier_):
                     raise ValueError(f"{key}: {cfg} is not a shipped config")
                 out.setdefault(dev, {})[key] = cfg
         return out
@@ -236,6 +238,8 @@ def device_info(device: torch.device) -> tuple[str, int | None]:
 def config(kernel: str, x_dtype: torch.dtype, precision: str, M: int, width: int, R: int,
            device: torch.device) -> dict:
     """The launch config of ``kernel`` for this call: interpreter config, tuned entry, or the fixed rule."""
+    if kernel in _forced:
+        return _forced[kernel]
     tier_ = tier(x_dtype, precision)
     if interpreting():
         return INTERPRETER[kernel]
@@ -246,6 +250,16 @@ def config(kernel: str, x_dtype: torch.dtype, precision: str, M: int, width: int
         if cfg is not None:
             return cfg
     return default_config(kernel, tier_, M, width, R, sms)
+
+
+@contextlib.contextmanager
+def forced(kernel: str, cfg: dict):
+    """Launch ``kernel`` with ``cfg`` inside the block (fastlora.tune's timing loop; never used in a user's call)."""
+    _forced[kernel] = cfg
+    try:
+        yield
+    finally:
+        del _forced[kernel]
 
 
 def launch_options(cfg: dict) -> tuple[dict, dict]:

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from benchmarks import adapters as adp
-from benchmarks import common, paper_table, plot, tile_sweep, traffic
+from benchmarks import common, paper_table, plot, traffic
 # Imported here, at collection, while conftest's TRITON_INTERPRET=1 holds: Triton fixes a kernel's mode when
 # its module is imported, and the torch_backend fixture below sets TRITON_INTERPRET=0 for model-level tests.
-from fastlora.kernels import linear_bwd, linear_fwd
+import fastlora.kernels  # noqa: E402,F401  (the kernel modules, imported in interpreter mode)
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--bottleneck", "3", "--no-progress"]
 
@@ -172,6 +172,13 @@ def test_paper_table_main_writes_csv_and_png(tmp_path, torch_backend, capsys):
         dt.datetime.fromisoformat(r["timestamp"])
     merged = next(r for r in rows if r["row"] == "merged")
     assert float(merged["overhead_pct"]) == 0.0 and merged["paper_mean_ms"] == "19.8"
+    assert merged["ratio"] == "1.0000" and merged["vs_merged"] == ""           # paired with itself
+    for r in rows:
+        if r["row"] != "merged":
+            assert float(r["ratio_lo"]) <= float(r["ratio"]) <= float(r["ratio_hi"])
+            assert r["vs_merged"] == ("indistinguishable" if float(r["ratio_lo"]) <= 1 <= float(r["ratio_hi"])
+                                      else "slower" if float(r["ratio_lo"]) > 1 else "faster")
+    assert "ratio to merged" in out
     ad_h = next(r for r in rows if r["row"] == "AdapterH")
     assert float(ad_h["paper_overhead_pct"]) == pytest.approx(100 * (25.8 / 19.8 - 1), abs=0.05)
     assert int(ad_h["adapter_params"]) == adp.paper_param_count("H", 2, 32, 3)
@@ -241,28 +248,45 @@ def test_micro_csv_plot(tmp_path):
 def test_traffic_model_sanity(tmp_path):
     for case, s in traffic.CASES:
         tot = {k: traffic.totals(fn(s), "H100 SXM") for k, fn in traffic.IMPLS.items()}
+        eff = {k: traffic.effective(fn(s), "H100 SXM") for k, fn in traffic.IMPLS.items()}
         for k, t in tot.items():
             assert t["bytes"] > 0 and t["flops"] > 0 and t["model_time_us"] > 0 and t["launches"] >= 1, k
         base = tot[("fwd", "base GEMM")]
-        for impl in ("PEFT", "torch composite", "fastlora 1-launch", "fastlora 2-launch"):
+        for impl in ("PEFT", "torch composite", "fastlora anchored"):
             assert tot[("fwd", impl)]["bytes"] >= base["bytes"]          # nothing beats the base GEMM
             assert tot[("fwd", impl)]["flops"] >= base["flops"]
-        one, two = tot[("fwd", "fastlora 1-launch")], tot[("fwd", "fastlora 2-launch")]
-        assert one["bytes"] < two["bytes"] < tot[("fwd", "torch composite")]["bytes"] < tot[("fwd", "PEFT")]["bytes"]
-        assert one["flops"] >= two["flops"]                              # the shrink recomputed per N tile
-        assert one["launches"] == 1 and two["launches"] == 2
-        assert tot[("bwd", "fastlora")]["bytes"] < tot[("bwd", "PEFT")]["bytes"]
-        # one-launch traffic = base GEMM + adapters (+ S saved when training): no extra x-sized traffic
-        extra = one["bytes"] - base["bytes"]
-        assert extra <= (s.r * s.K + s.N * s.r) * s.ba + s.M * s.r * 4
+        fwd, bwd = tot[("fwd", "fastlora anchored")], tot[("bwd", "fastlora anchored")]
+        assert fwd["launches"] == 3 and bwd["launches"] == 3
+        # anchored forward = base GEMM + x read by the shrink + y0 written and read back + S (fp32) twice + A, B
+        assert fwd["bytes"] - base["bytes"] == (s.M * s.K * s.b + 2 * s.M * s.N * s.b + 2 * s.M * s.r * 4
+                                                 + (s.r * s.K + s.N * s.r) * s.ba)
+        assert bwd["bytes"] < tot[("bwd", "PEFT")]["bytes"]
+        for d in ("fwd", "bwd"):
+            t = {impl: eff[(d, impl)]["kernel_us"] for impl in ("base GEMM", "fastlora anchored", "torch composite",
+                                                                  "PEFT")}
+            assert t["base GEMM"] < t["fastlora anchored"] <= t["PEFT"], (case, d)
+            if s.M >= 4096:   # y0 / dx0's extra read hides under the compute-bound cuBLAS GEMM
+                assert t["fastlora anchored"] < t["torch composite"], (case, d)
     padded, wp = traffic.multi_adapter(256, 128, 128, [4, 8, 64])
     packed, wk = traffic.multi_adapter(256, 128, 128, [4, 8, 64], packed=True)
     padded, wp = traffic.multi_adapter(256, 128, 128, [4, 8, 64], packed=False)
     assert wk < wp and sum(k.flops for k in packed) < sum(k.flops for k in padded)
     rows = traffic.model_rows()
     assert {r["label"] for r in rows} == {"model"} and {r["gpu"] for r in rows} == set(traffic.GPUS)
+    assert not any("launch" in r["impl"] for r in rows)                 # the fused-GEMM variants are gone
     path = common.write_csv(tmp_path / "t.csv", traffic.CSV_COLUMNS, rows)
     assert plot.plot_csv(path).exists()
+
+
+def test_traffic_model_predictions_and_program_counts():
+    for gpu in traffic.GPUS:
+        preds = traffic.predictions(gpu)
+        assert len(preds) == 5 and all(p["value"] > 0 and p["met"] == (
+            p["value"] <= p["bound"] if p["kind"] == "<=" else p["value"] >= p["bound"]) for p in preds)
+        assert all(p["value"] > 1 for p in preds[:2])                    # a forward never beats the base GEMM
+    # 128 tokens, d 1024, r 16: 2 row blocks of 64; expand / dx prologue 8 column tiles of 128; dS/dB split in 4
+    assert traffic.programs(128, 1024, 1024, 16, 132) == {"shrink": 2, "expand": 16, "dS/dB": 8, "dx prologue": 16}
+    assert traffic.programs(128, 1024, 1024, 16, 132, block_m=16)["shrink"] == 8
 
 
 def test_traffic_model_roofline_formula():
@@ -270,6 +294,104 @@ def test_traffic_model_roofline_formula():
     t = traffic.totals(k, "H100 SXM")
     assert t["model_time_us"] == pytest.approx(2.0 + 2 * traffic.LAUNCH_US)
     assert traffic.Shape(1, 1, 1, 3).rp == 16 and traffic.Shape(1, 1, 1, 17).rp == 32
+
+
+# ----------------------------------------------------------------------------- paired ratios, output folder
+
+def test_ratio_interval_says_when_a_row_is_indistinguishable():
+    # a busy machine: merged swings by ±30% between trials; this row's mean is 15% above merged, but its paired
+    # per-trial ratios straddle 1 (1.30, 0.95, 1.30, 0.92, 1.28, 0.97): indistinguishable
+    merged = [3000, 2100, 4300, 2500, 4000, 3100]
+    noisy = [3900, 2000, 5600, 2300, 5100, 3000]
+    r = paper_table.ratio_to_merged(noisy, merged)
+    assert r["verdict"] == "indistinguishable" and r["lo"] < 1 < r["hi"]
+    # a steady 10% overhead under the same swings is told apart: the pairing cancels the drift
+    steady = [1.1 * m * (1 + 0.01 * (-1) ** i) for i, m in enumerate(merged)]
+    r = paper_table.ratio_to_merged(steady, merged)
+    assert r["verdict"] == "slower" and 1.05 < r["lo"] < r["ratio"] < r["hi"] < 1.15
+    assert paper_table.ratio_to_merged([0.5 * m for m in steady], merged)["verdict"] == "faster"
+    one = paper_table.ratio_to_merged([2.0], [1.0])                         # one trial: no interval
+    assert one["ratio"] == pytest.approx(2.0) and one["verdict"] == "indistinguishable"
+    with pytest.raises(ValueError, match="paired trials"):
+        paper_table.ratio_to_merged([1.0, 2.0], [1.0])
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 29, 30, 31, 45, 100, 1000):
+        assert common.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    import math
+    logs = [math.log(v) for v in (1.3, 0.95, 1.3, 0.92, 1.28, 0.97)]
+    lo, hi = stats.t.interval(0.95, len(logs) - 1, loc=sum(logs) / 6, scale=stats.sem(logs))
+    _, lo2, hi2 = common.ratio_interval([1.3, 0.95, 1.3, 0.92, 1.28, 0.97])
+    assert (lo2, hi2) == pytest.approx((math.exp(lo), math.exp(hi)), rel=1e-3)
+
+
+def test_output_folder_rule(tmp_path, monkeypatch, capsys):
+    """Default: benchmarks/out/ (git-ignored), else $FASTLORA_BENCH_OUT, else --out-dir; the committed results
+    under benchmarks/results/ are untouched by a run that does not name them."""
+    monkeypatch.delenv(common.OUT_ENV, raising=False)
+    assert common.output_dir() == common.OUT_DIR != common.RESULTS_DIR
+    assert common.RESULTS_DIR not in common.OUT_DIR.parents
+    monkeypatch.setenv(common.OUT_ENV, str(tmp_path / "env"))
+    assert common.output_dir() == tmp_path / "env"
+    assert common.output_dir(str(tmp_path / "given")) == tmp_path / "given"      # the option wins
+    monkeypatch.delenv(common.OUT_ENV)
+    monkeypatch.setattr(common, "OUT_DIR", tmp_path / "default")                 # the default, redirected here
+    before = {p: p.stat().st_mtime_ns for p in common.RESULTS_DIR.rglob("*")}
+    assert traffic.main([]) == 0
+    assert (tmp_path / "default" / "traffic_model.csv").exists()
+    assert f"wrote {tmp_path / 'default' / 'traffic_model.csv'}" in capsys.readouterr().out     # says where
+    committed = common.RESULTS_DIR / "paper_table_cpu_float32.csv"                # redraw a committed result
+    assert plot.main([str(committed)]) == 0
+    assert (tmp_path / "default" / "paper_table_cpu_float32.png").read_bytes()[:4] == b"\x89PNG"
+    assert traffic.main(["--out-dir", str(tmp_path / "given")]) == 0
+    assert (tmp_path / "given" / "traffic_model.csv").exists()
+    assert {p: p.stat().st_mtime_ns for p in common.RESULTS_DIR.rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- train step
+
+TRAIN_TINY = ["--quick", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "4", "--kv-heads",
+              "2", "--vocab", "97", "--batch", "2", "--seq", "16", "--rounds", "2"]
+
+
+def test_train_step_quick_dry_run(tmp_path, torch_backend, capsys):
+    from benchmarks import train_step
+    assert train_step.main(TRAIN_TINY + ["--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "first-step loss" in out and "-> agree" in out and f"wrote {tmp_path}" in out
+    (csv_path,) = tmp_path.glob("train_step_cpu_float32.csv")
+    rows = {r["provider"]: r for r in common.read_csv(csv_path)}
+    assert list(rows) == ["peft", "fastlora"] and rows["fastlora"]["patched_layers"] == "7"
+    for r in rows.values():
+        assert float(r["p20_tok_s"]) <= float(r["median_tok_s"]) <= float(r["p80_tok_s"]) and r["rounds"] == "2"
+        assert r["peak_mib"] == "n/a" and float(r["saved_mib"]) > 0 and float(r["grad_rel_err"]) < 1e-4
+        assert r["lora_dropout"] == "0.05" and r["r"] == "16" and r["adapter_dtype"] == "float32"
+    assert rows["fastlora"]["speedup_lo"] != "" and float(rows["fastlora"]["speedup_vs_peft"]) > 0
+    assert csv_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_step_check_catches_a_wrong_adapter(torch_backend):
+    from benchmarks import train_step
+    cfg = train_step.make_config(train_step.parser().parse_args(TRAIN_TINY))
+    peft, fast, n = train_step.make_pair(cfg)
+    assert n == 7 * cfg.sizes.layers
+    ids = train_step.batch(cfg, 0)
+    train_step.check_agreement(peft, fast, ids, cfg)                          # same model: agrees
+    with torch.no_grad():
+        next(p for name, p in fast.named_parameters() if "lora_B" in name).mul_(1.5)
+    with pytest.raises(RuntimeError, match="fastlora disagrees with PEFT"):
+        train_step.check_agreement(peft, fast, ids, cfg)
+
+
+@pytest.mark.parametrize("opts,msg", [(["--hidden", "30"], "divisible"), (["--rounds", "0"], "--rounds must be"),
+                                      (["--dropout", "1.5"], "--dropout must be"), (["--layers", "0"], "--layers"),
+                                      (["--device", "tpu"], "--device must be")])
+def test_train_step_bad_options(opts, msg):
+    from benchmarks import train_step
+    with pytest.raises(ValueError, match=msg):
+        train_step.make_config(train_step.parser().parse_args(["--quick", *opts]))
 
 
 # ----------------------------------------------------------------------------- memory benchmark
@@ -284,23 +406,3 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
     assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 64
     assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
     assert all(r["saved_bytes"] > 0 for r in rows.values())
-
-
-def test_tile_sweep_runs_every_candidate_and_checks_it():
-    """The GPU tile sweep's machinery at toy size in the interpreter: each candidate config really runs (the
-    autotuner restricted to it), its result is checked against float64, and the kernels get their lists back."""
-    before = (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs))
-    rows = tile_sweep.sweep(d=40, M=20, r=4, device=torch.device("cpu"), dtype=torch.float32)
-    n_fwd, n_dx = len(tile_sweep.fwd_candidates()), len(tile_sweep.dx_candidates())
-    assert [r["kernel"] for r in rows] == ["fwd"] * n_fwd + ["dx p=0.0"] * n_dx + ["dx p=0.1"] * n_dx
-    assert all(r["error"] == "" for r in rows), [r["error"] for r in rows]
-    assert len({r["config"] for r in rows if r["kernel"] == "fwd"}) == n_fwd
-    assert (list(linear_fwd._gemm.configs), list(linear_bwd._dx.configs)) == before
-
-
-@pytest.mark.parametrize("args,match", [(["--d", "0"], "--d must be >= 1"), (["--r", "-1"], "--r must be >= 1"),
-                                        (["--tokens", "0"], "--tokens must be >= 1")])
-def test_tile_sweep_rejects_bad_sizes(args, match, capsys):
-    with pytest.raises(SystemExit):
-        tile_sweep.main(args)
-    assert match in capsys.readouterr().err

@@ -1,16 +1,20 @@
-"""The launchers' host-side choices, which only a GPU would otherwise exercise: dot precision per
-dtype pair, the forward variant, the rank block and the autotune tile list.
+"""The launch policy (fastlora/kernels/policy.py), which only a GPU would otherwise exercise: dot precision per
+dtype pair, the rank block, the tile config rule, the tune cache — and that nothing is timed inside a call.
 
 An H200 run (benchmarks/results/h200_2026-11-26/) showed fp32 adapters on a half base getting dA with
-~2^-11 relative errors from tf32 dots; these choices are the fix, and the CPU suite cannot run tf32,
+~2^-11 relative errors from tf32 dots; the precision choices are the fix, and the CPU suite cannot run tf32,
 so here they are pinned down directly.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import triton
 
-from fastlora.kernels import _common, linear_bwd, linear_fwd, multi_lora
+import fastlora
+from fastlora.kernels import multi_lora, policy
 from fastlora.kernels._torch_compat import cuda_matmul_tf32
 
 HALF = (torch.float16, torch.bfloat16)
@@ -18,56 +22,25 @@ HALF = (torch.float16, torch.bfloat16)
 
 @pytest.mark.parametrize("x_dtype", HALF)
 def test_fp32_adapters_on_half_base_get_tf32x3_for_gradient_dots(x_dtype):
-    assert _common.lora_precision(x_dtype, torch.float32) == "tf32x3"
-    assert _common.lora_precision(x_dtype, x_dtype) == "tf32"          # S / dS rounded next to half data
-    assert _common.fp32_precision(x_dtype) == "tf32"                   # y and dx are rounded to half
+    assert policy.lora_precision(x_dtype, torch.float32) == "tf32x3"
+    assert policy.lora_precision(x_dtype, x_dtype) == "tf32"          # S / dS rounded next to half data
+    assert policy.fp32_precision(x_dtype) == "tf32"                   # y and dx are rounded to half
+    assert policy.tier(x_dtype, "tf32x3") == "fp32" and policy.tier(x_dtype, "tf32") == "half"
 
 
 def test_fp32_base_follows_torch_matmul_setting():
     # set and restored through torch's current API (fp32_precision) where it exists; the kernels must read
     # it through the same API (reading the deprecated allow_tf32 after it raises in torch >= 2.9)
     with cuda_matmul_tf32(False):
-        assert _common.lora_precision(torch.float32, torch.float32) == "ieee"
+        assert policy.lora_precision(torch.float32, torch.float32) == "ieee"
     with cuda_matmul_tf32(True):
-        assert _common.lora_precision(torch.float32, torch.float32) == "tf32"
-        assert _common.lora_precision(torch.float64, torch.float64) == "ieee"
+        assert policy.lora_precision(torch.float32, torch.float32) == "tf32"
+        assert policy.lora_precision(torch.float64, torch.float64) == "ieee"
 
 
 def test_rank_block_is_capped_for_tf32x3():
-    assert [_common.block_r(r) for r in (1, 16, 17, 64, 200)] == [16, 16, 32, 64, 64]
-    assert [_common.block_r(r, "tf32x3") for r in (1, 16, 17, 64, 200)] == [16, 16, 32, 32, 32]
-
-
-def test_forward_variant_choice(monkeypatch):
-    monkeypatch.delenv("FASTLORA_FWD_VARIANT", raising=False)
-    choose = linear_fwd._choose_variant
-    assert choose(None, None, 16, 0.0, on_gpu=False) == "one"
-    assert choose(None, None, 16, 0.1, on_gpu=False) == "two"
-    assert choose(None, None, 17, 0.0, on_gpu=False) == "two"           # S too wide for the GEMM tile
-    assert choose(None, None, 16, 0.0, on_gpu=False, x3_s=True) == "two"
-    monkeypatch.setenv("FASTLORA_FWD_VARIANT", "one")
-    assert choose(None, None, 16, 0.1, on_gpu=True) == "one"             # a pin wins where it can
-    assert choose(None, None, 16, 0.0, on_gpu=True, x3_s=True) == "two"   # ... but not over exactness
-    monkeypatch.setenv("FASTLORA_FWD_VARIANT", "three")
-    with pytest.raises(ValueError, match="FASTLORA_FWD_VARIANT"):
-        choose(None, None, 16, 0.0, on_gpu=False)
-
-
-@pytest.mark.parametrize("kernel,configs_of,pointer", [
-    ("shrink", linear_fwd._shrink_configs, "x_ptr"), ("gemm", linear_fwd._gemm_configs, "x_ptr"),
-    ("dsdb", linear_bwd._dsdb_configs, "dy_ptr")])
-def test_autotune_prunes_to_the_tile_list_of_the_dtype_and_precision(kernel, configs_of, pointer, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)          # the GPU tile lists
-    prune = (linear_bwd._prune_by_dtype(configs_of, pointer) if kernel == "dsdb"
-             else linear_fwd._prune_by_dtype(configs_of))
-    every = _common.union(configs_of(False), configs_of(True))
-    half, fp32 = ({str(c) for c in configs_of(f)} for f in (False, True))
-    assert half != fp32
-    names = lambda cs: {str(c) for c in cs}  # noqa: E731
-    bf16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
-    assert names(prune(every, {pointer: bf16}, FP32_PRECISION="tf32")) == half
-    assert names(prune(every, {pointer: bf16}, FP32_PRECISION="tf32x3")) == fp32
-    assert names(prune(every, {pointer: f32}, FP32_PRECISION="ieee")) == fp32
+    assert [policy.block_r(r) for r in (1, 16, 17, 64, 200)] == [16, 16, 32, 64, 64]
+    assert [policy.block_r(r, "tf32x3") for r in (1, 16, 17, 64, 200)] == [16, 16, 32, 32, 32]
 
 
 def test_multi_shrink_block_for_tf32x3(monkeypatch):
@@ -77,33 +50,119 @@ def test_multi_shrink_block_for_tf32x3(monkeypatch):
         assert multi_lora._cfg(kernel, "decode", "tf32x3")["BLOCK_M"] == multi_lora._cfg(kernel, "decode")["BLOCK_M"]
 
 
-def test_large_gemm_tiles_only_for_the_two_launch_forward(monkeypatch):
-    """128x256 / 256x128 tiles spill next to the one-launch kernel's S tile (python -m fastlora.inspect):
-    the autotuner sees them only for the two-launch GEMM."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    prune = linear_fwd._prune_by_dtype(linear_fwd._gemm_configs)
-    every = _common.union(linear_fwd._gemm_configs(False, one_launch=False),
-                          linear_fwd._gemm_configs(True, one_launch=False))
-    x = {"x_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    tiles = lambda one: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])  # noqa: E731
-                         for c in prune(every, x, SHRINK_IN_LOOP=one, FP32_PRECISION="tf32")}
-    big = {(128, 256), (256, 128)}
-    assert big <= tiles(False) and not big & tiles(True)
-    assert tiles(True) < tiles(False)
+# ---------------------------------------------------------------------------
+# tile configs: a fixed rule that counts programs against SMs
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_policy(monkeypatch, tmp_path):
+    """The policy as it runs on a (fake) 132-SM GPU: the interpreter switch off, a private cache file."""
+    monkeypatch.setattr(policy, "interpreting", lambda: False)
+    monkeypatch.setattr(policy, "device_info", lambda device: ("Fake GPU", 132))
+    monkeypatch.setenv(policy.CACHE_ENV, str(tmp_path / "tune.json"))
+    policy.reset()
+    yield tmp_path / "tune.json"
+    policy.reset()
 
 
-def test_backward_variant_choice(monkeypatch):
-    """"split" (dx on the forward's GEMM) only serves calls without dropout that need dx; off the GPU the
-    fused kernel is the default; a pin applies where the variant is free; a bad pin is an error."""
-    from fastlora.kernels import linear_bwd
-    monkeypatch.delenv("FASTLORA_BWD_VARIANT", raising=False)
-    choose = linear_bwd._choose_bwd_variant
-    never = lambda v: (_ for _ in ()).throw(AssertionError("no timing off the GPU"))  # noqa: E731
-    assert choose(never, None, 0.0, True, on_gpu=False) == "fused"
-    monkeypatch.setenv("FASTLORA_BWD_VARIANT", "split")
-    assert choose(never, None, 0.0, True, on_gpu=False) == "split"
-    assert choose(never, None, 0.1, True, on_gpu=True) == "fused"       # the GEMM epilogue does not mask
-    assert choose(never, None, 0.0, False, on_gpu=True) == "fused"      # no dx: nothing to split
-    monkeypatch.setenv("FASTLORA_BWD_VARIANT", "both")
-    with pytest.raises(ValueError, match="FASTLORA_BWD_VARIANT"):
-        choose(never, None, 0.0, True, on_gpu=False)
+@pytest.mark.parametrize("kernel", policy.KERNELS)
+def test_rule_takes_the_first_candidate_when_the_gpu_is_full(gpu_policy, kernel):
+    cpu = torch.device("cpu")
+    for dt, prec in ((torch.bfloat16, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "tf32x3")):
+        assert policy.config(kernel, dt, prec, 16384, 8192, 16, cpu) == policy.CANDIDATES[kernel][policy.tier(dt, prec)][0]
+
+
+@pytest.mark.parametrize("kernel", policy.KERNELS)
+def test_rule_uses_smaller_tiles_when_programs_would_leave_sms_idle(gpu_policy, kernel):
+    """128 tokens at d 1024: the first candidate launches a handful of programs; the rule picks the candidate
+    with the most programs (up to the SM count), never one outside the shipped list."""
+    cfg = policy.config(kernel, torch.bfloat16, "tf32", 128, 1024, 16, torch.device("cpu"))
+    cands = policy.CANDIDATES[kernel]["half"]
+    assert cfg in cands
+    progs = lambda c: policy._programs(kernel, c, 128, 1024, 16)  # noqa: E731
+    assert progs(cfg) >= progs(cands[0])
+    assert progs(cfg) == max(min(progs(c), 132) for c in cands)
+
+
+def test_interpreter_runs_one_small_config():
+    assert policy.interpreting()
+    for kernel in policy.KERNELS:
+        assert policy.candidates(kernel, "half") == [policy.INTERPRETER[kernel]]
+        assert policy.config(kernel, torch.float32, "ieee", 4096, 4096, 64, torch.device("cpu")) == \
+            policy.INTERPRETER[kernel]
+
+
+def test_every_candidate_has_launch_options_and_tl_dot_legal_blocks():
+    for kernel, tiers in policy.CANDIDATES.items():
+        for tier_, cands in tiers.items():
+            assert cands, (kernel, tier_)
+            for c in cands:
+                meta, opts = policy.launch_options(c)
+                assert set(opts) == {"num_warps", "num_stages"} and "BLOCK_M" in meta
+                assert all(v >= 16 and v == triton.next_power_of_2(v) for v in meta.values()), (kernel, c)
+
+
+# ---------------------------------------------------------------------------
+# the tune cache
+# ---------------------------------------------------------------------------
+
+def test_tune_cache_round_trip(gpu_policy):
+    cpu = torch.device("cpu")
+    pick = policy.CANDIDATES["expand"]["half"][2]
+    key = policy.cache_key("expand", "half", 3000, 4096, 16)
+    assert key == "expand/half/4096/4096/16"
+    policy.write_cache(str(gpu_policy), "Fake GPU", {key: pick})
+    assert policy.config("expand", torch.bfloat16, "tf32", 3000, 4096, 16, cpu) == pick      # same bucket
+    assert policy.config("expand", torch.bfloat16, "tf32", 5000, 4096, 16, cpu) == \
+        policy.CANDIDATES["expand"]["half"][0]                                                # other bucket: rule
+    policy.write_cache(str(gpu_policy), "Other GPU", {key: policy.CANDIDATES["expand"]["half"][1]})
+    data = json.loads(gpu_policy.read_text())
+    assert set(data["devices"]) == {"Fake GPU", "Other GPU"}                                  # merged, not replaced
+    assert policy.config("expand", torch.bfloat16, "tf32", 3000, 4096, 16, cpu) == pick
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 0, "devices": {}}),
+                                     json.dumps({"version": policy.CACHE_VERSION, "devices": {"Fake GPU": {
+                                         "expand/half/4096/4096/16": {"BLOCK_M": 7, "BLOCK_N": 7,
+                                                                      "num_warps": 4, "num_stages": 2}}}})])
+def test_corrupt_or_stale_cache_warns_and_uses_the_defaults(gpu_policy, content):
+    gpu_policy.write_text(content)
+    with pytest.warns(UserWarning, match="ignoring the tune cache"):
+        cfg = policy.config("expand", torch.bfloat16, "tf32", 3000, 4096, 16, torch.device("cpu"))
+    assert cfg == policy.CANDIDATES["expand"]["half"][0]
+
+
+def test_tune_writes_what_it_timed(tmp_path):
+    """fastlora.tune on the interpreter with a fake timer: every kernel timed, one entry each, read back."""
+    path = tmp_path / "t.json"
+    timed = []
+    entries = fastlora.tune([20], [(24, 40)], [3], dtype=torch.float32, device="cpu", path=str(path),
+                            timer=lambda fn: timed.append(fn()) or 1.0)
+    assert len(timed) == 4 and set(k.split("/")[0] for k in entries) == set(policy.KERNELS)
+    assert policy.read_cache(str(path)) == {"interpreter": entries}
+
+
+def test_tune_refuses_without_a_gpu():
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        fastlora.tune([16], [(16, 16)], device="cpu")
+
+
+# ---------------------------------------------------------------------------
+# nothing timed, nothing autotuned inside a user's call
+# ---------------------------------------------------------------------------
+
+def test_no_timing_inside_forward_or_backward(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("timed inside a user's call")
+    monkeypatch.setattr(triton.testing, "do_bench", boom)
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", boom)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    W, b = torch.randn(20, 24), torch.randn(20, requires_grad=True)
+    A, B = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    for p in (0.0, 0.2):
+        for det in (False, True):
+            y = fastlora.lora_linear(x, W, b, A, B, 0.5, p, seed=1, backend="triton", deterministic=det)
+            y.sum().backward()
+    from fastlora.kernels import linear_bwd, linear_fwd
+    for mod in (linear_fwd, linear_bwd, multi_lora):
+        assert not [n for n, v in vars(mod).items() if isinstance(v, triton.runtime.autotuner.Autotuner)], mod
