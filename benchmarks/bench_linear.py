@@ -1,6 +1,6 @@
 """Microbenchmark: one LoRA linear layer, forward and forward+backward, fastlora vs the alternatives.
 
-    python -m pytest benchmarks/bench_linear.py --benchmark-only -q     # CSV + PNG in benchmarks/results/
+    python -m pytest benchmarks/bench_linear.py --benchmark-only -q     # CSV + PNG in benchmarks/out/
     python -m benchmarks.bench_linear                                   # paired ratios vs issue 2's targets
 
 Providers (all with the same W0 (N, K), bias (N,), A (r, K), B (N, r), s = alpha/r = 2):
@@ -198,8 +198,7 @@ def main(argv=None) -> int:
                              p80_ms=f"{hi:.4f}", rounds=a.rounds, device=common.device_name(DEVICE),
                              dtype=str(DTYPE).replace("torch.", ""), versions=common.versions(),
                              timestamp=common.timestamp()))
-    out = os.environ.get("FASTLORA_BENCH_OUT", common.RESULTS_DIR)
-    path = common.write_csv(f"{out}/lora_linear_ratios_{common.device_tag(DEVICE)}.csv", common.MICRO_COLUMNS, rows)
+    path = common.write_csv(f"{common.output_dir()}/lora_linear_ratios_{common.device_tag(DEVICE)}.csv", common.MICRO_COLUMNS, rows)
     print(f"wrote {path} (the *_ms columns hold unitless ratios here)")
     return 0
 

@@ -1,6 +1,8 @@
 """Microbenchmark: merging and unmerging an adapter into the base weight, W0 ← W0 ± s·B·A.
 
-    python -m pytest benchmarks/bench_merge.py --benchmark-only -q      # CSV + PNG in benchmarks/results/
+    python -m pytest benchmarks/bench_merge.py --benchmark-only -q      # CSV + PNG in benchmarks/out/
+
+(the output folder: $FASTLORA_BENCH_OUT if set, else benchmarks/out/, git-ignored; benchmarks.common.output_dir)
 
 Providers, same W0 (N, K), A (r, K), B (N, r), s = 2:
     fastlora   fastlora.modules.LoraLinear.merge() / unmerge() — computes the delta in float64 (float32 on

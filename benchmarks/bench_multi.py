@@ -1,6 +1,8 @@
 """Microbenchmark: one linear layer with many LoRA adapters in one batch (each token its own adapter).
 
-    python -m pytest benchmarks/bench_multi.py --benchmark-only -q     # CSV + PNG in benchmarks/results/
+    python -m pytest benchmarks/bench_multi.py --benchmark-only -q     # CSV + PNG in benchmarks/out/
+
+(the output folder: $FASTLORA_BENCH_OUT if set, else benchmarks/out/, git-ignored; benchmarks.common.output_dir)
 
 Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = the token's adapter, eval mode):
     base       F.linear(x, W0, bias): the floor, no LoRA at all

@@ -4,16 +4,15 @@
 
 Each benchmark test calls ``record(benchmark, kernel=…, provider=…, mode=…, shape=…, dtype=…)``
 after timing; at the end of the session the rows go to
-benchmarks/results/<kernel>_<device tag>.csv (columns: common.MICRO_COLUMNS) and a PNG beside it.
-Set FASTLORA_BENCH_OUT to write elsewhere. These files are not part of the test suite
+<output folder>/<kernel>_<device tag>.csv (columns: common.MICRO_COLUMNS) and a PNG beside it; the
+output folder is $FASTLORA_BENCH_OUT if set, else benchmarks/out/ (git-ignored; common.output_dir).
+These files are not part of the test suite
 (pyproject's testpaths = tests); TRITON_INTERPRET is not set here, so on CPU fastlora runs its
 pure-torch path — what a CPU user gets.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,7 @@ from benchmarks import common
 def _micro_rows():
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
     yield rows
-    out = Path(os.environ.get("FASTLORA_BENCH_OUT", common.RESULTS_DIR))
+    out = common.output_dir()
     from benchmarks import plot
     for (kernel, tag), rs in rows.items():
         path = common.write_csv(out / f"{kernel}_{tag}.csv", common.MICRO_COLUMNS, rs)

@@ -8,6 +8,7 @@ Saved bytes are counted with torch.autograd.graph.saved_tensors_hooks during a t
 and split into: the layer's parameters and x itself (alive anyway, not extra memory) and the
 rest ("extra": activations the layer adds, e.g. dropout(x) and its mask). Peak CUDA memory is
 torch.cuda.max_memory_allocated over forward+backward minus what was allocated before.
+CSV and PNG go to the output folder (benchmarks/out/ unless --out-dir; benchmarks.common.output_dir).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--d", type=int, default=None)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    common.add_out_dir_option(ap)
     a = ap.parse_args(argv)
     try:
         device = torch.device(a.device)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         print(f"  {r['case']:<7} {r['provider']:<10} total {float(r['saved_mib']):8.2f} MiB   "
               f"extra {r['extra_bytes'] / 2**20:8.2f} MiB = {r['extra_x_sized']} × x{peak}")
     from . import plot
-    path = common.write_csv(f"{a.out_dir}/memory_{common.device_tag(device)}.csv", CSV_COLUMNS, rows)
+    path = common.write_csv(common.output_dir(a.out_dir) / f"memory_{common.device_tag(device)}.csv", CSV_COLUMNS, rows)
     print(f"wrote {path} and {plot.plot_csv(path)}")
     return 0
 

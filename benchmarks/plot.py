@@ -1,6 +1,11 @@
 """Turn benchmark CSVs into PNGs.
 
-    python -m benchmarks.plot benchmarks/results/*.csv       # one PNG beside each CSV
+    python -m benchmarks.plot benchmarks/results/*.csv       # one PNG per CSV, in the output folder
+    python -m benchmarks.plot --out-dir benchmarks/results benchmarks/results/*.csv   # redraw the committed PNGs
+
+The PNGs go to the output folder (benchmarks/out/ unless --out-dir or $FASTLORA_BENCH_OUT;
+benchmarks.common.output_dir), named after each CSV, so redrawing never overwrites a committed PNG
+unless asked. Called from a benchmark (plot_csv), the PNG goes beside the CSV it just wrote.
 
 The CSV kind is recognised from its columns: the paper table (paper_table.py), the
 microbenchmarks (bench_*.py: kernel/provider/mode/shape/median…), the memory benchmark
@@ -16,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import common  # noqa: E402
 from .common import read_csv  # noqa: E402
 
 
@@ -180,12 +186,15 @@ def plot_csv(csv_path, png_path=None) -> Path:
 
 
 def main(argv=None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m benchmarks.plot FILE.csv [FILE.csv ...]", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(plot_csv(p))
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.plot", description="draw the PNG of benchmark CSVs")
+    ap.add_argument("csv", nargs="+", help="benchmark CSV files")
+    common.add_out_dir_option(ap)
+    a = ap.parse_args(argv)
+    out = common.output_dir(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in a.csv:
+        print(f"wrote {plot_csv(p, out / (Path(p).stem + '.png'))}")
     return 0
 
 
