@@ -70,16 +70,17 @@ def baseline(x, W, b, adapters, ids_tok, p, seed):
     return y.reshape(*x.shape[:-1], N)
 
 
-def abs_scales(x, W, b, adapters, ids_tok, p, seed, dy):
+def abs_scales(x, W, b, adapters, ids_tok, p, seed, dy, weight_grad=False):
     """The oracle's gradients on |inputs| (and |dy|, |s|): Σ|terms| of every nested sum, the scale that
     rounding errors are relative to (tests/_tolerance.py). dA_k = Σ_m dS[m]·x[m] nests the sum over N in
     dS = s·dY·B_k, so max|dA| alone understates it by ~sqrt(N) (an H200 run showed fp32 at K = N ≈ 1000
-    exceeding a max|result| atol by 1.6x with a correct kernel). Returns (dx, dbias, [(dA_k, dB_k)])."""
+    exceeding a max|result| atol by 1.6x with a correct kernel). Returns (dx, dbias, [(dA_k, dB_k)]), and dW
+    (W's layout) last with ``weight_grad``."""
     ab = lambda t: t.detach().double().abs().requires_grad_()  # noqa: E731
-    xa, ba = ab(x), ab(b)
+    xa, ba, Wa = ab(x), ab(b), ab(W)
     ada = [(ab(A), ab(B), abs(s)) for A, B, s in adapters]
-    oracle(xa, W.double().abs(), ba, ada, ids_tok, p, seed).backward(dy.double().abs())
-    return xa.grad, ba.grad, [(A.grad, B.grad) for A, B, _ in ada]
+    oracle(xa, Wa, ba, ada, ids_tok, p, seed).backward(dy.double().abs())
+    return (xa.grad, ba.grad, [(A.grad, B.grad) for A, B, _ in ada]) + ((Wa.grad,) if weight_grad else ())
 
 
 def setup(K, N, ranks, xdt, adt, lead, requires_grad=False, seed=0):
@@ -129,15 +130,19 @@ def make_ids(kind, n, lead, seed=3):
     return ids.to(torch.int32)
 
 
-def check_forward(case, K=45, N=70, device="cpu"):
-    """One FWD_CASES row at (K, N) on ``device``: y vs the float64 oracle, PEFT's arithmetic as the baseline."""
+def check_forward(case, K=45, N=70, device="cpu", *, fan_in_fan_out=False):
+    """One FWD_CASES row at (K, N) on ``device``: y vs the float64 oracle, PEFT's arithmetic as the baseline.
+    fan_in_fan_out: the base layer is a GPT-2 Conv1D (weight stored (K, N))."""
+    from transformers.pytorch_utils import Conv1D
     _, xdt, adt, ranks, lead, kind, regime, backend = case
     x, W, b, bank = setup(K, N, ranks, xdt, adt, lead)
     x, W, b, bank = x.to(device), W.to(device), b.to(device), bank.to(device)
     ids = make_ids(kind, len(bank), lead).to(device)
-    layer = MultiLoraLinear(torch.nn.Linear(K, N, dtype=xdt, device=device), bank, regime=regime, backend=backend)
+    base = Conv1D(N, K) if fan_in_fan_out else torch.nn.Linear(K, N)
+    layer = MultiLoraLinear(base.to(device, xdt), bank, regime=regime, backend=backend)
+    assert layer.fan_in_fan_out == fan_in_fan_out
     with torch.no_grad():
-        layer.base_layer.weight.copy_(W)
+        layer.base_layer.weight.copy_(W.t() if fan_in_fan_out else W)
         layer.base_layer.bias.copy_(b)
         y = layer(x, ids)
     it = tok_ids(ids, x)
@@ -163,10 +168,11 @@ GRAD_CASES = [
 ]
 
 
-def check_grads(case, backend=None, K=38, N=52, device="cpu"):
+def check_grads(case, backend=None, K=38, N=52, device="cpu", *, fan_in_fan_out=False, train_weight=False):
     """One GRAD_CASES row at (K, N) on ``device``: y, dx, dbias and every adapter's dA, dB vs the float64
     oracle (Σ|terms| scales), PEFT's arithmetic as the baseline; all failures reported together; adapters
-    absent from the batch get exactly-zero gradients."""
+    absent from the batch get exactly-zero gradients. fan_in_fan_out: W stored (K, N) (GPT-2 Conv1D);
+    train_weight: W requires grad, and dW (in W's stored layout) is checked too."""
     _, xdt, adt, lead, p, regime = case
     seed = 1234
     x, W, b, bank = setup(K, N, MIXED + (8,), xdt, adt, lead, requires_grad=True)
@@ -177,22 +183,32 @@ def check_grads(case, backend=None, K=38, N=52, device="cpu"):
     ids = ids.to(device)
     x.requires_grad_(True)
     bias = b.clone().requires_grad_(True)
-    y = multi_lora_linear(x, W, bias, bank, ids, p, True, seed=seed, regime=regime, backend=backend)
+    nk = (lambda w: w.t()) if fan_in_fan_out else (lambda w: w)     # stored layout -> (N, K)  # noqa: E731
+    Ws = nk(W).contiguous().requires_grad_(train_weight)           # W as the layer stores it
+    y = multi_lora_linear(x, Ws, bias, bank, ids, p, True, fan_in_fan_out, seed=seed, regime=regime,
+                          backend=backend)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(device, xdt)
     y.backward(dy)
 
     it = tok_ids(ids, x)
     x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    W64 = Ws.detach().double().requires_grad_(train_weight)
     ad64 = split(bank, torch.float64, requires_grad=True)
-    oracle(x64, W.double(), b64, ad64, it, p, seed).backward(dy.double())
+    oracle(x64, nk(W64), b64, ad64, it, p, seed).backward(dy.double())
     xb, bb = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    Wb = Ws.detach().clone().requires_grad_(train_weight)
     adb = split(bank, requires_grad=True)
-    yb = baseline(xb, W, bb, adb, it, p, seed)
+    yb = baseline(xb, nk(Wb), bb, adb, it, p, seed)
     yb.backward(dy)
 
-    sx, sbias, sad = abs_scales(x, W, b, split(bank), it, p, seed, dy)
+    sx, sbias, sad, *sW = abs_scales(x, nk(Ws), b, split(bank), it, p, seed, dy, weight_grad=train_weight)
     checks = [("y", y, oracle(x64.detach(), W.double(), b64.detach(), ad64, it, p, seed), yb, None),
               ("dx", x.grad, x64.grad, xb.grad, sx), ("dbias", bias.grad, b64.grad, bb.grad, sbias)]
+    if train_weight:
+        assert Ws.grad is not None and Ws.grad.shape == Ws.shape and Ws.grad.dtype == Ws.dtype
+        checks.append(("dW", Ws.grad, W64.grad, Wb.grad, nk(sW[0]) if fan_in_fan_out else sW[0]))
+    else:
+        assert Ws.grad is None
     off = 0
     for k, r in enumerate(bank.ranks):
         checks += [(f"dA[{k}] r={r}", bank.lora_A.grad[off:off + r], ad64[k][0].grad, adb[k][0].grad, sad[k][0]),
@@ -215,6 +231,29 @@ def check_grads(case, backend=None, K=38, N=52, device="cpu"):
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_grad_parity(case, backend):
     check_grads(case, backend)
+
+
+# GPT-2 Conv1D bases (weight stored (K, N), fan_in_fan_out), K != N so that a lost transpose cannot pass
+CONV1D_FWD = [c for c in FWD_CASES if c[0] in ("fp32-mixed-unsorted", "torch-bf16-fp32ad")]
+
+
+@pytest.mark.parametrize("case", CONV1D_FWD, ids=[c[0] for c in CONV1D_FWD])
+def test_conv1d_base_forward(case):
+    check_forward(case, fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", GRAD_CASES[:3], ids=[c[0] for c in GRAD_CASES[:3]])
+def test_conv1d_base_grads(case, backend):
+    check_grads(case, backend, fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("case", [GRAD_CASES[0], GRAD_CASES[2]], ids=[GRAD_CASES[0][0], GRAD_CASES[2][0]])
+def test_trainable_base_weight_gradient_multi(case, backend, fan_in_fan_out):
+    """weight.requires_grad=True: dW in the base layer's layout, with and without fan_in_fan_out."""
+    check_grads(case, backend, fan_in_fan_out=fan_in_fan_out, train_weight=True)
 
 
 def test_one_adapter_matches_single_adapter_op():
