@@ -1,0 +1,553 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024): PEFT's ``use_dora=True`` layers without the N×K matrix.
+
+    y = base(x) + (m/n − 1)·(x̃·W0ᵀ) + (m/n)·s·(x̃·Aᵀ)·Bᵀ      x̃ = dropout(x), base(x) = x·W0ᵀ + bias
+    n = ‖W0 + s·B·A‖ per output row, detached from the graph (DoRA §4.3; PEFT's weight_norm.detach())
+
+m is the magnitude vector (N,) (PEFT's ``lora_magnitude_vector``), s the LoRA scaling. Without dropout (p = 0,
+or not training) x̃ = x and PEFT reuses the base result, so y = (m/n)⊙(x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias; with dropout
+the second GEMM on x̃ is part of PEFT's maths and is kept. Both are one formula with D = x̃ (D = x when p = 0):
+
+    y  = (x − D)·W0ᵀ + bias + c⊙(v + s·S·Bᵀ)        c = m/n (N,),  v = D·W0ᵀ (M, N),  S = D·Aᵀ (M, r)
+
+Gradients (n constant; g = dY⊙c, T = dYᵀ·S (N, r)):
+    dS = s·g·B              dB = s·c⊙T = s·gᵀ·S        dA = dSᵀ·D
+    dm = (Σ_rows dY⊙v + s·Σ_j B⊙T) / n               dbias = Σ_rows dY
+    dx = dY·W0 + ((dY⊙(c − 1))·W0 + dS·A)⊙keep/(1 − p)      (p = 0: dx = g·W0 + dS·A)
+
+The norm never forms W0 + s·B·A: n² = ‖W0_i‖² + 2s·Σ_j B[i,j]·(W0·Aᵀ)[i,j] + s²·B_i·(A·Aᵀ)·B_iᵀ — one pass over
+W0 for W0·Aᵀ (N, r) and the r×r Gram, accumulated in fp32 (kernels/dora_norm.py on the Triton backend; row
+blocks here). ‖W0_i‖² is cached per frozen W0 (keyed by its version counter and storage; see ``clear_norm_cache``).
+Saved for backward: x, S (M, r), n (N,), v (M, N; only when m needs a gradient) — no N×K tensor, no mask.
+The GEMMs are torch matmuls (cuBLAS on a GPU, the project's anchored plan); Triton only does the memory-bound
+norm pass.
+
+PEFT correspondences (peft.tuners.lora.dora.DoraLinearLayer, variants.DoraLinearVariant, PEFT 0.21): x is cast
+to the adapter dtype before the DoRA branch (so D, S, v are in the adapter dtype); m/n multiplies output columns;
+bias is PEFT's base-layer bias, outside the scale; merge writes (m/n)⊙(W0 + s·B·A) with n from the unmerged W0,
+unmerge divides it back out.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import resolve_backend_choice, select_backend
+from .dropout import keep_mask, new_seed
+from .functional import check_inputs
+from .modules import _INT_VIEW, LoraLinear, base_layout
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight_nk(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
+    """W0 as (N, K): a transposed view for GPT-2 Conv1D weights stored (K, N)."""
+    return weight.t() if fan_in_fan_out else weight
+
+
+# ---------------------------------------------------------------------------
+# the maths, readable (the float64 oracle of the tests; builds the N×K matrix, as PEFT does)
+# ---------------------------------------------------------------------------
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=0,
+                          fan_in_fan_out=False):
+    """PEFT's DoRA forward in plain torch, differentiable; the dropout mask is fastlora's for ``seed``
+    (dropout_p > 0 means training with dropout; 0 is PEFT's reuse-the-base-result path)."""
+    W = _weight_nk(weight, fan_in_fan_out)
+    n = torch.linalg.vector_norm(W + scaling * (lora_B @ lora_A), dim=1).detach()
+    c = magnitude / n
+    base = x @ W.t()
+    if bias is not None:
+        base = base + bias
+    d = x
+    if dropout_p > 0:
+        K = x.shape[-1]
+        d = x * keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape) / (1 - dropout_p)
+    return base + (c - 1) * (d @ W.t()) + c * scaling * ((d @ lora_A.t()) @ lora_B.t())
+
+
+# ---------------------------------------------------------------------------
+# pure-torch backend
+# ---------------------------------------------------------------------------
+
+NORM_BLOCK_ELEMENTS = 1 << 20   # a half W0 is upcast in row blocks of at most this many elements (4 MiB fp32)
+
+
+def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
+    """(n, w2) as kernels.dora_norm.dora_norm: n = ‖W0 + s·B·A‖ and w2 = ‖W0‖² per row, (N,) fp32 (fp64 for fp64),
+    from P = W0·Aᵀ and the Gram A·Aᵀ. An fp32/fp64 W0 is read in place; a half W0 is upcast block by block of
+    rows (never all of it), so P is an fp32 product, as PEFT's fp32 path."""
+    W = _weight_nk(weight, fan_in_fan_out)
+    N, K = W.shape
+    acc = _acc(weight.dtype)
+    a = lora_A.detach().to(acc)
+    if weight.dtype == acc:
+        P = W @ a.t()
+        if w2 is None:
+            w2 = torch.linalg.vector_norm(W, dim=1).square()
+    else:
+        P = W.new_empty((N, a.shape[0]), dtype=acc)
+        rows = max(1, NORM_BLOCK_ELEMENTS // max(K, 1))
+        new_w2 = W.new_empty(N, dtype=acc) if w2 is None else None
+        for i in range(0, N, rows):
+            blk = W[i:i + rows].to(acc)
+            torch.mm(blk, a.t(), out=P[i:i + rows])
+            if new_w2 is not None:
+                torch.linalg.vector_norm(blk, dim=1, out=new_w2[i:i + rows])
+        if new_w2 is not None:
+            w2 = new_w2.square_()
+    b = lora_B.detach().to(acc)
+    s = scale.to(acc)
+    sq = w2 + 2 * s * (b * P).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+    return sq.clamp_min_(0).sqrt_(), w2
+
+
+def _dropped(x2, cdt, p, seed):
+    """D = x ⊙ keep / (1 − p) in the adapter dtype (PEFT: x cast to lora_A's dtype, then dropout), and keep."""
+    keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
+    return (x2.to(cdt) * keep).div_(1 - p), keep
+
+
+def _times_w0t(D, W):
+    """v = D·W0ᵀ in D's dtype. fp32 D on a half W0 (PEFT upcasts all of W0): W0 upcast in row blocks instead."""
+    if D.dtype == W.dtype:
+        return D @ W.t()
+    v = D.new_empty((D.shape[0], W.shape[0]))
+    rows = max(1, NORM_BLOCK_ELEMENTS // max(W.shape[1], 1))
+    for i in range(0, W.shape[0], rows):
+        torch.mm(D, W[i:i + rows].to(D.dtype).t(), out=v[:, i:i + rows])
+    return v
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out,
+                  save_v, save_s):
+    """(y (..., N) in x's dtype, v (M, N) or (0, N), S (M, r) or (0, r)); v and S in the adapter dtype (v in x's
+    dtype without dropout: it is the base GEMM's result)."""
+    K = x.shape[-1]
+    W = _weight_nk(weight, fan_in_fan_out)
+    N = W.shape[0]
+    x2 = x.reshape(-1, K)
+    cdt = lora_A.dtype
+    c = magnitude.to(norm.dtype) / norm                           # (N,) m/n, fp32
+    s = scale                                                     # 0-d fp32: never rounded to a half dtype
+    if dropout_p > 0:
+        D, _ = _dropped(x2, cdt, dropout_p, seed)
+        S = D @ lora_A.t()
+        v = _times_w0t(D, W)                                      # the second GEMM, on x̃ (PEFT's)
+        del D
+        y = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()
+        t = (S * s) @ lora_B.t()                                  # (M, N) adapter dtype
+        t.mul_(c).addcmul_(v, (c - 1).to(t.dtype))
+        y.add_(t)
+    else:
+        S = x2.to(cdt) @ lora_A.t()
+        v = x2 @ W.t()                                            # base result less bias (PEFT reuses it)
+        if cdt == x.dtype:
+            y = torch.addmm(v, S * s, lora_B.t()) if save_v else v.addmm_(S * s, lora_B.t())
+            y.mul_(c)
+        else:                                                     # fp32 adapters on a half base: sum in fp32
+            y = ((S * s) @ lora_B.t()).add_(v).mul_(c)
+        if bias is not None:
+            y.add_(bias)
+        y = y.to(x.dtype)
+    v = v if save_v else v.new_empty((0, N))
+    S = S if save_s else S.new_empty((0, S.shape[1]))
+    return y.reshape(*x.shape[:-1], N), v, S
+
+
+def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
+                   needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW):
+    """(dx, dA, dB, dm, dbias, dW); entries not needed are None. See the module docstring for the formulas."""
+    K = x.shape[-1]
+    W = _weight_nk(weight, fan_in_fan_out)
+    N = W.shape[0]
+    dy2 = dy.reshape(-1, N)
+    x2 = x.reshape(-1, K)
+    cdt, acc = lora_A.dtype, norm.dtype
+    c = magnitude.to(acc) / norm
+    s = scale.to(acc)
+    dx = dA = dB = dm = dbias = dW = None
+    g = (dy2 * c).to(cdt)                                         # dY⊙c (formed in fp32), adapter dtype
+    dS = (g @ lora_B) * s if (needs_dx or needs_dA) else None
+    if needs_dB or needs_dm:
+        T = dy2.to(cdt).t() @ S                                   # (N, r)
+        if needs_dB:
+            dB = (T.to(acc) * (c * s)[:, None]).to(cdt)
+        if needs_dm:
+            dv = (dy2 * v).sum(0) if dy2.dtype == v.dtype == acc else (dy2.to(acc) * v.to(acc)).sum(0)
+            dm = ((dv + s * (lora_B.to(acc) * T.to(acc)).sum(1)) / norm).to(magnitude.dtype)
+    if needs_dbias:
+        dbias = dy2.sum(0, dtype=acc)
+    keep = None
+    if needs_dA or (needs_dx and dropout_p > 0) or (needs_dW and dropout_p > 0):
+        if dropout_p > 0:
+            D, keep = _dropped(x2, cdt, dropout_p, seed)
+        else:
+            D = x2.to(cdt)
+        if needs_dA:
+            dA = dS.t() @ D
+        if needs_dW and dropout_p > 0:
+            h = (dy2 * (c - 1)).to(x.dtype)
+            gw = dy2.t() @ x2 + (h.to(cdt).t() @ D).to(x.dtype)
+            dW = (gw.t() if fan_in_fan_out else gw).to(weight.dtype)
+        del D
+    if needs_dW and dropout_p == 0:
+        gw = g.to(x.dtype).t() @ x2
+        dW = (gw.t() if fan_in_fan_out else gw).to(weight.dtype)
+    if needs_dx:
+        low = dS @ lora_A                                         # (M, K) adapter dtype
+        if dropout_p > 0:
+            inner = low.add_((dy2 * (c - 1)).to(x.dtype) @ W)     # the x̃·W0ᵀ term's gradient
+            inner.mul_(keep).div_(1 - dropout_p)
+            dx = torch.addmm(inner.to(x.dtype), dy2, W)
+        else:
+            dx = torch.addmm(low.to(x.dtype), g.to(x.dtype), W)
+        dx = dx.reshape(x.shape)
+    return dx, dA, dB, dm, dbias, dW
+
+
+# ---------------------------------------------------------------------------
+# torch.library custom ops
+# ---------------------------------------------------------------------------
+
+def _kernels():
+    from . import kernels   # Triton-only subpackage, imported lazily
+    return kernels
+
+
+def norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
+    """(n, w2) on the selected backend (the Triton kernel, or the pure-torch row blocks)."""
+    if select_backend(weight.device, backend) == "triton":
+        from .kernels.dora_norm import dora_norm
+        return dora_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2)
+    return torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2)
+
+
+@torch.library.custom_op("fastlora::dora_norm", mutates_args=())
+def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Tensor, fan_in_fan_out: bool,
+                 w2: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """(n (N,), w2 (N,)): the row norms of W0 + s·B·A and of W0; w2 is (0,) when it was given (cached)."""
+    n, new_w2 = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend)
+    return n, (new_w2 if w2 is None else n.new_empty(0))
+
+
+@dora_norm_op.register_fake
+def _(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    acc = _acc(weight.dtype)
+    return weight.new_empty(N, dtype=acc), weight.new_empty(N if w2 is None else 0, dtype=acc)
+
+
+@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, norm: Tensor, scale: Tensor, dropout_p: float, seed: Tensor,
+                    fan_in_fan_out: bool, save_v: bool, save_s: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, v, S); the GEMMs are torch's on every backend (``backend`` only chose the norm's)."""
+    return torch_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out,
+                         save_v, save_s)
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
+      backend):
+    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    M = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    vdt = lora_A.dtype if dropout_p > 0 else x.dtype
+    return (x.new_empty(*x.shape[:-1], N), x.new_empty((M if save_v else 0, N), dtype=vdt),
+            x.new_empty((M if save_s else 0, lora_A.shape[0]), dtype=lora_A.dtype))
+
+
+@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                    norm: Tensor, v: Tensor, S: Tensor, scale: Tensor, dropout_p: float, seed: Tensor,
+                    fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dm: bool,
+                    needs_dbias: bool, needs_dW: bool, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed,
+                         fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW)
+    # a custom op's outputs may not alias each other: one fresh empty tensor per missing gradient
+    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in out)
+
+
+@dora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out, needs_dx,
+      needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW, backend):
+    e = lambda: x.new_empty(0)  # noqa: E731
+    like = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else e()  # noqa: E731
+    return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB), like(magnitude, needs_dm),
+            x.new_empty(dy.shape[-1], dtype=norm.dtype) if needs_dbias else e(), like(weight, needs_dW))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
+     backend) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, output[1], output[2], scale, seed)
+    ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _dv, _dS):
+    x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, seed = ctx.saved_tensors
+    nx, nw, nb, na, nbb, nm = (ctx.needs_input_grad[i] for i in range(6))
+    dx, dA, dB, dm, dbias, dW = dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale,
+                                                ctx.dropout_p, seed, ctx.fan_in_fan_out, nx, na, nbb, nm, nb, nw,
+                                                ctx.backend)
+    return (dx if nx else None, dW if nw else None, dbias.to(ctx.bias_dtype) if nb else None, dA if na else None,
+            dB if nbb else None, dm if nm else None) + (None,) * 8
+
+
+torch.library.register_autograd("fastlora::dora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# ‖W0‖² cache (W0 frozen) and the functional
+# ---------------------------------------------------------------------------
+
+_w2_cache: dict[int, tuple] = {}   # id(weight) -> (weakref to weight, key, w2)
+
+
+def _w2_key(weight: Tensor, fan_in_fan_out: bool):
+    return (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype,
+            weight.device, fan_in_fan_out)
+
+
+def _cached_w2(weight: Tensor, fan_in_fan_out: bool):
+    entry = _w2_cache.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == _w2_key(weight, fan_in_fan_out):
+        return entry[2]
+    return None
+
+
+def _store_w2(weight: Tensor, fan_in_fan_out: bool, w2: Tensor) -> None:
+    i = id(weight)
+
+    def drop(ref, i=i):
+        if _w2_cache.get(i, (None,))[0] is ref:
+            del _w2_cache[i]
+    _w2_cache[i] = (weakref.ref(weight, drop), _w2_key(weight, fan_in_fan_out), w2)
+
+
+def clear_norm_cache() -> None:
+    """Forget every cached ‖W0‖². Needed only after writing a frozen W0 in place through ``.data`` (which skips
+    its version counter) while keeping the same storage; in-place ops on W0 itself invalidate the cache."""
+    _w2_cache.clear()
+
+
+def check_magnitude(magnitude, x, N) -> None:
+    if not isinstance(magnitude, Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude must have shape ({N},) (out_features), got "
+                         f"({', '.join(str(d) for d in magnitude.shape)})")
+    ok = (x.dtype,) + ((torch.float32,) if x.dtype in _HALF else ())
+    if magnitude.dtype not in ok:
+        raise TypeError(f"magnitude must have x's dtype {x.dtype}" + (" or float32" if x.dtype in _HALF else "")
+                        + f", got {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude must be on x's device {x.device}, got {magnitude.device}")
+
+
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, fan_in_fan_out: bool = False, *,
+                backend: str | None = None) -> Tensor:
+    """‖W0 + s·B·A‖ per output row, (N,) float32 (float64 for float64), detached — without the N×K matrix."""
+    sdt = _acc(weight.dtype)
+    scale = scaling.detach().reshape(()).to(weight.device, sdt) if isinstance(scaling, Tensor) else \
+        torch.full((), float(scaling), dtype=sdt, device=weight.device)
+    with torch.no_grad():
+        n, _ = norm_forward(weight.detach(), lora_A.detach(), lora_B.detach(), scale, fan_in_fan_out, None,
+                            resolve_backend_choice(backend))
+    return n
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                scaling: float | Tensor, dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False,
+                *, seed: int | Tensor | None = None, backend: str | None = None) -> Tensor:
+    """DoRA linear: y = base(x) + (m/n − 1)·(x̃·W0ᵀ) + (m/n)·s·(x̃·Aᵀ)·Bᵀ, n = ‖W0 + s·B·A‖ per row, detached.
+
+    Args as ``fastlora.lora_linear`` (x (..., K); weight (N, K), or (K, N) with fan_in_fan_out; bias (N,);
+    lora_A (r, K); lora_B (N, r); scaling a float or 0-d tensor; dropout_p applied when ``training``; seed;
+    backend), plus ``magnitude`` (N,): DoRA's m (PEFT's ``lora_magnitude_vector``), x's dtype or float32 on a
+    half base. Differentiable in x, lora_A, lora_B, magnitude, bias (and weight, by plain matmuls, if it
+    requires grad). The norm pass runs on the selected backend (Triton kernel or pure torch); the GEMMs are
+    torch's. Returns (..., N) in x's dtype.
+    """
+    N, K, r = check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    check_magnitude(magnitude, x, N)
+    be = resolve_backend_choice(backend)
+    p = float(dropout_p) if training else 0.0
+    sdt = _acc(x.dtype)
+    scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt) if isinstance(scaling, Tensor) else \
+        torch.full((), float(scaling), dtype=sdt, device=x.device)
+    if p > 0:
+        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    else:
+        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+    compiling = torch.compiler.is_compiling()
+    cache = not compiling and not weight.requires_grad
+    w2 = _cached_w2(weight, fan_in_fan_out) if cache else None
+    grad = torch.is_grad_enabled()
+    save_v = grad and magnitude.requires_grad
+    save_s = grad and (lora_B.requires_grad or magnitude.requires_grad)
+    needs_graph = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude))
+    if not needs_graph and not compiling:
+        # eager inference: no graph to record, so the ops' dispatcher and autograd layers are skipped
+        with torch.no_grad():
+            n, new_w2 = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, be)
+            y, _, _ = torch_forward(x, weight, bias, lora_A, lora_B, magnitude, n, scale, p, seed_t,
+                                    fan_in_fan_out, False, False)
+    else:
+        with torch.no_grad():
+            n, new_w2 = dora_norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), scale, fan_in_fan_out,
+                                     w2, be)
+        y, _, _ = dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, n, scale, p, seed_t, fan_in_fan_out,
+                                  save_v, save_s, be)
+    if cache and w2 is None and new_w2.numel():
+        _store_w2(weight, fan_in_fan_out, new_w2)
+    return y
+
+
+# ---------------------------------------------------------------------------
+# module
+# ---------------------------------------------------------------------------
+
+class DoraLinear(LoraLinear):
+    """Linear layer with a DoRA adapter (PEFT ``use_dora=True``), forward through ``dora_linear``.
+
+    Parameters as ``LoraLinear`` (weight, bias, lora_A, lora_B) plus ``lora_magnitude_vector`` (N,) — PEFT's
+    name — initialised as PEFT does to ‖W0 + s·B·A‖ per output row (= ‖W0‖ with B = 0), in the adapter dtype.
+    ``merge()`` writes W0 ← (m/n)⊙(W0 + s·B·A) with n = ‖W0 + s·B·A‖ of the unmerged W0 (PEFT's merge); ``unmerge()``
+    divides m/n back out and subtracts s·B·A, then restores the elements whose rounding did not come back, so W0
+    is bit-exact after any number of cycles (as long as W0, A, B and m are not modified while merged).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, bias: bool = True, fan_in_fan_out: bool = False,
+                 use_rslora: bool = False, merge_weights: bool = True, init: str = "kaiming",
+                 adapter_dtype: torch.dtype | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, bias, fan_in_fan_out,
+                         use_rslora, merge_weights, init, adapter_dtype, device, dtype)
+        self.reset_magnitude()
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, merge_weights: bool = True, init: str = "kaiming",
+                    adapter_dtype: torch.dtype | None = None) -> "DoraLinear":
+        """Wrap an nn.Linear or transformers Conv1D, sharing (never copying) its weight and bias."""
+        base_layout(layer, "DoraLinear.from_linear")       # quantized bases are not served by DoRA here
+        self = super().from_linear(layer, r, lora_alpha, lora_dropout, use_rslora, merge_weights, init,
+                                   adapter_dtype)
+        self.reset_magnitude()
+        return self
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m ← ‖W0 + s·B·A‖ per output row (PEFT's DoRA initialisation), in lora_A's dtype."""
+        n = weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
+        m = n.to(self.lora_A.dtype)
+        if "lora_magnitude_vector" in self._parameters:
+            self.lora_magnitude_vector.copy_(m)
+        else:
+            self.lora_magnitude_vector = nn.Parameter(m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+        return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+                           self.scale_tensor(x.device), self.lora_dropout, self.training, self.fan_in_fan_out)
+
+    def _versions(self):
+        return super()._versions() + (self.lora_magnitude_vector._version,)
+
+    def _factor(self, hi, norm):
+        """m/n shaped to multiply W0's rows (its columns when fan_in_fan_out)."""
+        f = self.lora_magnitude_vector.detach().to(hi) / norm
+        return f[None, :] if self.fan_in_fan_out else f[:, None]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """W0 ← (m/n)⊙(W0 + s·B·A), formed in float32 (float64 for a float32 W0), rounded once. ``safe_merge``:
+        a non-finite result raises ValueError and W0 is left unchanged."""
+        if self.merged:
+            warnings.warn("DoraLinear: already merged, nothing to do")
+            return
+        w = self.weight
+        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
+        delta = self.delta_weight(hi)
+        full = w.to(hi) + delta
+        norm = torch.linalg.vector_norm(full, dim=0 if self.fan_in_fan_out else 1)   # of the unmerged W0
+        new = (self._factor(hi, norm) * full).to(w.dtype)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError("DoraLinear: merging the adapter gives non-finite weights (the adapter seems "
+                             "broken); the base weight was left unchanged")
+        back = (new.to(hi) / self._factor(hi, norm) - delta).to(w.dtype)
+        iv = _INT_VIEW[w.dtype]
+        idx = (back.view(iv) != w.view(iv)).flatten().nonzero().squeeze(1)
+        vals = w.flatten()[idx].clone()
+        w.copy_(new)
+        self._merge_fix = (idx, vals, self._versions(), norm)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 ← W/(m/n) − s·B·A with the n kept at merge (PEFT's unmerge), then the exact bytes restored."""
+        if not self.merged:
+            warnings.warn("DoraLinear: already unmerged, nothing to do")
+            return
+        w = self.weight
+        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
+        idx, vals, versions, norm = self._merge_fix
+        back = (w.to(hi) / self._factor(hi, norm) - self.delta_weight(hi)).to(w.dtype)
+        if versions == self._versions():
+            back.view(-1)[idx] = vals
+        w.copy_(back)
+        self._merge_fix, self.merged = None, False
+
+
+# ---------------------------------------------------------------------------
+# PEFT integration (fastlora.patch hands PEFT DoRA layers here)
+# ---------------------------------------------------------------------------
+
+def is_peft_dora(layer, adapter: str) -> bool:
+    """True when ``adapter`` of a PEFT lora.Linear is a DoRA adapter (PEFT's DoraLinearVariant)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return variant is not None and type(variant).__name__ == "DoraLinearVariant" \
+        and adapter in getattr(layer, "lora_magnitude_vector", {})
+
+
+def peft_dora_args(layer, adapter: str):
+    """(weight, bias, lora_A, lora_B, magnitude) of a PEFT DoRA lora.Linear's adapter, or None when the tensors'
+    dtypes are ones dora_linear refuses (the caller then hands the call to PEFT's own forward)."""
+    base = layer.get_base_layer()
+    w, A, B = base.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    m = layer.lora_magnitude_vector[adapter].weight
+    ok = (w.dtype,) + ((torch.float32,) if w.dtype in _HALF else ())
+    if A.dtype != B.dtype or A.dtype not in ok or m.dtype not in ok:
+        return None
+    return w, base.bias, A, B, m
+
+
+def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float) -> Tensor | None:
+    """PEFT's lora.Linear forward for one active DoRA adapter, through ``dora_linear``; None if it cannot serve.
+
+    Dropout as PEFT's DoraLinearVariant: applied only when the layer and its dropout module are training."""
+    args = peft_dora_args(layer, adapter)
+    if args is None or not isinstance(x, Tensor) or x.dtype != args[0].dtype:
+        return None
+    w, bias, A, B, m = args
+    drop = layer.lora_dropout[adapter]
+    training = bool(layer.training and getattr(drop, "training", False))
+    return dora_linear(x, w, bias, A, B, m, scale, dropout_p, training, layer.fan_in_fan_out)
+
+
+__all__ = ["dora_linear", "dora_linear_reference", "DoraLinear", "weight_norm", "clear_norm_cache",
+           "torch_norm", "torch_forward", "torch_backward", "is_peft_dora", "peft_dora_forward"]
