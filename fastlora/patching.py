@@ -13,8 +13,9 @@ mark_only_lora_as_trainable / lora_state_dict keep working unchanged.
 At every call the patched forward re-checks what can change after patching (merged, adapters
 disabled, the active adapter, PEFT's mixed-batch ``adapter_names``, autocast, a dtype mismatch)
 and hands anything it cannot serve to the layer's original forward. Layers it can never serve
-(DoRA and other PEFT variants, several active adapters, lora_bias, embeddings, convolutions,
+(PEFT variants other than DoRA, several active adapters, lora_bias, embeddings, convolutions,
 quantized bases, hooked base layers…) are left alone and listed in the report with the reason.
+PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; inside, PEFT's own).
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import dora as _dora
 from .functional import lora_linear
 from .modules import block_lora_B
 
@@ -129,9 +131,9 @@ def _peft_reason(m):
     if len(active) != 1:
         return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
     a = active[0]
-    if getattr(m, "use_dora", {}).get(a, False):
+    if getattr(m, "use_dora", {}).get(a, False) and not _dora.is_peft_dora(m, a):
         return f"adapter {a!r} uses DoRA"
-    if a in getattr(m, "lora_variant", {}):
+    if a in getattr(m, "lora_variant", {}) and not _dora.is_peft_dora(m, a):
         return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
     if getattr(m, "lora_bias", {}).get(a, False):
         return f"adapter {a!r} has lora_bias=True"
@@ -190,12 +192,15 @@ def _peft_forward(self, x, *args, **kwargs):
     active = _peft_active(self)
     if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
             or getattr(self, "merged", False) or len(active) != 1
-            or active[0] in getattr(self, "lora_variant", {})
+            or (active[0] in getattr(self, "lora_variant", {}) and not _dora.is_peft_dora(self, active[0]))
             or not _runtime_ok(x, base.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight,
                                self.lora_dropout[active[0]])):
         return type(self).forward(self, x, *args, **kwargs)
     a = active[0]
     drop = self.lora_dropout[a]
+    if _dora.is_peft_dora(self, a):
+        y = _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device), _dropout_p(drop)[0])
+        return y if y is not None else type(self).forward(self, x, *args, **kwargs)
     return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                        st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training,
                        self.fan_in_fan_out)
