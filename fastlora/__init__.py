@@ -10,6 +10,8 @@ Public API:
     load_peft_adapter, save_peft_adapter   PEFT's checkpoint format, PEFT not required
     AdapterBank, MultiLoraLinear, MultiAdapterModel, multi_lora_linear   many adapters in one batch
     select_backend                  which backend a tensor's op will run on
+    tune                            time the kernels' shipped tile configs on this GPU, cache the fastest
+    qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
 """
 from .backend import select_backend
 from .bank import AdapterBank
@@ -18,10 +20,13 @@ from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
 from .multi import MultiAdapterModel, MultiLoraLinear, multi_lora_linear
 from .patching import PatchReport, is_patched, patch, unpatch
+from .qlora import QLoraLinear, qlora_linear
 from .reference import lora_linear_reference
+from .tune import tune
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",
            "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
+           "qlora_linear", "QLoraLinear", "tune",
            "__version__"]
