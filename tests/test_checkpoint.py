@@ -114,6 +114,59 @@ def test_fastlora_save_peft_load_and_round_trip(tmp_path):
     assert model.blocks[0]["q"] is keep and keep.lora_B.abs().sum() > 0
 
 
+def _outputs_agree(ours, peft_model, ids, ulps=64):
+    """The idiom at model level: ours vs a float64 copy of the PEFT model <= 2x PEFT's own error + ulps."""
+    with torch.no_grad():
+        got, theirs, oracle = ours(ids), peft_model(ids), copy.deepcopy(peft_model).double()(ids)
+    err, base = (got.double() - oracle).abs().max(), (theirs.double() - oracle).abs().max()
+    assert err <= 2 * base + ulps * torch.finfo(got.dtype).eps * oracle.abs().max(), (err, base)
+
+
+def test_rslora_peft_save_fastlora_load(tmp_path):
+    """use_rslora=True: s = alpha / sqrt(r) per module (r = 4 and, by rank_pattern, 2), as PEFT has it."""
+    pm = peft_dir(tmp_path, use_rslora=True, rank_pattern={"blocks.1.q": 2})
+    model = fresh()
+    loaded = load_peft_adapter(model, str(tmp_path))
+    assert len(loaded) == 4
+    for name, m in loaded.items():
+        want = pm.base_model.model.get_submodule(name).scaling["default"]
+        assert m.use_rslora and m.scaling == pytest.approx(8 / m.r ** 0.5) and m.scaling == pytest.approx(want), name
+    _outputs_agree(model.eval(), pm, torch.randint(0, 10, (2, 5)))
+
+
+def test_rslora_fastlora_save_peft_load(tmp_path):
+    model = fresh()
+    for i, b in enumerate(model.blocks):
+        b["q"] = LoraLinear.from_linear(b["q"], r=4, lora_alpha=8, use_rslora=True, merge_weights=False)
+        b["mlp"] = LoraLinear.from_linear(b["mlp"], r=2 + i, lora_alpha=6, use_rslora=True, merge_weights=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.2)
+    config = save_peft_adapter(model, str(tmp_path))
+    assert config["use_rslora"] is True
+    pm = PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            assert pm.base_model.model.get_submodule(name).scaling["default"] == pytest.approx(m.scaling), name
+    ids = torch.randint(0, 10, (2, 5))
+    _outputs_agree(model.eval(), pm, ids)
+    again = fresh()
+    load_peft_adapter(again, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(ids), model(ids), rtol=0, atol=0)
+
+
+def test_save_refuses_mixed_rslora(tmp_path):
+    """PEFT's config holds one use_rslora: modules mixing True and False are refused, nothing written."""
+    model = fresh()
+    model.blocks[0]["q"] = LoraLinear.from_linear(model.blocks[0]["q"], r=2, use_rslora=True)
+    model.blocks[1]["q"] = LoraLinear.from_linear(model.blocks[1]["q"], r=2, use_rslora=False)
+    with pytest.raises(ValueError, match="mix use_rslora True and False"):
+        save_peft_adapter(model, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 def _edit(tmp_path, config=None, drop=None, rename=None, reshape=None):
     cfg_file, w_file = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
     if config:
