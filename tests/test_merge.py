@@ -80,7 +80,9 @@ def test_1000_cycles_restore_exact_bytes_and_beat_peft(dtype):
     peft_w = _peft_drift(w0, m.lora_A.detach(), m.lora_B.detach(), m.scaling, 1000)
     theirs = (peft_w.double() - w0.double()).abs().max().item()
     print(f"{dtype}: drift after 1000 merge/unmerge cycles: fastlora {ours:.3e}, PEFT {theirs:.3e}")
-    assert ours == 0.0 and ours <= theirs
+    # measured on this CPU: PEFT drifts 1.5e-08 (fp32), 0.11 (fp16), 0.16 (bf16); fastlora 0 in every dtype
+    assert ours == 0.0
+    assert theirs > 0.0, f"PEFT did not drift in {dtype}: 'beats PEFT' would be untested"
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -99,7 +101,9 @@ def test_eval_train_cycles_loralib_style_exact():
     lm.load_state_dict({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()})
     for _ in range(50):
         lm.eval(), lm.train()
-    print("loralib bf16 drift after 50 eval/train:", (lm.weight.double() - w0.double()).abs().max().item())
+    drift = (lm.weight.double() - w0.double()).abs().max().item()
+    print("loralib bf16 drift after 50 eval/train:", drift)          # 9.8e-04 measured on this CPU
+    assert drift > 0.0, "loralib no longer drifts: the comparison this test makes is gone"
 
 
 def test_merge_weights_false_never_merges():
