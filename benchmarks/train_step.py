@@ -94,6 +94,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 1 with --quick)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; the CSV's device "
+                                                             "column records the count)")
     common.add_out_dir_option(p)
     g = p.add_argument_group("sizes (override the configuration's)")
     for f in Sizes.__dataclass_fields__:
@@ -126,6 +128,8 @@ def make_config(args: argparse.Namespace) -> Config:
                          f"--kv-heads ({sizes.kv_heads})")
     if (sizes.hidden // sizes.heads) % 2:
         raise ValueError(f"the head size --hidden / --heads = {sizes.hidden // sizes.heads} must be even (RoPE)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.r < 1:
         raise ValueError(f"--r must be >= 1, got {args.r}")
     if not 0 <= args.dropout < 1:
@@ -156,7 +160,8 @@ def build_peft(cfg: Config, seed: int = 0):
     conf = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
                        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
                        max_position_embeddings=max(s.seq, 128), tie_word_embeddings=True, use_cache=False)
-    base = LlamaForCausalLM(conf).to(device=cfg.device, dtype=cfg.dtype)
+    with torch.device(cfg.device):          # initialised where it runs (a 1B model's CPU init takes long)
+        base = LlamaForCausalLM(conf).to(dtype=cfg.dtype)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=TARGETS,
                       init_lora_weights=False, task_type="CAUSAL_LM")
     return get_peft_model(base, lora).train()
@@ -381,6 +386,8 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for n in cfg.notes:
         print(n)
     rows = run(cfg)
