@@ -402,7 +402,9 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
     x_sized = lambda prov, p: float(rows[(prov, p)]["extra_x_sized"])  # noqa: E731
     assert x_sized("base GEMM", 0.0) == 0.0
     # fastlora keeps S (M×r fp32) and 0-d scale/seed tensors beyond x and the parameters, never a
-    # dropped copy of x or a mask (x is 24×40×4 = 3840 bytes)
-    assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 64
+    # dropped copy of x or a byte mask (x is 24×40×4 = 3840 bytes); with dropout the torch backend (what
+    # runs here) may keep the forward's mask bit-packed: 24×40 bits = 120 bytes
+    assert 24 * 3 * 4 <= rows[("fastlora", 0.0)]["extra_bytes"] <= 24 * 3 * 4 + 64
+    assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 24 * 40 // 8 + 64
     assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
     assert all(r["saved_bytes"] > 0 for r in rows.values())
