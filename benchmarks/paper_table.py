@@ -199,13 +199,11 @@ def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
     """HOOK — the "fastlora multi-adapter" row: a different LoRA adapter (r=4, on c_attn) per sequence.
 
     A PEFT model holding ``batch`` adapters, run through fastlora.multi.MultiAdapterModel (packed
-    adapter bank, gather kernels). Returns (model, LoRA params, None), or None when fastlora.multi is
-    absent. The first forward is checked against PEFT's own mixed-batch forward (adapter_names=).
+    adapter bank, gather kernels). Returns (model, LoRA params, None). The first forward is checked against
+    PEFT's own mixed-batch forward (adapter_names=). fastlora.multi is part of fastlora: an import error
+    there is an error here, not a missing row.
     """
-    try:
-        from fastlora.multi import MultiAdapterModel
-    except ImportError:
-        return None
+    from fastlora.multi import MultiAdapterModel
     from peft import get_peft_model
     b = COLUMNS[column][0]
     names = [f"a{i}" for i in range(b)]
