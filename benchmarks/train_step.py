@@ -186,8 +186,9 @@ def loss_of(model, ids) -> torch.Tensor:
 
 
 def _set_dropout(model, p: float) -> None:
-    for m in model.modules():
-        if type(m) is torch.nn.Dropout:
+    """Set p of every LoRA dropout (PEFT's lora_dropout[adapter]); both PEFT and patched layers read it per call."""
+    for name, m in model.named_modules():
+        if type(m) is torch.nn.Dropout and ".lora_dropout." in f".{name}.":
             m.p = p
 
 
