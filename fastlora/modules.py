@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _amp
 from .functional import lora_linear
 
 _INITS = ("kaiming", "gaussian")
@@ -120,11 +121,13 @@ class _LoraBase(nn.Module):
         return self._scale_t
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in_features) -> (..., out_features), in x's dtype (= the base weight's)."""
+        """x (..., in_features) -> (..., out_features), in x's dtype (= the base weight's). Inside
+        ``torch.autocast``: every operand cast to the autocast dtype, output in it (as nn.Linear)."""
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B_effective(),
-                           self.scale_tensor(x.device), self.lora_dropout, self.training, self.fan_in_fan_out)
+        return _amp.call(lora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A,
+                         self.lora_B_effective(), self.scale_tensor(x.device), self.lora_dropout, self.training,
+                         self.fan_in_fan_out)
 
     # -- merge -----------------------------------------------------------------------------
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:

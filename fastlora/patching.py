@@ -11,8 +11,10 @@ layer's own tensors. So PEFT's save_pretrained / merge_and_unload / set_adapter 
 mark_only_lora_as_trainable / lora_state_dict keep working unchanged.
 
 At every call the patched forward re-checks what can change after patching (merged, adapters
-disabled, the active adapter, PEFT's mixed-batch ``adapter_names``, autocast, a dtype mismatch)
-and hands anything it cannot serve to the layer's original forward. Layers it can never serve
+disabled, the active adapter, PEFT's mixed-batch ``adapter_names``, a dtype mismatch) and hands
+anything it cannot serve to the layer's original forward. Inside ``torch.autocast`` the fused op
+runs on operands cast to the autocast dtype, as F.linear and PEFT's adapter matmuls would be
+(fastlora/_amp.py), so AMP training is fused too. Layers it can never serve
 (PEFT variants other than DoRA, several active adapters, lora_bias, embeddings, convolutions,
 quantized bases, hooked base layers…) are left alone and listed in the report with the reason.
 PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; inside, PEFT's own).
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import _amp
 from . import dora as _dora
 from .functional import lora_linear
 from .modules import block_lora_B
@@ -183,36 +186,42 @@ def _classify(m):
 
 # ---------------------------------------------------------------------------- fused forwards
 
-def _runtime_ok(x, w, lora_A, lora_B, dropout) -> bool:
-    """What can change after patching and would make the fused op refuse or differ: hand it back."""
-    return (isinstance(x, torch.Tensor) and x.dtype == w.dtype and lora_A.dtype == lora_B.dtype
-            and lora_A.dtype in (w.dtype, torch.float32) and _dropout_p(dropout)[1] is None
-            and not torch.is_autocast_enabled(x.device.type))
+def _runtime_ok(x, w, lora_A, lora_B, dropout, amp=None) -> bool:
+    """What can change after patching and would make the fused op refuse or differ: hand it back.
+    Under autocast (``amp``: its dtype) every operand is cast to ``amp`` first, as F.linear would."""
+    if not isinstance(x, torch.Tensor) or _dropout_p(dropout)[1] is not None:
+        return False
+    if amp is not None:
+        return _amp.servable(amp, x, w, lora_A, lora_B)
+    return x.dtype == w.dtype and lora_A.dtype == lora_B.dtype and lora_A.dtype in (w.dtype, torch.float32)
 
 
 def _peft_forward(self, x, *args, **kwargs):
     st = getattr(self, _ATTR)
     base = _peft_base(self)
     active = _peft_active(self)
+    amp = _amp.autocast_dtype(x)
     if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
             or getattr(self, "merged", False) or len(active) != 1
             or (active[0] in getattr(self, "lora_variant", {}) and not _dora.is_peft_dora(self, active[0]))
             or not _runtime_ok(x, base.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight,
-                               self.lora_dropout[active[0]])):
+                               self.lora_dropout[active[0]], amp)):
         return type(self).forward(self, x, *args, **kwargs)
     a = active[0]
     drop = self.lora_dropout[a]
     if _dora.is_peft_dora(self, a):
-        y = _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device), _dropout_p(drop)[0])
+        y = None if amp is not None else _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device),
+                                                                 _dropout_p(drop)[0])
         return y if y is not None else type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                       st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training,
-                       self.fan_in_fan_out)
+    return _amp.call(lora_linear, amp, x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                     st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training, self.fan_in_fan_out)
 
 
 def _loralib_forward(self, x):
     st = getattr(self, _ATTR)
-    if self.merged or self.r <= 0 or not _runtime_ok(x, self.weight, self.lora_A, self.lora_B, self.lora_dropout):
+    amp = _amp.autocast_dtype(x)
+    if self.merged or self.r <= 0 or not _runtime_ok(x, self.weight, self.lora_A, self.lora_B, self.lora_dropout,
+                                                     amp):
         return type(self).forward(self, x)
     p, _ = _dropout_p(self.lora_dropout)
     training = self.lora_dropout.training if isinstance(self.lora_dropout, nn.Module) else self.training
@@ -221,8 +230,8 @@ def _loralib_forward(self, x):
         if st.rows is None or st.rows.device != lora_B.device:
             st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
         lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
-    return lora_linear(x, self.weight, self.bias, self.lora_A, lora_B, st.scale(self.scaling, x.device),
-                       p, training, self.fan_in_fan_out)
+    return _amp.call(lora_linear, amp, x, self.weight, self.bias, self.lora_A, lora_B,
+                     st.scale(self.scaling, x.device), p, training, self.fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------- public API
