@@ -273,6 +273,10 @@ class QLoraLinear(LoraLinear):
     quantized weight would re-quantize it, which is lossy.
     """
 
+    def __init__(self, *args, **kwargs):
+        raise TypeError("QLoraLinear wraps an existing quantized layer: use "
+                        "fastlora.LoraLinear.from_linear(bnb_layer, r=...)")
+
     @classmethod
     def from_quantized(cls, layer: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
                        use_rslora: bool = False, init: str = "kaiming",

@@ -441,6 +441,8 @@ def test_lora_linear_from_linear4bit():
         m.merge()
     with pytest.raises(ValueError, match=r"r must be in \[1, min"):
         fastlora.LoraLinear.from_linear(base, r=0)
+    with pytest.raises(TypeError, match="from_linear"):
+        fastlora.QLoraLinear(64, 48, r=4)
 
 
 def test_bad_input_errors_name_the_argument():
@@ -454,3 +456,21 @@ def test_bad_input_errors_name_the_argument():
         fastlora.qlora_linear(torch.randn(2, 63), base, A, B, 1.0)
     with pytest.raises(TypeError, match="layer: "):
         fastlora.LoraLinear.from_linear(bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=True), r=4)
+
+
+def test_bench_qlora_dry_run(tmp_path, monkeypatch):
+    """benchmarks/bench_qlora.py runs end to end on a tiny shape and writes its CSV (no timing asserted)."""
+    from benchmarks import bench_qlora, common
+    monkeypatch.delenv("TRITON_INTERPRET")               # the benchmark times the CPU user's (torch) path
+    monkeypatch.delenv("FASTLORA_BACKEND", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        bench_qlora.main(["--d", "64", "--tokens", "8", "--r", "4", "--trials", "2", "--warmup", "0",
+                          "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = common.read_csv(tmp_path / "qlora_4bit_p0.1_cpu.csv")
+    assert [r["provider"] for r in rows] == ["fastlora", "peft"] and float(rows[0]["ratio_to_peft"]) > 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
+        bench_qlora.main(["--out-dir", str(tmp_path)])
