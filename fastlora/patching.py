@@ -16,7 +16,8 @@ anything it cannot serve to the layer's original forward. Inside ``torch.autocas
 runs on operands cast to the autocast dtype, as F.linear and PEFT's adapter matmuls would be
 (fastlora/_amp.py), so AMP training is fused too. Layers it can never serve
 (PEFT variants other than DoRA, several active adapters, lora_bias, embeddings, convolutions,
-quantized bases, hooked base layers…) are left alone and listed in the report with the reason.
+hooked base layers…) are left alone and listed in the report with the reason. PEFT's bitsandbytes
+layers (lora.bnb.Linear4bit / Linear8bitLt) run fastlora.qlora.qlora_linear (outside autocast).
 PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; inside, PEFT's own).
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
