@@ -115,3 +115,23 @@ def new_seed(device: torch.device | str = "cpu") -> torch.Tensor:
     It respects torch.manual_seed, needs no host sync and traces under torch.compile.
     """
     return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
+
+
+_BIT_WEIGHTS = {}
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean (M, K) mask as bits: uint8 (M, ⌈K/8⌉), bit j of byte c = keep[:, 8c + j] (1/32 of an fp32 x)."""
+    M, K = keep.shape
+    pad = -K % 8
+    k8 = torch.nn.functional.pad(keep, (0, pad)).view(M, (K + pad) // 8, 8).to(torch.uint8)
+    w = _BIT_WEIGHTS.get(keep.device)
+    if w is None:
+        w = _BIT_WEIGHTS[keep.device] = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=keep.device)
+    return (k8 * w).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, K: int) -> torch.Tensor:
+    """The boolean (M, K) mask that pack_mask packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).view(bits.shape[0], bits.shape[1] * 8)[:, :K].bool()

@@ -83,6 +83,24 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
     return N, K, r
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor (never written): a float scaling or the unused seed costs no allocation or fill
+    per call. Made outside inference mode, so a training call may save it for backward."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):
+            t = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+    return t
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float | Tensor, dropout_p: float = 0.0, training: bool = True,
                 fan_in_fan_out: bool = False, *, seed: int | Tensor | None = None,
@@ -99,7 +117,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         dropout_p: LoRA dropout on the adapter input, in [0, 1); applied only when ``training``.
         seed: dropout seed (int or 0-d int tensor). Default: drawn from torch's generator on x's
             device, so torch.manual_seed makes runs repeatable. The mask is a pure function of
-            (seed, row, col) and is regenerated in backward, never stored.
+            (seed, row, col): the GPU kernels regenerate it in backward and never store it; the CPU
+            torch path keeps it bit-packed (1/32 of an fp32 x) in eager training.
         backend: "auto" (default), "triton" or "torch"; see fastlora.backend.
         deterministic: backward without atomics (split reductions), bitwise repeatable. Default:
             torch.are_deterministic_algorithms_enabled().
@@ -112,11 +131,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if isinstance(scaling, Tensor):
         scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
     else:
-        scale = torch.full((), float(scaling), dtype=sdt, device=x.device)
+        scale = _constant(float(scaling), sdt, x.device)
     if p > 0:
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:
-        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+        seed_t = _constant(0, torch.int64, x.device)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     save_s = torch.is_grad_enabled() and any(
@@ -126,6 +145,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         y, _ = ops.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out, False,
                            resolve_backend_choice(backend))
         return y
+    if not torch.compiler.is_compiling():
+        # eager training: a plain autograd.Function over the same forward / backward (no dispatcher layers)
+        return ops.LoraFunction.apply(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
+                                      bool(deterministic), resolve_backend_choice(backend))
     y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
                                save_s, bool(deterministic), resolve_backend_choice(backend))
     return y

@@ -10,6 +10,11 @@ them without graph breaks, and autograd wires them together:
 
 Saved for backward: x (already alive for the previous layer), S (M×r), the
 0-d scale and seed tensors. Never a mask, never a dropped copy of x.
+
+Eager training does not go through the custom ops: ``LoraFunction`` (a plain torch.autograd.Function) runs the
+same forward and backward without the dispatcher's layers (less host time per call); on the pure-torch backend
+it keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward.
+torch.compile traces the custom ops (fastlora.functional picks the path).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import select_backend
+from .dropout import keep_mask, pack_mask, unpack_mask
 
 
 def _kernels():
@@ -27,15 +33,34 @@ def _kernels():
     return kernels
 
 
-def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend):
-    """The forward computation itself, on the selected backend. The custom op below wraps it; inference
-    calls in eager mode (nothing to differentiate, not tracing) call it directly, skipping the op's
-    dispatcher and autograd layers (fastlora.functional)."""
+def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend, keep=None):
+    """The forward computation itself, on the selected backend. The custom op below wraps it; eager calls
+    (inference, and LoraFunction in training) call it directly, skipping the op's dispatcher layers
+    (fastlora.functional). ``keep``: the dropout mask, when the torch backend's caller drew it already."""
     if select_backend(x.device, backend) == "triton":
         return _kernels().lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
     return reference.torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
-                                   fan_in_fan_out, save_s)
+                                   fan_in_fan_out, save_s, keep)
+
+
+def backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
+             needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, deterministic, backend, keep=None):
+    """(dx, dA, dB, dbias, dW) on the selected backend, None where not needed."""
+    if select_backend(x.device, backend) == "triton":
+        dx, dA, dB, dbias = _kernels().lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
+                                                fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias,
+                                                deterministic)
+    else:
+        dx, dA, dB, dbias = reference.torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p,
+                                                     seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB,
+                                                     needs_dbias, keep)
+    # A trainable base weight is not what LoRA is for, but if asked, answer correctly (plain matmul).
+    dW = None
+    if needs_dW:
+        g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)   # (N, K)
+        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
+    return dx, dA, dB, dbias, dW
 
 
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
@@ -61,19 +86,8 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                     scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool,
                     needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dbias: bool, needs_dW: bool,
                     deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if select_backend(x.device, backend) == "triton":
-        dx, dA, dB, dbias = _kernels().lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
-                                                fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias,
-                                                deterministic)
-    else:
-        dx, dA, dB, dbias = reference.torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p,
-                                                     seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB,
-                                                     needs_dbias)
-    # A trainable base weight is not what LoRA is for, but if asked, answer correctly (plain matmul).
-    dW = None
-    if needs_dW:
-        g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)   # (N, K)
-        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
+    dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
+                                     needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, deterministic, backend)
     # a custom op's outputs may not alias each other: one fresh empty tensor per missing gradient
     return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in (dx, dA, dB, dbias, dW))
 
@@ -111,3 +125,35 @@ def _backward(ctx, dy, _dS):
 
 
 torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+class LoraFunction(torch.autograd.Function):
+    """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
+    On the torch backend with dropout, the mask drawn in forward is saved bit-packed and reused in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, deterministic,
+                backend):
+        keep = bits = None
+        if dropout_p > 0 and select_backend(x.device, backend) == "torch":
+            K = x.shape[-1]
+            keep = keep_mask(seed, x.numel() // K if K else 0, K, dropout_p, x.device)
+            bits = pack_mask(keep)
+        y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, True, backend, keep)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, scale, seed, bits)
+        ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.deterministic = deterministic
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
+        nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, ctx.dropout_p, seed,
+                                         ctx.fan_in_fan_out, nx, na, nbb, nb, nw, ctx.deterministic, ctx.backend,
+                                         keep)
+        if nb:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dW, dbias, dA, dB, None, None, None, None, None, None

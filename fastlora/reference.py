@@ -49,14 +49,15 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 # pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
 # ---------------------------------------------------------------------------
 
-def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
-    """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved)."""
+def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
+    """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved).
+    ``keep``: the (M, K) keep-mask for ``seed`` if the caller already has it (else drawn here)."""
     K = x.shape[-1]
     w = _weight_nk(weight, fan_in_fan_out)
     x2 = x.reshape(-1, K)
     d = x2.to(lora_A.dtype)
     if dropout_p > 0:
-        d = d * keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
+        d = d * (keep_mask(seed, x2.shape[0], K, dropout_p, x.device) if keep is None else keep)
     S = d @ lora_A.t()                                   # (M, r), adapter dtype
     if dropout_p > 0:
         S = S * (1.0 / (1.0 - dropout_p))
@@ -72,8 +73,8 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
-                   needs_dx, needs_dA, needs_dB, needs_dbias):
-    """Returns (dx, dA, dB, dbias); entries not needed are None."""
+                   needs_dx, needs_dA, needs_dB, needs_dbias, keep=None):
+    """Returns (dx, dA, dB, dbias); entries not needed are None. ``keep``: the forward's mask, if kept."""
     K = x.shape[-1]
     w = _weight_nk(weight, fan_in_fan_out)
     dy2 = dy.reshape(-1, w.shape[0])
@@ -81,7 +82,10 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
     ad = lora_A.dtype
     dyl = dy2.to(ad)
     s = scale.to(ad)
-    keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device) if dropout_p > 0 else None
+    if dropout_p > 0 and keep is None:
+        keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
+    elif dropout_p == 0:
+        keep = None
     inv_keep = 1.0 / (1.0 - dropout_p)
     dx = dA = dB = dbias = None
     dS = (dyl @ lora_B) * s                                # computed once, reused below

@@ -163,3 +163,26 @@ def test_no_seed_drawn_without_dropout(backend):
     assert torch.equal(torch.get_rng_state(), state)
     lora_linear(x, W, None, A, B, 1.0, 0.5, backend=backend)
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_torch_backend_draws_the_mask_once_and_keeps_it_bit_packed(monkeypatch):
+    """Eager training on the torch backend: the mask is drawn in forward only (reused in backward from a
+    bit-packed copy, 1 bit per element of x), and gradients are those of the regenerated-mask path (the op)."""
+    from fastlora import ops, reference
+    drawn = []
+    real = ops.keep_mask
+    monkeypatch.setattr(ops, "keep_mask", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    monkeypatch.setattr(reference, "keep_mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
+    M, K, N, p = 30, 21, 12, 0.3
+    x = torch.randn(M, K, requires_grad=True)
+    W, A, B = torch.randn(N, K), torch.randn(4, K, requires_grad=True), torch.randn(N, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(x, W, None, A, B, 0.5, p, seed=9, backend="torch")
+    y.backward(torch.ones_like(y))
+    assert drawn == [1]
+    bits = [t for t in saved if t.dtype == torch.uint8]
+    assert len(bits) == 1 and bits[0].shape == (M, (K + 7) // 8)
+    keep = keep_mask(9, M, K, p)
+    torch.testing.assert_close(x.grad, W.sum(0).expand(M, K) + ((B.sum(0) @ A) * 0.5 * keep / (1 - p)).detach(),
+                               rtol=1e-5, atol=1e-5)

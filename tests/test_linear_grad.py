@@ -174,21 +174,25 @@ def test_training_false_ignores_dropout(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inference_fast_path_is_the_op(backend, monkeypatch):
-    """Under no_grad, eager calls skip the custom op's layers (fastlora.ops.forward directly): same result,
-    bitwise, as the op; with grad enabled, and under torch.compile, the op itself is called."""
+def test_eager_calls_skip_the_custom_op_layers(backend, monkeypatch):
+    """Eager calls do not go through the custom op's dispatcher: under no_grad fastlora.ops.forward directly,
+    with grad ops.LoraFunction (a plain autograd.Function over the same forward / backward); the results are
+    bitwise the op's. (torch.compile traces the op: tests/test_linear_compile.py.)"""
     from fastlora import ops
     pb = make_problem(Case(dtype="bf16+fp32", M=33, KN=(40, 24), r=8, layout="3d", p=0.0))
     args = (pb.x.detach(), pb.weight, pb.bias.detach(), pb.A.detach(), pb.B.detach(), pb.scaling)
     calls = []
-    real_op = ops.lora_linear_fwd
-    monkeypatch.setattr(ops, "lora_linear_fwd", lambda *a: calls.append(1) or real_op(*a))
+    real_op, real_fn = ops.lora_linear_fwd, ops.LoraFunction.apply
+    monkeypatch.setattr(ops, "lora_linear_fwd", lambda *a: calls.append("op") or real_op(*a))
+    monkeypatch.setattr(ops.LoraFunction, "apply", lambda *a: calls.append("fn") or real_fn(*a))
     with torch.no_grad():
         y_fast = lora_linear(*args, backend=backend)
     assert calls == []
-    y_op = lora_linear(args[0].requires_grad_(), *args[1:], backend=backend)
-    assert calls == [1]
-    assert torch.equal(y_fast, y_op.detach())
+    y_train = lora_linear(args[0].requires_grad_(), *args[1:], backend=backend)
+    assert calls == ["fn"]
+    scale = torch.tensor(pb.scaling, dtype=torch.float32)
+    y_op, _ = real_op(*args[:5], scale, 0.0, torch.zeros((), dtype=torch.int64), False, True, False, backend)
+    assert torch.equal(y_fast, y_op) and torch.equal(y_train.detach(), y_op)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
