@@ -246,13 +246,14 @@ def test_model_parity_with_peft_qlora_and_float64(tiny_dir, spy, dropout):
     assert torch.equal(logits_of(pm, ids), logits_of(ref, ids))
 
 
-def _bnb_pair(kind, n=48, k=64, compute=torch.float32, bias=True):
+def _bnb_pair(kind, n=48, k=64, compute=torch.float32, bias=True, quant="nf4", double_quant=True):
     """A quantized bnb layer and its PEFT LoRA wrapper (r 4, fp32 adapters), weights from torch.manual_seed."""
     torch.manual_seed(3)
     w, b = torch.randn(n, k) * 0.1, torch.randn(n) * 0.1 if bias else None
     if kind == "4bit":
-        base = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute, quant_type="nf4")
-        base.weight = bnb.nn.Params4bit(w.to(compute), requires_grad=False, quant_type="nf4")
+        base = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute, quant_type=quant)
+        base.weight = bnb.nn.Params4bit(w.to(compute), requires_grad=False, quant_type=quant,
+                                        compress_statistics=double_quant)
     else:
         base = bnb.nn.Linear8bitLt(k, n, bias=bias, has_fp16_weights=False, threshold=0.0)
         base.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
@@ -261,8 +262,8 @@ def _bnb_pair(kind, n=48, k=64, compute=torch.float32, bias=True):
     return base.to("cpu")                                   # bnb quantizes on the move to a device
 
 
-def _layer_case(kind, compute, dropout=0.0):
-    base = _bnb_pair(kind, compute=compute)
+def _layer_case(kind, compute, dropout=0.0, **quant):
+    base = _bnb_pair(kind, compute=compute, **quant)
     assert qlora.base_reason(base) is None
     wrap = nn.Sequential()
     wrap.add_module("lin", base)
@@ -276,10 +277,11 @@ def _layer_case(kind, compute, dropout=0.0):
     return pm, lay
 
 
-@pytest.mark.parametrize("kind,compute", [("4bit", torch.float32), ("4bit", torch.bfloat16),
-                                          ("8bit", torch.float32)])
-def test_layer_parity_with_peft_and_float64(spy, kind, compute):
-    pm, lay = _layer_case(kind, compute)
+@pytest.mark.parametrize("kind,compute,quant", [
+    ("4bit", torch.float32, {}), ("4bit", torch.bfloat16, {}), ("8bit", torch.float32, {}),
+    ("4bit", torch.float16, {"quant": "fp4", "double_quant": False})])
+def test_layer_parity_with_peft_and_float64(spy, kind, compute, quant):
+    pm, lay = _layer_case(kind, compute, **quant)
     base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
     assert A.dtype == torch.float32 and type(lay).__name__ == ("Linear4bit" if kind == "4bit" else "Linear8bitLt")
     pm.train()
