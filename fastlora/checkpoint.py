@@ -4,6 +4,8 @@ A PEFT adapter directory holds
     adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
     adapter_model.safetensors    "base_model.model.<module path>.lora_A.weight"  (r, in_features)
                                  "base_model.model.<module path>.lora_B.weight"  (out_features, r)
+                                 "base_model.model.<module path>.lora_magnitude_vector"  (out_features,)
+                                                                 (DoRA, use_dora=True: fastlora.DoraLinear)
 
 ``load_peft_adapter(model, path)`` puts a fastlora LoraLinear (sharing the base layer's weight and
 bias) at every targeted nn.Linear / transformers Conv1D of ``model`` (a plain transformers model,
@@ -22,14 +24,15 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .dora import DoraLinear
 from .modules import LoraLinear, MergedLoraLinear, base_layout, check_rank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
+_KEY = re.compile(r"^(?P<path>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<m>lora_magnitude_vector))$")
 # Config fields whose non-default values change the maths or the set of weights: refuse them.
-_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "bias": "none", "lora_bias": False,
+_UNSUPPORTED = {"modules_to_save": None, "bias": "none", "lora_bias": False,
                 "layers_to_transform": None, "target_parameters": None, "trainable_token_indices": None}
 
 
@@ -92,7 +95,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict):
         if m is None:
             raise AdapterLoadError(f"{WEIGHTS_NAME}: unexpected key {key!r} (expected "
                                    f"'{PREFIX}<module path>.lora_A.weight' / '.lora_B.weight')")
-        by_path.setdefault(m["path"], {})[m["ab"]] = t
+        by_path.setdefault(m["path"], {})[m["ab"] or "m"] = t
     modules = dict(model.named_modules())
     targets = config["target_modules"]
     targeted = {n for n in modules if n and _matches(n, targets)
@@ -108,10 +111,18 @@ def _plan(model: nn.Module, config: dict, tensors: dict):
             raise AdapterLoadError(f"module {path!r} matched target_modules but is a {type(mod).__name__}; "
                                    f"fastlora loads LoRA into nn.Linear / transformers Conv1D only")
         ab = by_path.get(path, {})
-        for x in "AB":
+        dora = bool(config.get("use_dora", False))
+        for x in "AB" + ("m" if dora else ""):
             if x not in ab:
-                raise AdapterLoadError(f"{WEIGHTS_NAME}: missing key {PREFIX}{path}.lora_{x}.weight "
-                                       f"for targeted module {path!r}")
+                name = "lora_magnitude_vector" if x == "m" else f"lora_{x}.weight"
+                raise AdapterLoadError(f"{WEIGHTS_NAME}: missing key {PREFIX}{path}.{name} "
+                                       f"for targeted module {path!r}" + (" (use_dora=True)" if dora else ""))
+        if "m" in ab and not dora:
+            raise AdapterLoadError(f"{WEIGHTS_NAME}: unexpected key {PREFIX}{path}.lora_magnitude_vector "
+                                   f"(a DoRA weight, but {CONFIG_NAME} has use_dora=False)")
+        if isinstance(mod, LoraLinear) and isinstance(mod, DoraLinear) != dora:
+            raise AdapterLoadError(f"module {path!r} is a {type(mod).__name__}, the checkpoint has "
+                                   f"use_dora={dora}")
         if isinstance(mod, LoraLinear):
             k, n = mod.in_features, mod.out_features
         else:
@@ -129,7 +140,10 @@ def _plan(model: nn.Module, config: dict, tensors: dict):
                                    f"lora_B {tuple(B.shape)}")
         if not (A.is_floating_point() and B.is_floating_point()):
             raise AdapterLoadError(f"module {path!r}: lora_A/lora_B must be floating point, got {A.dtype}")
-        plan.append((path, mod, A, B, int(r), alpha))
+        if dora and (tuple(ab["m"].shape) != (n,) or not ab["m"].is_floating_point()):
+            raise AdapterLoadError(f"module {path!r}: expected a floating-point lora_magnitude_vector ({n},), "
+                                   f"the checkpoint has {tuple(ab['m'].shape)} {ab['m'].dtype}")
+        plan.append((path, mod, A, B, int(r), alpha, ab.get("m")))
     return plan
 
 
@@ -153,7 +167,7 @@ def load_peft_adapter(model: nn.Module, path: str, *, adapter_dtype: torch.dtype
     frozen = {id(m): (m.weight, m.weight.requires_grad) for _, m, *_ in plan}
     built = []
     try:
-        for name, mod, A, B, r, alpha in plan:
+        for name, mod, A, B, r, alpha, mag in plan:
             if isinstance(mod, LoraLinear):
                 if mod.r != r:
                     raise AdapterLoadError(f"module {name!r}: existing LoraLinear has r={mod.r}, checkpoint r={r}")
@@ -161,17 +175,20 @@ def load_peft_adapter(model: nn.Module, path: str, *, adapter_dtype: torch.dtype
             else:
                 w = mod.weight
                 dt = adapter_dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
-                new = LoraLinear.from_linear(mod, r, alpha, p, rslora, merge_weights, adapter_dtype=dt)
-            built.append((name, new, A, B, alpha))
+                cls = LoraLinear if mag is None else DoraLinear
+                new = cls.from_linear(mod, r, alpha, p, rslora, merge_weights, adapter_dtype=dt)
+            built.append((name, new, A, B, alpha, mag))
     except Exception:
         for w, req in frozen.values():
             w.requires_grad_(req)
         raise
     out = {}
-    for name, new, A, B, alpha in built:
+    for name, new, A, B, alpha, mag in built:
         with torch.no_grad():
             new.lora_A.copy_(A)
             new.lora_B.copy_(B)
+            if mag is not None:
+                new.lora_magnitude_vector.copy_(mag)
         new.lora_alpha, new.use_rslora = alpha, rslora
         new.scaling = alpha / (new.r ** 0.5) if rslora else alpha / new.r
         parent_name, _, child = name.rpartition(".")
@@ -195,6 +212,9 @@ def save_peft_adapter(model: nn.Module, path: str, *, base_model_name_or_path: s
         raise ValueError("the model itself is a LoraLinear; wrap it in a parent module to save it")
     if len({m.use_rslora for m in layers.values()}) > 1:
         raise ValueError("LoraLinear modules mix use_rslora True and False; PEFT's config holds one value")
+    dora = {isinstance(m, DoraLinear) for m in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("the model mixes DoraLinear and LoraLinear modules; PEFT's config holds one use_dora")
     r = Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha = Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
     config = {
@@ -205,13 +225,15 @@ def save_peft_adapter(model: nn.Module, path: str, *, base_model_name_or_path: s
         "lora_dropout": max(m.lora_dropout for m in layers.values()),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "use_rslora": next(iter(layers.values())).use_rslora, "bias": "none", "lora_bias": False,
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "use_dora": dora == {True}, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None,
     }
     tensors = {}
     for n, m in layers.items():
         tensors[f"{PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        if isinstance(m, DoraLinear):
+            tensors[f"{PREFIX}{n}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().contiguous().cpu()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as fh:

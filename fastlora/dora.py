@@ -61,19 +61,25 @@ def _weight_nk(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
 
 def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=0,
                           fan_in_fan_out=False):
-    """PEFT's DoRA forward in plain torch, differentiable; the dropout mask is fastlora's for ``seed``
-    (dropout_p > 0 means training with dropout; 0 is PEFT's reuse-the-base-result path)."""
+    """PEFT's DoRA forward in plain torch, differentiable, with PEFT's dtype flow (the DoRA branch in the adapter
+    dtype, the sum cast back to x's); the dropout mask is fastlora's for ``seed`` (dropout_p > 0 means training
+    with dropout; 0 is PEFT's reuse-the-base-result path, mathematically the same formula with x̃ = x)."""
     W = _weight_nk(weight, fan_in_fan_out)
-    n = torch.linalg.vector_norm(W + scaling * (lora_B @ lora_A), dim=1).detach()
+    cdt = lora_A.dtype
+    n = torch.linalg.vector_norm(W.to(cdt) + scaling * (lora_B @ lora_A), dim=1).detach()
     c = magnitude / n
     base = x @ W.t()
     if bias is not None:
         base = base + bias
-    d = x
+    d = x.to(cdt)
     if dropout_p > 0:
         K = x.shape[-1]
-        d = x * keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape) / (1 - dropout_p)
-    return base + (c - 1) * (d @ W.t()) + c * scaling * ((d @ lora_A.t()) @ lora_B.t())
+        d = d * keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape) / (1 - dropout_p)
+        v = d @ W.t().to(cdt)                             # the second GEMM, on x̃
+    else:
+        v = base - bias if bias is not None else base     # PEFT reuses the base result, less bias
+    y = base + (c - 1) * v + c * scaling * ((d @ lora_A.t()) @ lora_B.t())
+    return y.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -200,7 +200,8 @@ K = "base_model.model.blocks.1.q."
                                                            r"Embedding"),
     (dict(config={"target_modules": ["q"]}), r"unexpected adapter weights for module 'blocks\.0\.mlp' "
                                              r"\(not matched"),
-    (dict(config={"use_dora": True}), r"use_dora=True is not supported"),
+    (dict(config={"use_dora": True}), r"missing key base_model\.model\.blocks\.0\.mlp\.lora_magnitude_vector .*"
+                                      r"\(use_dora=True\)"),
     (dict(config={"peft_type": "IA3"}), r"peft_type must be 'LORA'"),
 ])
 def test_bad_checkpoints_raise_and_leave_model_unchanged(tmp_path, edit, message):
