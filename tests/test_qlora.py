@@ -476,3 +476,21 @@ def test_bench_qlora_dry_run(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
         bench_qlora.main(["--out-dir", str(tmp_path)])
+
+
+def test_gradient_checkpointing_replays_the_same_dropout(tiny_dir, spy):
+    """Checkpointing re-runs the forward (a third dequantization); torch restores the RNG, so the
+    recomputed seed, mask, loss and gradients are the run's without checkpointing, bit for bit."""
+    ids = torch.randint(0, 64, (2, 8))
+    res = []
+    for gc in (False, True):
+        q = load_4bit(tiny_dir)
+        if gc:
+            q.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pm = peft_of(q, dropout=0.1)
+        fastlora.patch(pm)
+        res.append(run(pm.train(), ids))
+    assert len(spy.calls) == 8 + 12
+    assert torch.equal(res[0][0], res[1][0])
+    for n in res[0][2]:
+        assert torch.equal(res[0][2][n], res[1][2][n]), n
