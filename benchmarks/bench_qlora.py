@@ -103,8 +103,8 @@ def main(argv=None) -> None:
                          ratio_hi95=round(hi, 4) if name == "fastlora" else "",
                          device=common.device_name("cpu"), dtype=args.dtype, versions=versions,
                          timestamp=common.timestamp()))
-    path = common.write_csv(common.output_dir(args.out_dir) / f"qlora_4bit_p{args.dropout:g}_{common.device_tag('cpu')}.csv",
-                            COLUMNS, rows)
+    name = f"qlora_4bit_p{args.dropout:g}_{common.device_tag('cpu')}.csv"
+    path = common.write_csv(common.output_dir(args.out_dir) / name, COLUMNS, rows)
     for row in rows:
         print(f"{row['provider']:9s} median {row['median_ms']:9.2f} ms  (p20 {row['p20_ms']:.2f}, "
               f"p80 {row['p80_ms']:.2f}, {row['rounds']} trials)")
