@@ -469,7 +469,7 @@ class DoraLinear(LoraLinear):
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                           self.scale_tensor(x.device), self.lora_dropout, self.training, self.fan_in_fan_out)
+                           self.scale_arg(), self.lora_dropout, self.training, self.fan_in_fan_out)
 
     def _versions(self):
         return super()._versions() + (self.lora_magnitude_vector._version,)

@@ -92,7 +92,7 @@ class _LoraBase(nn.Module):
         kw = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(a_rows, in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(b_rows, r, **kw))
-        self._scale_key = self._scale_t = self._merge_fix = None
+        self._merge_fix = None
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -110,15 +110,10 @@ class _LoraBase(nn.Module):
         return self.lora_B
 
     # -- forward ---------------------------------------------------------------------------
-    def scale_tensor(self, device) -> Tensor | float:
-        """``scaling`` as a cached 0-d float32 tensor on ``device`` (rebuilt when scaling/device change)."""
-        if torch.compiler.is_compiling():
-            return float(self.scaling)
-        key = (float(self.scaling), torch.device(device))
-        if self._scale_key != key:
-            self._scale_t = torch.tensor(key[0], dtype=torch.float32, device=device)
-            self._scale_key = key
-        return self._scale_t
+    def scale_arg(self) -> float:
+        """``scaling`` as the fused op takes it: a float (the op keeps one cached 0-d tensor per value, so a
+        call allocates nothing for it and reads no tensor to validate it)."""
+        return float(self.scaling)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype (= the base weight's). Inside
@@ -126,7 +121,7 @@ class _LoraBase(nn.Module):
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         return _amp.call(lora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A,
-                         self.lora_B_effective(), self.scale_tensor(x.device), self.lora_dropout, self.training,
+                         self.lora_B_effective(), self.scale_arg(), self.lora_dropout, self.training,
                          self.fan_in_fan_out)
 
     # -- merge -----------------------------------------------------------------------------

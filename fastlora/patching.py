@@ -59,17 +59,13 @@ class _State:
     """What a patched layer keeps on the side (a plain attribute: not in the state dict)."""
 
     def __init__(self, kind):
-        self.kind, self.scale_key, self.scale_t, self.rows = kind, None, None, None
+        self.kind, self.rows = kind, None
 
-    def scale(self, value, device):
-        if isinstance(value, torch.Tensor):
-            return value
-        if torch.compiler.is_compiling():
-            return float(value)
-        key = (float(value), device)
-        if self.scale_key != key:                       # cached 0-d tensor: no allocation per forward
-            self.scale_t, self.scale_key = torch.tensor(key[0], dtype=torch.float32, device=device), key
-        return self.scale_t
+    @staticmethod
+    def scale(value, device):
+        """The layer's scaling as lora_linear takes it: a tensor as it is, a number as a float (the op keeps
+        one cached 0-d tensor per value: no allocation, and no tensor read to validate it, per call)."""
+        return value if isinstance(value, torch.Tensor) else float(value)
 
 
 # ---------------------------------------------------------------------------- detection

@@ -7,7 +7,8 @@
 of its own. The dequantized (N, K) weight lives only inside one forward (handed to the fused op,
 then dropped) and is rebuilt in backward: it is never saved for backward, so at most one layer's
 full-precision weight exists at a time. Saved for backward: x, S = dropout(x)·Aᵀ (M, r), A, B and
-the 0-d scale / seed, as for ``fastlora.lora_linear``.
+the 0-d scale / seed, as for ``fastlora.lora_linear`` (plus, on the torch backend with dropout, the
+mask bit-packed, as ops.LoraFunction does).
 
 Dtypes follow bitsandbytes and PEFT: a 4-bit layer computes in its ``compute_dtype``
 (bnb_4bit_compute_dtype; when unset, bnb takes x's dtype for float32 / bfloat16 input), x is cast to
@@ -33,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .backend import resolve_backend_choice
-from .dropout import new_seed
-from .functional import check_inputs
+from .backend import resolve_backend_choice, select_backend
+from .dropout import keep_mask, new_seed, pack_mask, unpack_mask
+from .functional import _constant, check_inputs
 from .modules import LoraLinear, check_rank
 from .patching import _ATTR, _dropout_p, _peft_active
 
@@ -119,24 +120,29 @@ class _QLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, scale, seed, layer, dtype, p, deterministic, backend):
+        keep = bits = None
+        if p > 0 and select_backend(x.device, backend) == "torch":   # as ops.LoraFunction: the torch backend
+            K = x.shape[-1]                                          # keeps its mask bit-packed (M·K/8 bytes)
+            keep = keep_mask(seed, x.numel() // K, K, p, x.device)
+            bits = pack_mask(keep)
         w = dequantize(layer, dtype)
-        y, S = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed, False, True, backend)
-        del w
-        ctx.save_for_backward(x, lora_A, lora_B, S, scale, seed)
+        y, S = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed, False, True, backend, keep)
+        del w, keep
+        ctx.save_for_backward(x, lora_A, lora_B, S, scale, seed, bits)
         ctx.layer, ctx.dtype, ctx.p, ctx.deterministic, ctx.backend = layer, dtype, p, deterministic, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, lora_A, lora_B, S, scale, seed = ctx.saved_tensors
+        x, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
         nx, nb, na, nbb = (ctx.needs_input_grad[i] for i in range(4))
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
         w = dequantize(ctx.layer, ctx.dtype)
-        dx, dA, dB, dbias, _ = ops.lora_linear_bwd(dy.contiguous(), x, w, lora_A, lora_B, S, scale, ctx.p, seed,
-                                                   False, nx, na, nbb, nb, False, ctx.deterministic, ctx.backend)
+        dx, dA, dB, dbias, _ = ops.backward(dy.contiguous(), x, w, lora_A, lora_B, S, scale, ctx.p, seed, False,
+                                            nx, na, nbb, nb, False, ctx.deterministic, ctx.backend, keep)
         del w
-        return (dx if nx else None, dbias.to(ctx.bias_dtype) if nb else None, dA if na else None,
-                dB if nbb else None, None, None, None, None, None, None, None)
+        return (dx, dbias.to(ctx.bias_dtype) if nb else None, dA, dB, None, None, None, None, None, None, None)
 
 
 def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float | Tensor,
@@ -168,7 +174,7 @@ def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tenso
     check_inputs(xc, stand_in, bias, lora_A, lora_B, scaling, dropout_p, False)
     p = float(dropout_p) if training else 0.0
     scale = (scaling.detach().reshape(()).to(device=x.device, dtype=torch.float32) if isinstance(scaling, Tensor)
-             else torch.full((), float(scaling), dtype=torch.float32, device=x.device))
+             else _constant(float(scaling), torch.float32, x.device))
     if p > 0:
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:
@@ -306,7 +312,7 @@ class QLoraLinear(LoraLinear):
         kw = dict(device=layer.weight.device, dtype=dtype)
         self.lora_A = nn.Parameter(torch.empty(r, k, **kw))
         self.lora_B = nn.Parameter(torch.empty(n, r, **kw))
-        self._scale_key = self._scale_t = self._merge_fix = None
+        self._merge_fix = None
         self.reset_lora_parameters(init)
         return self
 
@@ -319,7 +325,7 @@ class QLoraLinear(LoraLinear):
         return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scale_tensor(x.device),
+        return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scale_arg(),
                             self.lora_dropout, self.training)
 
     def merge(self, safe_merge: bool = False) -> None:

@@ -190,10 +190,25 @@ def test_init_and_scaling():
     assert m.lora_B.abs().sum() == 0 and m.scaling == 2.0
     g = LoraLinear(256, 128, 16, lora_alpha=32, init="gaussian", use_rslora=True)
     assert abs(g.lora_A.std().item() - 1 / 16) < 0.005 and g.scaling == 32 / 4
-    s1 = m.scale_tensor("cpu")
-    assert m.scale_tensor("cpu") is s1 and s1.item() == 2.0    # cached: no allocation per forward
+    assert m.scale_arg() == 2.0
     m.scaling = 3.0
-    assert m.scale_tensor("cpu").item() == 3.0
+    assert m.scale_arg() == 3.0
+
+
+def test_float_scaling_is_one_cached_tensor_per_value(monkeypatch):
+    """A module's float scaling reaches the op as a cached 0-d tensor: nothing allocated per forward, and a
+    changed scaling is a new value (never a stale cache)."""
+    from fastlora import ops
+    seen = []
+    real = ops.forward
+    monkeypatch.setattr(ops, "forward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    m = LoraLinear(8, 6, 2, lora_alpha=4, merge_weights=False).eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        m(x), m(x)
+        m.scaling = 5.0
+        m(x)
+    assert seen[0] is seen[1] and seen[0].item() == 2.0 and seen[2].item() == 5.0
 
 
 def test_forward_goes_through_fused_op(monkeypatch):
