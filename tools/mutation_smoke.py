@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Mutation smoke test: plausible one-line bugs that the test suite must catch.
+
+Each mutant below is one small edit (exact old text -> new text) in one file, plus the narrow test
+selection that must fail once it is applied. For every mutant the script edits a temporary copy of
+the repository (never the working tree others edit), runs the selection there with pytest and reports
+the mutant "killed" (the tests failed) or "survived" (they passed: a hole in the suite).
+
+    python tools/mutation_smoke.py                  # every mutant, on a copy of the working tree
+    python tools/mutation_smoke.py --rev HEAD       # on a committed revision instead (git archive)
+    python tools/mutation_smoke.py --only det-atomic,split-n-ds-sum
+    python tools/mutation_smoke.py --list           # the mutants and their test selections
+    python tools/mutation_smoke.py --check          # only: is every old text present exactly once?
+
+Exit status 0 when the unmutated selections pass and every mutant is killed; 1 on a survivor, on a
+stale mutant (its old text is not in its file exactly once: the code moved, update the list with it)
+or when the unmutated copy already fails its selections. tests/test_mutation_smoke.py checks the list
+(cheap, in every test run); the full run takes a few minutes on 2 cores and is documented in
+docs/ARCHITECTURE.md.
+
+How the copy is imported: the installed fastlora (pip install -e: the working tree) must not be what
+runs, nor a mix (an editable install may map fastlora.kernels to the working tree's kernels/ with an
+import hook, as this repository's did until pyproject's package-dir changed). The script writes a
+sitecustomize.py (on PYTHONPATH, so the pytest process and any subprocess it starts load it) that puts
+a finder first on sys.meta_path mapping every package pyproject lists to its folder in the copy
+(package-dir rules, symlinks kept), and checks where fastlora and fastlora.kernels resolve before
+running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240          # per pytest run
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str                 # path from the repository root
+    old: str                  # exact text, present exactly once in ``file``
+    new: str
+    tests: tuple[str, ...]    # pytest arguments: test files, then "-k", an expression
+    bug: str                  # the bug, in words
+
+    def selection(self) -> tuple[list[str], str]:
+        args = list(self.tests)
+        k = args.index("-k")
+        return args[:k], args[k + 1]
+
+
+T_DET = ("tests/test_deterministic_launch.py", "-k", "test_deterministic_reaches_every_atomic_launch and 0.1-False")
+T_SPLIT = ("tests/test_linear_grad.py", "-k", "test_split_n_dsdb_pass and 3-False")
+T_DW = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-torch")
+T_BWD_FIFO = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
+T_MULTI_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode")
+T_MULTI_DW = ("tests/test_multi_parity.py", "-k", "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
+T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
+T_RSLORA = ("tests/test_checkpoint.py", "-k", "rslora")
+T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
+T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+
+MUTANTS: tuple[Mutant, ...] = (
+    # --- the five that survived the audit of issue 14 (each has its own test since) ---
+    Mutant("det-atomic", "kernels/linear_bwd.py",
+           "    atomic = not deterministic\n", "    atomic = True\n", T_DET,
+           "deterministic=True never reaches the kernels (atomics always on)"),
+    Mutant("multi-bwd-fifo", "kernels/multi_lora.py",
+           "    w = weight.t() if fan_in_fan_out else weight\n    drop = dropout_p > 0\n",
+           "    w = weight\n    drop = dropout_p > 0\n", T_MULTI_FIFO,
+           "multi-adapter backward (Triton) loses the Conv1D (fan_in_fan_out) transpose"),
+    Mutant("multi-torch-bwd-fifo", "fastlora/multi.py",
+           "    w = weight.t() if fan_in_fan_out else weight\n    colscale, _ = _column_masks(",
+           "    w = weight\n    colscale, _ = _column_masks(", T_MULTI_FIFO,
+           "multi-adapter backward (torch path) loses the Conv1D (fan_in_fan_out) transpose"),
+    Mutant("dW-single", "fastlora/ops.py",
+           "        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)\n",
+           "        dW = (2 * g).to(weight.dtype)\n", T_DW,
+           "gradient of a trainable W0 doubled and never transposed (single adapter)"),
+    Mutant("dW-multi", "fastlora/multi.py",
+           "        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)\n",
+           "        dW = (2 * g).to(weight.dtype)\n", T_MULTI_DW,
+           "gradient of a trainable W0 doubled and never transposed (multi-adapter)"),
+    Mutant("rslora-load", "fastlora/checkpoint.py",
+           "new.scaling = alpha / (new.r ** 0.5) if rslora else alpha / new.r",
+           "new.scaling = alpha / new.r", T_RSLORA,
+           "load_peft_adapter scales rsLoRA adapters by alpha/r instead of alpha/sqrt(r)"),
+    Mutant("rslora-save", "fastlora/checkpoint.py",
+           '"use_rslora": next(iter(layers.values())).use_rslora,', '"use_rslora": False,', T_RSLORA,
+           "save_peft_adapter writes use_rslora=False for rsLoRA modules"),
+    Mutant("rslora-mixed", "fastlora/checkpoint.py",
+           "    if len({m.use_rslora for m in layers.values()}) > 1:\n", "    if False:\n", T_RSLORA,
+           "save_peft_adapter silently saves modules that mix use_rslora True and False"),
+    Mutant("split-n-ds-sum", "kernels/linear_bwd.py",
+           "    ds = ds_part[0] if split == 1 else ds_part.sum(0)\n", "    ds = ds_part[0]\n", T_SPLIT,
+           "split-N dS/dB pass: the partial dS sums over the column splits are dropped"),
+    # --- five the audit found caught; kept so that they stay caught ---
+    Mutant("dA-dropout-scale", "kernels/linear_bwd.py",
+           "tl.atomic_add(da_ptrs, da * inv_keep,", "tl.atomic_add(da_ptrs, da,", T_PARITY,
+           "dA loses the 1/(1-p) dropout scale"),
+    Mutant("dB-scale", "kernels/linear_bwd.py",
+           "tl.atomic_add(db_ptrs, db * scale,", "tl.atomic_add(db_ptrs, db,", T_PARITY,
+           "dB loses the scaling s"),
+    Mutant("bwd-fifo", "kernels/linear_bwd.py",
+           "    w = weight_nk(weight, fan_in_fan_out)\n", "    w = weight\n", T_BWD_FIFO,
+           "backward ignores fan_in_fan_out (Conv1D weight read as (N, K))"),
+    Mutant("multi-offsets", "kernels/multi_lora.py",
+           "    off = tl.load(off_ptr + k_safe)\n", "    off = tl.load(off_ptr + k_safe) + 1\n", T_MULTI_FWD,
+           "multi-adapter packed-bank offsets off by one"),
+    Mutant("merge-precision", "fastlora/modules.py",
+           "        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32\n"
+           "        delta = self.delta_weight(hi)\n",
+           "        hi = w.dtype\n        delta = self.delta_weight(hi)\n", T_MERGE,
+           "merge forms s·B·A and W0 + ΔW in W0's precision (rounded twice)"),
+)
+
+
+# ---------------------------------------------------------------------------
+# checks on the list
+# ---------------------------------------------------------------------------
+
+def problems(root: Path = REPO, mutants=MUTANTS) -> list[str]:
+    """What is wrong with the list against the tree at ``root``: [] when every mutant is well-formed and
+    its old text is in its file exactly once."""
+    out = []
+    ids = [m.id for m in mutants]
+    out += [f"duplicate mutant id {i!r}" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    for m in mutants:
+        path = root / m.file
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", m.id):
+            out.append(f"{m.id!r}: ids are words joined by '-'")
+        if m.old == m.new or not m.old:
+            out.append(f"{m.id}: old and new text must differ and old must not be empty")
+        if "-k" not in m.tests or not m.tests[-1] or m.tests.index("-k") != len(m.tests) - 2:
+            out.append(f"{m.id}: tests must be (test files..., '-k', expression), got {m.tests}")
+        else:
+            for f in m.selection()[0]:
+                if not (root / f).is_file():
+                    out.append(f"{m.id}: test file {f} does not exist")
+        if not path.is_file():
+            out.append(f"{m.id}: {m.file} does not exist (stale mutant: update the list)")
+            continue
+        n = path.read_text().count(m.old)
+        if n != 1:
+            out.append(f"{m.id}: old text found {n} times in {m.file}, expected once "
+                       f"(stale mutant: update the list): {m.old!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the copy
+# ---------------------------------------------------------------------------
+
+def copy_tree(dest: Path, rev: str | None) -> None:
+    """The repository's files into ``dest``: a committed revision, or the working tree's tracked and
+    untracked-but-not-ignored files as they are now."""
+    if rev is not None:
+        data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev],
+                              check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+        return
+    names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, names):
+        src, dst = REPO / name, dest / name
+        if src.is_symlink():         # e.g. src/fastlora -> ../fastlora: keep the link, relative to the copy
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), dst)
+        elif src.is_file():          # (tracked but deleted in the working tree: skipped)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+SITECUSTOMIZE = '''\
+# written by tools/mutation_smoke.py: import the packages of pyproject's package-dir from the copy
+import importlib.util
+import sys
+
+_MAP = {mapping!r}
+
+
+class _CopyFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        d = _MAP.get(name)
+        if d is None:
+            return None
+        return importlib.util.spec_from_file_location(name, d + "/__init__.py", submodule_search_locations=[d])
+
+
+sys.meta_path.insert(0, _CopyFinder)
+'''
+
+
+def package_path(pkg: str, package_dir: dict[str, str]) -> Path:
+    """Where setuptools takes package ``pkg`` from: the longest listed prefix ("" = the root) + the rest."""
+    parts = pkg.split(".")
+    for i in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in package_dir:
+            return Path(package_dir[prefix], *parts[i:])
+    return Path(*parts)
+
+
+def write_boot(copy: Path, boot: Path) -> dict[str, str]:
+    """sitecustomize.py in ``boot`` mapping every package pyproject lists to its folder in the copy."""
+    setup = tomllib.loads((copy / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dir = setup.get("package-dir", {})
+    mapping = {pkg: str(copy / package_path(pkg, package_dir)) for pkg in setup["packages"]}
+    boot.mkdir(parents=True, exist_ok=True)
+    (boot / "sitecustomize.py").write_text(SITECUSTOMIZE.format(mapping=mapping))
+    return mapping
+
+
+def child_env(boot: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FASTLORA_", "TRITON_", "PYTEST_")) and k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env.update(PYTHONPATH=str(boot), PYTHONDONTWRITEBYTECODE="1", CI="true", TRITON_DEFAULT_FP_FUSION="1")
+    return env
+
+
+def check_resolution(copy: Path, env: dict, mapping: dict[str, str]) -> str | None:
+    """None when every mapped package (and fastlora.kernels' modules) is imported from the copy."""
+    code = ("import importlib, json, sys\n"
+            f"names = {sorted(mapping)!r}\n"
+            "mods = {n: importlib.import_module(n).__file__ for n in names}\n"
+            "import fastlora.kernels.linear_bwd as b\n"
+            "mods['fastlora.kernels.linear_bwd'] = b.__file__\n"
+            "print(json.dumps(mods))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    if r.returncode != 0:
+        return f"importing fastlora from the copy failed:\n{r.stderr[-3000:]}"
+    import json
+    wrong = {n: f for n, f in json.loads(r.stdout.strip().splitlines()[-1]).items()
+             if not Path(f).resolve().is_relative_to(copy.resolve())}
+    return f"these modules resolve outside the copy {copy}: {wrong}" if wrong else None
+
+
+def run_pytest(copy: Path, env: dict, files: list[str], k: str) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-rN",
+           *files, "-k", k]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return -1, out + f"\n(timed out after {TIMEOUT_S} s)", time.perf_counter() - t0
+    return r.returncode, r.stdout + r.stderr, time.perf_counter() - t0
+
+
+def summary(output: str) -> str:
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rev", help="test this git revision (git archive) instead of the working tree")
+    ap.add_argument("--only", help="comma-separated mutant ids")
+    ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--check", action="store_true", help="only check the list against the working tree")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    args = ap.parse_args(argv)
+
+    mutants = MUTANTS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {m.id for m in MUTANTS})
+        if unknown:
+            ap.error(f"--only: unknown mutant ids {unknown}; known: {[m.id for m in MUTANTS]}")
+        mutants = tuple(m for m in MUTANTS if m.id in wanted)
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:22s} {m.file:24s} {' '.join(m.tests)}\n{'':22s} {m.bug}")
+        return 0
+    if args.check:
+        bad = problems(REPO, mutants)
+        print("\n".join(bad) or f"{len(mutants)} mutants: well-formed, old texts present once")
+        return 1 if bad else 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastlora-mutants-"))
+    copy, boot = tmp / "repo", tmp / "boot"
+    try:
+        copy.mkdir()
+        copy_tree(copy, args.rev)
+        mapping = write_boot(copy, boot)
+        env = child_env(boot)
+        print(f"copy of {'revision ' + args.rev if args.rev else 'the working tree'}: {copy}", flush=True)
+        err = check_resolution(copy, env, mapping)
+        if err:
+            print(f"ERROR: {err}")
+            return 1
+        stale = problems(copy, mutants)
+        for line in stale:
+            print(f"STALE  {line}")
+        live = [m for m in mutants if not any(line.startswith(f"{m.id}:") for line in stale)]
+
+        # the unmutated copy must pass every selection (else a "kill" would prove nothing)
+        files = sorted({f for m in live for f in m.selection()[0]})
+        k_all = " or ".join(sorted({f"({m.selection()[1]})" for m in live}))
+        rc, out, secs = run_pytest(copy, env, files, k_all)
+        print(f"{'baseline':9s} {'(unmutated)':22s} {secs:6.1f} s  {summary(out)}", flush=True)
+        if rc != 0:
+            print(out[-4000:])
+            print("ERROR: the unmutated copy fails the selected tests; fix that first")
+            return 1
+
+        survivors, errors = [], []
+        for m in live:
+            path = copy / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new, 1))
+            try:
+                rc, out, secs = run_pytest(copy, env, *m.selection())
+            finally:
+                path.write_text(original)
+            if rc == 0:
+                verdict = "SURVIVED"
+                survivors.append(m.id)
+            elif rc in (1, 2, -1):       # tests failed / collection error (e.g. import) / timed out
+                verdict = "killed"
+            else:                        # 3 internal error, 4 usage error, 5 nothing selected: the list is wrong
+                verdict = "ERROR"
+                errors.append(m.id)
+            print(f"{verdict:9s} {m.id:22s} {secs:6.1f} s  {summary(out)}", flush=True)
+            if verdict != "killed":
+                print(f"          {m.file}: {m.bug}; tests: {' '.join(m.tests)}")
+        print(f"\n{len(live) - len(survivors) - len(errors)}/{len(live)} killed, {len(survivors)} survived "
+              f"{survivors or ''}, {len(errors)} errors {errors or ''}, {len(stale)} stale")
+        return 1 if survivors or errors or stale else 0
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
