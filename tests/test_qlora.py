@@ -311,12 +311,18 @@ def test_layer_parity_with_peft_and_float64(spy, kind, compute, quant):
         assert_close(name, a, o, r)
 
 
-def test_dropout_matches_reference_with_the_same_seed(spy):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_dropout_matches_reference_with_the_same_seed(spy, monkeypatch, backend):
+    """Same seed, same mask as the reference; the torch backend draws the mask once (kept bit-packed)."""
+    draws = []
+    real_keep = qlora.keep_mask
+    monkeypatch.setattr(qlora, "keep_mask", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
     pm, lay = _layer_case("4bit", torch.float32)
     base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
     x = torch.randn(4, 64, requires_grad=True)
-    y = fastlora.qlora_linear(x, base, A, B, 2.0, 0.25, True, seed=11)
+    y = fastlora.qlora_linear(x, base, A, B, 2.0, 0.25, True, seed=11, backend=backend)
     y.sum().backward()
+    assert len(draws) == (1 if backend == "torch" else 0) and len(spy.calls) == 2
     W = DEQ(base, torch.float64)
     x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
     y64 = lora_linear_reference(x64, W, base.bias.double(), A64, B64, 2.0, 0.25, seed=11)
@@ -333,8 +339,10 @@ def test_dropout_matches_reference_with_the_same_seed(spy):
 
 # ---------------------------------------------------------------------------- 3. memory
 
-def test_dequantized_weight_never_saved_nor_kept(spy):
-    pm, lay = _layer_case("4bit", torch.float32)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_dequantized_weight_never_saved_nor_kept(spy, monkeypatch, backend):
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    pm, lay = _layer_case("4bit", torch.float32, dropout=0.1)
     fastlora.patch(pm)
     pm.train()
     saved = []
