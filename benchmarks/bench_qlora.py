@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_qlora                       # CPU defaults below; CSV in benchmarks/out/
     python -m benchmarks.bench_qlora --trials 30 --d 2048 --tokens 512 --r 16 --dropout 0.1 --threads 1
+    python -m benchmarks.bench_qlora --components          # + median ms of the pieces (dequantize, GEMM, masks)
 
 Both sides are PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit quantized from the same
 weight (so the same NF4 bytes); "fastlora" is that layer after fastlora.patch (bitsandbytes
@@ -54,6 +55,20 @@ def step(model, x, g):
     model(x).backward(g)
 
 
+def components(model, x, p: float, trials: int) -> dict[str, float]:
+    """Median ms of the pieces the two sides differ in or share, on the benchmark's shapes."""
+    from fastlora import qlora
+    from fastlora.dropout import keep_mask
+    base = model.base_model.model.lin.get_base_layer()
+    w = qlora.dequantize(base, x.dtype)
+    seed = torch.tensor(3)
+    pieces = {"bnb dequantize_4bit": lambda: qlora.dequantize(base, x.dtype),
+              "base GEMM x·Wᵀ": lambda: x.detach() @ w.t(),
+              "fastlora dropout mask (Philox, keep_mask)": lambda: keep_mask(seed, x.shape[0], x.shape[1], p),
+              "torch dropout (bernoulli, PEFT's nn.Dropout)": lambda: torch.nn.functional.dropout(x.detach(), p)}
+    return {k: common.quantile(common.time_ms(fn, "cpu", trials, 1), 0.5) for k, fn in pieces.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=2048)
@@ -65,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--components", action="store_true",
+                    help="also print the median time of the dequantization, the base GEMM and both dropout masks")
     common.add_out_dir_option(ap)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("FASTLORA_BACKEND"):
@@ -111,6 +128,9 @@ def main(argv=None) -> None:
     print(f"fastlora / peft: {ratio:.3f} (95% {lo:.3f} .. {hi:.3f}), {shape}, {args.dtype}, "
           f"{common.device_name('cpu')}")
     print(f"wrote {path}")
+    if args.components:
+        for k, ms in components(fast, x, args.dropout or 0.1, max(5, args.trials // 4)).items():
+            print(f"  {k:45s} {ms:9.2f} ms")
 
 
 if __name__ == "__main__":
