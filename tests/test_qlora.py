@@ -476,7 +476,7 @@ def test_bench_qlora_dry_run(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         bench_qlora.main(["--d", "64", "--tokens", "8", "--r", "4", "--trials", "2", "--warmup", "0",
-                          "--out-dir", str(tmp_path)])
+                          "--components", "--out-dir", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     rows = common.read_csv(tmp_path / "qlora_4bit_p0.1_cpu.csv")
