@@ -89,6 +89,14 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
 NORM_BLOCK_ELEMENTS = 1 << 20   # a half W0 is upcast in row blocks of at most this many elements (4 MiB fp32)
 
 
+def norm_from_p(P, w2, lora_A, lora_B, scale):
+    """n = sqrt(w2 + 2s·Σ_j B⊙P + s²·B·(A·Aᵀ)·Bᵀ) per row, from P = W0·Aᵀ (N, r) and w2 = ‖W0‖² (N,), fp32/fp64."""
+    acc = P.dtype
+    a, b, s = lora_A.detach().to(acc), lora_B.detach().to(acc), scale.to(acc)
+    sq = w2 + 2 * s * (b * P).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+    return sq.clamp_min_(0).sqrt_()
+
+
 def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
     """(n, w2) as kernels.dora_norm.dora_norm: n = ‖W0 + s·B·A‖ and w2 = ‖W0‖² per row, (N,) fp32 (fp64 for fp64),
     from P = W0·Aᵀ and the Gram A·Aᵀ. An fp32/fp64 W0 is read in place; a half W0 is upcast block by block of
@@ -112,10 +120,7 @@ def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
                 torch.linalg.vector_norm(blk, dim=1, out=new_w2[i:i + rows])
         if new_w2 is not None:
             w2 = new_w2.square_()
-    b = lora_B.detach().to(acc)
-    s = scale.to(acc)
-    sq = w2 + 2 * s * (b * P).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
-    return sq.clamp_min_(0).sqrt_(), w2
+    return norm_from_p(P, w2, lora_A, lora_B, scale), w2
 
 
 def _dropped(x2, cdt, p, seed):
@@ -135,40 +140,61 @@ def _times_w0t(D, W):
     return v
 
 
-def torch_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out,
-                  save_v, save_s):
-    """(y (..., N) in x's dtype, v (M, N) or (0, N), S (M, r) or (0, r)); v and S in the adapter dtype (v in x's
-    dtype without dropout: it is the base GEMM's result)."""
+def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
+            backend):
+    """(y (..., N) in x's dtype, v (M, N) or (0, N), S (M, r) or (0, r), n (N,), new w2 (N,) or None).
+
+    v and S in the adapter dtype (v in x's dtype without dropout: the base GEMM's result). n on the selected
+    backend: the Triton kernel; or, on the torch backend with x, W0 and A of one full-precision dtype, P = W0·Aᵀ
+    from the GEMM that computes v, with A's r rows stacked under the GEMM's left operand (P = (A·W0ᵀ)ᵀ: r/M more
+    work in an efficient GEMM instead of a separate skinny one); else torch_norm. ``w2``: cached ‖W0‖² or None."""
     K = x.shape[-1]
     W = _weight_nk(weight, fan_in_fan_out)
     N = W.shape[0]
     x2 = x.reshape(-1, K)
+    M, r = x2.shape[0], lora_A.shape[0]
     cdt = lora_A.dtype
-    c = magnitude.to(norm.dtype) / norm                           # (N,) m/n, fp32
     s = scale                                                     # 0-d fp32: never rounded to a half dtype
+    fuse = select_backend(x.device, backend) == "torch" and x.dtype == weight.dtype == cdt == _acc(cdt)
     if dropout_p > 0:
-        D, _ = _dropped(x2, cdt, dropout_p, seed)
-        S = D @ lora_A.t()
-        v = _times_w0t(D, W)                                      # the second GEMM, on x̃ (PEFT's)
-        del D
+        keep = keep_mask(seed, M, K, dropout_p, x.device)
+        Dx = x2.new_empty((M + r if fuse else M, K), dtype=cdt)  # D = x ⊙ keep / (1 − p), PEFT's x̃ in cdt
+        torch.mul(x2.to(cdt), keep, out=Dx[:M]).div_(1 - dropout_p)
+        if fuse:
+            Dx[M:] = lora_A.detach()
+        vx = _times_w0t(Dx, W)                                    # the second GEMM, on x̃ (PEFT's)
+        S = Dx[:M] @ lora_A.t()
+        del Dx
+    else:
+        vx = (torch.cat([x2, lora_A.detach()]) if fuse else x2) @ W.t()   # base result less bias (PEFT reuses it)
+        S = x2.to(cdt) @ lora_A.t()
+    v = vx[:M]
+    new_w2 = None
+    if fuse:
+        if w2 is None:
+            w2 = new_w2 = torch.linalg.vector_norm(W, dim=1).square()
+        n = norm_from_p(vx[M:].t(), w2, lora_A, lora_B, scale)
+    else:
+        n, got = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend)
+        new_w2 = got if w2 is None else None
+    c = magnitude.to(n.dtype) / n                                 # (N,) m/n, fp32
+    if dropout_p > 0:
         y = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()
         t = (S * s) @ lora_B.t()                                  # (M, N) adapter dtype
         t.mul_(c).addcmul_(v, (c - 1).to(t.dtype))
         y.add_(t)
     else:
-        S = x2.to(cdt) @ lora_A.t()
-        v = x2 @ W.t()                                            # base result less bias (PEFT reuses it)
         if cdt == x.dtype:
             y = torch.addmm(v, S * s, lora_B.t()) if save_v else v.addmm_(S * s, lora_B.t())
-            y.mul_(c)
         else:                                                     # fp32 adapters on a half base: sum in fp32
-            y = ((S * s) @ lora_B.t()).add_(v).mul_(c)
-        if bias is not None:
+            y = ((S * s) @ lora_B.t()).add_(v)
+        y = torch.addcmul(bias, y, c, out=y) if bias is not None and bias.dtype == y.dtype else y.mul_(c)
+        if bias is not None and bias.dtype != y.dtype:
             y.add_(bias)
         y = y.to(x.dtype)
     v = v if save_v else v.new_empty((0, N))
     S = S if save_s else S.new_empty((0, S.shape[1]))
-    return y.reshape(*x.shape[:-1], N), v, S
+    return y.reshape(*x.shape[:-1], N), v, S, n, new_w2
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
@@ -239,38 +265,28 @@ def norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
     return torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2)
 
 
-@torch.library.custom_op("fastlora::dora_norm", mutates_args=())
-def dora_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Tensor, fan_in_fan_out: bool,
-                 w2: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """(n (N,), w2 (N,)): the row norms of W0 + s·B·A and of W0; w2 is (0,) when it was given (cached)."""
-    n, new_w2 = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend)
-    return n, (new_w2 if w2 is None else n.new_empty(0))
-
-
-@dora_norm_op.register_fake
-def _(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
-    N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    acc = _acc(weight.dtype)
-    return weight.new_empty(N, dtype=acc), weight.new_empty(N if w2 is None else 0, dtype=acc)
-
-
 @torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
 def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                    magnitude: Tensor, norm: Tensor, scale: Tensor, dropout_p: float, seed: Tensor,
-                    fan_in_fan_out: bool, save_v: bool, save_s: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, v, S); the GEMMs are torch's on every backend (``backend`` only chose the norm's)."""
-    return torch_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out,
-                         save_v, save_s)
+                    magnitude: Tensor, w2: Optional[Tensor], scale: Tensor, dropout_p: float, seed: Tensor,
+                    fan_in_fan_out: bool, save_v: bool, save_s: bool, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, v, S, n, new w2 — (0,) when ``w2`` was given); the GEMMs are torch's on every backend, ``backend``
+    chooses the norm's pass (see ``forward``)."""
+    y, v, S, n, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed,
+                                 fan_in_fan_out, save_v, save_s, backend)
+    return y, v, S, n, (new_w2 if new_w2 is not None else n.new_empty(0))
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
+def _(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
       backend):
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    M = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    M = math.prod(x.shape[:-1])
     vdt = lora_A.dtype if dropout_p > 0 else x.dtype
+    acc = _acc(x.dtype)
     return (x.new_empty(*x.shape[:-1], N), x.new_empty((M if save_v else 0, N), dtype=vdt),
-            x.new_empty((M if save_s else 0, lora_A.shape[0]), dtype=lora_A.dtype))
+            x.new_empty((M if save_s else 0, lora_A.shape[0]), dtype=lora_A.dtype), x.new_empty(N, dtype=acc),
+            x.new_empty(N if w2 is None else 0, dtype=acc))
 
 
 @torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
@@ -295,14 +311,16 @@ def _(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, se
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_A, lora_B, magnitude, norm, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
+    (x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
      backend) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, output[1], output[2], scale, seed)
+    _, v, S, n, new_w2 = output
+    ctx.mark_non_differentiable(v, S, n, new_w2)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, n, v, S, scale, seed)
     ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dv, _dS):
+def _backward(ctx, dy, _dv, _dS, _dn, _dw2):
     x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, seed = ctx.saved_tensors
     nx, nw, nb, na, nbb, nm = (ctx.needs_input_grad[i] for i in range(6))
     dx, dA, dB, dm, dbias, dW = dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale,
@@ -406,19 +424,15 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     save_s = grad and (lora_B.requires_grad or magnitude.requires_grad)
     needs_graph = grad and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude))
     if not needs_graph and not compiling:
-        # eager inference: no graph to record, so the ops' dispatcher and autograd layers are skipped
+        # eager inference: no graph to record, so the op's dispatcher and autograd layers are skipped
         with torch.no_grad():
-            n, new_w2 = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, be)
-            y, _, _ = torch_forward(x, weight, bias, lora_A, lora_B, magnitude, n, scale, p, seed_t,
-                                    fan_in_fan_out, False, False)
+            y, _, _, _, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, p, seed_t,
+                                         fan_in_fan_out, False, False, be)
     else:
-        with torch.no_grad():
-            n, new_w2 = dora_norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), scale, fan_in_fan_out,
-                                     w2, be)
-        y, _, _ = dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, n, scale, p, seed_t, fan_in_fan_out,
-                                  save_v, save_s, be)
-    if cache and w2 is None and new_w2.numel():
-        _store_w2(weight, fan_in_fan_out, new_w2)
+        y, _, _, _, new_w2 = dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, p, seed_t,
+                                             fan_in_fan_out, save_v, save_s, be)
+    if cache and w2 is None and new_w2 is not None and new_w2.numel():
+        _store_w2(weight, fan_in_fan_out, new_w2.detach())
     return y
 
 
@@ -556,4 +570,4 @@ def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float) -
 
 
 __all__ = ["dora_linear", "dora_linear_reference", "DoraLinear", "weight_norm", "clear_norm_cache",
-           "torch_norm", "torch_forward", "torch_backward", "is_peft_dora", "peft_dora_forward"]
+           "torch_norm", "forward", "torch_backward", "is_peft_dora", "peft_dora_forward"]

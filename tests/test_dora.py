@@ -210,9 +210,9 @@ def test_weight_norm_vs_float64_and_peft(backend, N, K, r, wdt, adt, ffo):
 
 def test_norm_cache_follows_w0_versions(monkeypatch):
     t = _tensors((4,), 12, 10, 2, F32, F32, False, True)
-    calls = []
-    real = fd.norm_forward
-    monkeypatch.setattr(fd, "norm_forward", lambda *a: calls.append(a[5] is None) or real(*a))
+    calls = []                                           # per call: was ‖W0‖² computed (not read from the cache)?
+    real = fd.forward
+    monkeypatch.setattr(fd, "forward", lambda *a: calls.append(a[6] is None) or real(*a))
     fd.clear_norm_cache()
     args = lambda: (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0)  # noqa: E731
     y0 = fd.dora_linear(*args(), backend="torch")
@@ -225,6 +225,17 @@ def test_norm_cache_follows_w0_versions(monkeypatch):
     ref = fd.dora_linear_reference(*args())
     torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y0, y1)
+    for k in ("x", "lora_A", "lora_B", "magnitude"):     # training steps reuse the cache: no graph links between them
+        t[k].requires_grad_(True)
+    grads = []
+    for _ in range(3):
+        for k in ("x", "lora_A", "lora_B", "magnitude"):
+            t[k].grad = None
+        fd.dora_linear(*args(), backend="torch").sum().backward()
+        grads.append([t[k].grad.clone() for k in ("x", "lora_A", "lora_B", "magnitude")])
+    assert calls[-3:] == [False, False, False]
+    for a, b in zip(grads[0], grads[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     t["weight"].requires_grad_(True)                     # a trainable W0 is never cached
     fd.dora_linear(*args(), backend="torch")
     fd.dora_linear(*args(), backend="torch")
@@ -279,7 +290,7 @@ def test_no_nxk_saved_for_backward(backend, p):
 class _Allocations(TorchDispatchMode):
     """Largest output (numel) of any non-view op, walking into fastlora's custom ops; ops run by the Triton
     interpreter inside a kernel launch (its host copies; no such thing on a GPU) are not counted."""
-    OPS = {"dora_norm": fd.dora_norm_op, "dora_linear_fwd": fd.dora_linear_fwd, "dora_linear_bwd": fd.dora_linear_bwd}
+    OPS = {"dora_linear_fwd": fd.dora_linear_fwd, "dora_linear_bwd": fd.dora_linear_bwd}
 
     def __init__(self):
         super().__init__()
