@@ -12,10 +12,12 @@ Public API:
     select_backend                  which backend a tensor's op will run on
     tune                            time the kernels' shipped tile configs on this GPU, cache the fastest
     qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
+    dora_linear, DoraLinear         DoRA (PEFT use_dora) without the N×K matrix W0 + s·B·A
 """
 from .backend import select_backend
 from .bank import AdapterBank
 from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
+from .dora import DoraLinear, dora_linear
 from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
 from .multi import MultiAdapterModel, MultiLoraLinear, multi_lora_linear
@@ -28,5 +30,5 @@ __version__ = "0.1.0"
 __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",
            "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
-           "qlora_linear", "QLoraLinear", "tune",
+           "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear",
            "__version__"]
