@@ -211,6 +211,13 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
     dx = dA = dB = dm = dbias = dW = None
     g = (dy2 * c).to(cdt)                                         # dY⊙c (formed in fp32), adapter dtype
     dS = (g @ lora_B) * s if (needs_dx or needs_dA) else None
+    M = x2.shape[0]
+    if ((needs_dB or needs_dm) and S.shape[0] != M) or (needs_dm and v.shape[0] != M):
+        # not saved by the forward (dora_linear always saves what its gradients need): recompute them
+        D = _dropped(x2, cdt, dropout_p, seed)[0] if dropout_p > 0 else x2.to(cdt)
+        S = D @ lora_A.t() if S.shape[0] != M else S
+        v = (_times_w0t(D, W) if dropout_p > 0 else x2 @ W.t()) if v.shape[0] != M else v
+        del D
     if needs_dB or needs_dm:
         T = dy2.to(cdt).t() @ S                                   # (N, r)
         if needs_dB:

@@ -185,6 +185,25 @@ def test_gradcheck_float64(backend, p, ffo):
     assert torch.autograd.gradcheck(fn, (x, m, b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("save", [True, False])
+def test_custom_ops_opcheck(backend, p, save):
+    """torch.library.opcheck: schema, fake (meta) kernels, autograd registration, AOT dispatch with dynamic shapes.
+    save=False: the forward kept neither v nor S and the backward recomputes them."""
+    t = _tensors((5,), 8, 6, 2, F32, F32, False, True)
+    for k in ("x", "bias", "lora_A", "lora_B", "magnitude"):
+        t[k].requires_grad_(True)
+    args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], None, torch.tensor(1.5), p,
+            torch.tensor(3), False, save, save, backend)
+    torch.library.opcheck(fd.dora_linear_fwd, args)
+    _, v, S, n, _ = fd.dora_linear_fwd(*args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(fd.dora_linear_bwd, (torch.randn(5, 6), *plain[:1], plain[1], *plain[3:6], n, v, S,
+                                               torch.tensor(1.5), p, torch.tensor(3), False, True, True, True, True,
+                                               True, False, backend))
+
+
 # ----------------------------------------------------------------------------- the norm pass
 
 @pytest.mark.parametrize("backend", BACKENDS)
