@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, new_seed
+from .dropout import keep_mask, new_seed, pack_mask, unpack_mask
 from .functional import check_inputs
 from .modules import _INT_VIEW, LoraLinear, base_layout
 
@@ -123,9 +123,10 @@ def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
     return norm_from_p(P, w2, lora_A, lora_B, scale), w2
 
 
-def _dropped(x2, cdt, p, seed):
-    """D = x ⊙ keep / (1 − p) in the adapter dtype (PEFT: x cast to lora_A's dtype, then dropout), and keep."""
-    keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device)
+def _dropped(x2, cdt, p, seed, keep=None):
+    """D = x ⊙ keep / (1 − p) in the adapter dtype (PEFT: x cast to lora_A's dtype, then dropout), and keep
+    (drawn from ``seed`` unless given)."""
+    keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device) if keep is None else keep
     return (x2.to(cdt) * keep).div_(1 - p), keep
 
 
@@ -141,7 +142,7 @@ def _times_w0t(D, W):
 
 
 def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
-            backend):
+            backend, keep=None):
     """(y (..., N) in x's dtype, v (M, N) or (0, N), S (M, r) or (0, r), n (N,), new w2 (N,) or None).
 
     v and S in the adapter dtype (v in x's dtype without dropout: the base GEMM's result). n on the selected
@@ -157,7 +158,7 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
     s = scale                                                     # 0-d fp32: never rounded to a half dtype
     fuse = select_backend(x.device, backend) == "torch" and x.dtype == weight.dtype == cdt == _acc(cdt)
     if dropout_p > 0:
-        keep = keep_mask(seed, M, K, dropout_p, x.device)
+        keep = keep_mask(seed, M, K, dropout_p, x.device) if keep is None else keep
         Dx = x2.new_empty((M + r if fuse else M, K), dtype=cdt)  # D = x ⊙ keep / (1 − p), PEFT's x̃ in cdt
         torch.mul(x2.to(cdt), keep, out=Dx[:M]).div_(1 - dropout_p)
         if fuse:
@@ -198,8 +199,9 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
-                   needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW):
-    """(dx, dA, dB, dm, dbias, dW); entries not needed are None. See the module docstring for the formulas."""
+                   needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW, keep=None):
+    """(dx, dA, dB, dm, dbias, dW); entries not needed are None. See the module docstring for the formulas.
+    ``keep``: the forward's dropout mask if it was kept (eager CPU), else it is drawn again from ``seed``."""
     K = x.shape[-1]
     W = _weight_nk(weight, fan_in_fan_out)
     N = W.shape[0]
@@ -214,7 +216,7 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
     M = x2.shape[0]
     if ((needs_dB or needs_dm) and S.shape[0] != M) or (needs_dm and v.shape[0] != M):
         # not saved by the forward (dora_linear always saves what its gradients need): recompute them
-        D = _dropped(x2, cdt, dropout_p, seed)[0] if dropout_p > 0 else x2.to(cdt)
+        D = _dropped(x2, cdt, dropout_p, seed, keep)[0] if dropout_p > 0 else x2.to(cdt)
         S = D @ lora_A.t() if S.shape[0] != M else S
         v = (_times_w0t(D, W) if dropout_p > 0 else x2 @ W.t()) if v.shape[0] != M else v
         del D
@@ -227,10 +229,9 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
             dm = ((dv + s * (lora_B.to(acc) * T.to(acc)).sum(1)) / norm).to(magnitude.dtype)
     if needs_dbias:
         dbias = dy2.sum(0, dtype=acc)
-    keep = None
     if needs_dA or (needs_dx and dropout_p > 0) or (needs_dW and dropout_p > 0):
         if dropout_p > 0:
-            D, keep = _dropped(x2, cdt, dropout_p, seed)
+            D, keep = _dropped(x2, cdt, dropout_p, seed, keep)
         else:
             D = x2.to(cdt)
         if needs_dA:
@@ -340,6 +341,39 @@ def _backward(ctx, dy, _dv, _dS, _dn, _dw2):
 torch.library.register_autograd("fastlora::dora_linear_fwd", _backward, setup_context=_setup_context)
 
 
+class DoraFunction(torch.autograd.Function):
+    """Eager-mode autograd for dora_linear: the custom ops' forward / backward without the dispatcher layers (less
+    host time per call). On CPU with dropout the forward's mask is kept bit-packed (1/32 of an fp32 x) for the
+    backward instead of being drawn again; on a GPU it is drawn again from the seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v,
+                save_s, backend):
+        keep = bits = None
+        if dropout_p > 0 and x.device.type == "cpu":
+            K = x.shape[-1]
+            keep = keep_mask(seed, math.prod(x.shape[:-1]), K, dropout_p, x.device)
+            bits = pack_mask(keep)
+        y, v, S, n, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed,
+                                     fan_in_fan_out, save_v, save_s, backend, keep)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, n, v, S, scale, seed, bits)
+        ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        new_w2 = new_w2 if new_w2 is not None else n.new_empty(0)
+        ctx.mark_non_differentiable(new_w2)
+        return y, new_w2
+
+    @staticmethod
+    def backward(ctx, dy, _dw2):
+        x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, seed, bits = ctx.saved_tensors
+        nx, nw, nb, na, nbb, nm = ctx.needs_input_grad[:6]
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        dx, dA, dB, dm, dbias, dW = torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale,
+                                                   ctx.dropout_p, seed, ctx.fan_in_fan_out, nx, na, nbb, nm, nb, nw,
+                                                   keep)
+        return (dx, dW, dbias.to(ctx.bias_dtype) if nb else None, dA, dB, dm) + (None,) * 8
+
+
 # ---------------------------------------------------------------------------
 # ‖W0‖² cache (W0 frozen) and the functional
 # ---------------------------------------------------------------------------
@@ -435,6 +469,9 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         with torch.no_grad():
             y, _, _, _, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, p, seed_t,
                                          fan_in_fan_out, False, False, be)
+    elif not compiling:
+        y, new_w2 = DoraFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, p, seed_t,
+                                       fan_in_fan_out, save_v, save_s, be)
     else:
         y, _, _, _, new_w2 = dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, p, seed_t,
                                              fan_in_fan_out, save_v, save_s, be)
