@@ -174,7 +174,8 @@ def load_peft_adapter(model: nn.Module, path: str, *, adapter_dtype: torch.dtype
                 new = mod
             else:
                 w = mod.weight
-                dt = adapter_dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
+                # fp32 adapters on a half base (PEFT's default) and on a quantized one (packed integer storage)
+                dt = adapter_dtype or (w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32)
                 cls = LoraLinear if mag is None else DoraLinear
                 new = cls.from_linear(mod, r, alpha, p, rslora, merge_weights, adapter_dtype=dt)
             built.append((name, new, A, B, alpha, mag))

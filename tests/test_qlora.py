@@ -507,3 +507,20 @@ def test_gradient_checkpointing_replays_the_same_dropout(tiny_dir, spy):
     assert torch.equal(res[0][0], res[1][0])
     for n in res[0][2]:
         assert torch.equal(res[0][2][n], res[1][2][n]), n
+
+
+def test_load_peft_adapter_into_a_quantized_model(tiny_dir, tmp_path):
+    """fastlora.load_peft_adapter on a plain 4-bit model (no PEFT): the adapters come up in fp32 (not in the
+    packed weight's uint8) as QLoraLinear layers, and the logits equal PEFT's own loaded QLoRA model."""
+    pm = peft_of(load_4bit(tiny_dir))
+    pm.save_pretrained(tmp_path / "ad")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    # train mode (dropout 0: the same maths): in eval, bnb's CPU inference kernel repacks the 4-bit weight with
+    # bf16 absmax, a different rounding from the exact dequantization both sides otherwise share
+    want = PeftModel.from_pretrained(load_4bit(tiny_dir), tmp_path / "ad", is_trainable=True).train()(ids).logits
+    plain = load_4bit(tiny_dir)
+    fastlora.load_peft_adapter(plain, str(tmp_path / "ad"))
+    got = plain.train()(ids).logits
+    layers = [m for m in plain.modules() if isinstance(m, fastlora.QLoraLinear)]
+    assert len(layers) == len(TARGETS) and all(m.lora_A.dtype == torch.float32 for m in layers)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
