@@ -38,9 +38,13 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:      # Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240          # per pytest run
@@ -67,7 +71,8 @@ T_DW = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient 
 T_BWD_FIFO = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
 T_MULTI_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-triton")
 T_MULTI_TORCH_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-torch")
-T_MULTI_DW = ("tests/test_multi_parity.py", "-k", "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
+T_MULTI_DW = ("tests/test_multi_parity.py", "-k",
+              "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
 T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
 T_RSLORA_LOAD = ("tests/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
 T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
@@ -173,7 +178,10 @@ def copy_tree(dest: Path, rev: str | None) -> None:
         data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev],
                               check=True, capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:                    # Pythons without extraction filters; the archive is our own repository's
+                tar.extractall(dest)
         return
     names = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            check=True, capture_output=True, text=True).stdout.split("\0")
