@@ -204,6 +204,33 @@ def test_custom_ops_opcheck(backend, p, save):
                                                True, False, backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces dora_linear (the custom ops, not the eager autograd.Function): compiled
+    and eager y and gradients each against the float64 reference (same mask), the float32 reference as baseline."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    t = _tensors((3, 5), 24, 20, 4, F32, F32, False, True)
+    names = ("x", "bias", "lora_A", "lora_B", "magnitude")
+
+    def step(fn, tensors):
+        ts = {k: (v.detach().clone().requires_grad_(k in names) if v is not None else None) for k, v in tensors.items()}
+        y = fn(ts)
+        y.backward(torch.ones_like(y))
+        return [y.detach()] + [ts[k].grad for k in names]
+    ours = lambda ts: fd.dora_linear(ts["x"], ts["weight"], ts["bias"], ts["lora_A"], ts["lora_B"],  # noqa: E731
+                                     ts["magnitude"], 2.0, 0.1, seed=torch.tensor(5), backend=backend)
+    compiled = torch.compile(ours, fullgraph=True)
+    ref = lambda ts: fd.dora_linear_reference(ts["x"], ts["weight"], ts["bias"], ts["lora_A"],  # noqa: E731
+                                              ts["lora_B"], ts["magnitude"], 2.0, 0.1, seed=5)
+    o64 = step(ref, {k: (v.double() if v is not None else None) for k, v in t.items()})
+    base = step(ref, t)
+    for kind, got in (("compiled", step(compiled, t)), ("eager", step(ours, t))):
+        for name, g, o, b in zip(("y",) + names, got, o64, base):
+            assert_close(f"{kind} {name}", g, o, b)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- the norm pass
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -556,3 +583,21 @@ def test_bad_inputs_name_the_argument():
         call(dropout_p=1.0)
     with pytest.raises(ValueError, match=r"^backend must be one of"):
         call(backend="cuda")
+
+
+# ----------------------------------------------------------------------------- the benchmark script runs
+
+def test_bench_dora_dry_run(tmp_path):
+    """benchmarks/bench_dora.py end to end at a tiny size (its PEFT agreement check included); not a timing test."""
+    from benchmarks import bench_dora, common
+    threads = torch.get_num_threads()
+    try:
+        assert bench_dora.main(["--d", "32", "--tokens", "8", "--r", "2", "--rounds", "2", "--warmup", "0",
+                                "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    per = common.read_csv(tmp_path / "dora_cpu.csv")
+    ratios = common.read_csv(tmp_path / "dora_ratios_cpu.csv")
+    assert {r["provider"] for r in per} == {"base", "peft_lora", "peft_dora", "fastlora_lora", "fastlora_dora"}
+    assert [r["pair"] for r in ratios] == [f"{a}/{b}" for a, b in bench_dora.PAIRS]
+    assert all(float(r["median_ratio"]) > 0 and r["rounds"] == "2" for r in ratios)
