@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     p1 = common.write_csv(out / "dora_cpu.csv", common.MICRO_COLUMNS, per)
     p2 = common.write_csv(out / "dora_ratios_cpu.csv", RATIO_COLUMNS, ratios)
     for row in per:
-        print(f"{row['provider']:<14} median {row['median_ms']:9.2f} ms  (p20 {row['p20_ms']:.2f}, p80 {row['p80_ms']:.2f})")
+        print(f"{row['provider']:<14} median {row['median_ms']:9.2f} ms  "
+              f"(p20 {row['p20_ms']:.2f}, p80 {row['p80_ms']:.2f})")
     for row in ratios:
         print(f"{row['pair']:<28} median ratio {row['median_ratio']:.3f}  geomean {row['geomean_ratio']:.3f} "
               f"[{row['ci95_lo']:.3f}, {row['ci95_hi']:.3f}]")

@@ -15,11 +15,12 @@ Gradients (n constant; g = dY⊙c, T = dYᵀ·S (N, r)):
     dx = dY·W0 + ((dY⊙(c − 1))·W0 + dS·A)⊙keep/(1 − p)      (p = 0: dx = g·W0 + dS·A)
 
 The norm never forms W0 + s·B·A: n² = ‖W0_i‖² + 2s·Σ_j B[i,j]·(W0·Aᵀ)[i,j] + s²·B_i·(A·Aᵀ)·B_iᵀ — one pass over
-W0 for W0·Aᵀ (N, r) and the r×r Gram, accumulated in fp32 (kernels/dora_norm.py on the Triton backend; row
-blocks here). ‖W0_i‖² is cached per frozen W0 (keyed by its version counter and storage; see ``clear_norm_cache``).
-Saved for backward: x, S (M, r), n (N,), v (M, N; only when m needs a gradient) — no N×K tensor, no mask.
-The GEMMs are torch matmuls (cuBLAS on a GPU, the project's anchored plan); Triton only does the memory-bound
-norm pass.
+W0 for W0·Aᵀ (N, r) and the r×r Gram, accumulated in fp32: kernels/dora_norm.py on the Triton backend; on the
+torch backend W0·Aᵀ rides along the v GEMM (A's rows stacked under x), or row blocks of a half W0 are upcast.
+‖W0_i‖² is cached per frozen W0 (keyed by its version counter and storage; see ``clear_norm_cache``).
+Saved for backward: x, S (M, r), n (N,), v (M, N; only when m needs a gradient) — no N×K tensor; the dropout
+mask is drawn again from its seed (eager CPU: kept bit-packed, 1/32 of an fp32 x). The GEMMs are torch matmuls
+(cuBLAS on a GPU, the project's anchored plan); Triton only does the memory-bound norm pass.
 
 PEFT correspondences (peft.tuners.lora.dora.DoraLinearLayer, variants.DoraLinearVariant, PEFT 0.21): x is cast
 to the adapter dtype before the DoRA branch (so D, S, v are in the adapter dtype); m/n multiplies output columns;
@@ -29,7 +30,6 @@ unmerge divides it back out.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
 from typing import Optional
@@ -259,11 +259,6 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
 # ---------------------------------------------------------------------------
 # torch.library custom ops
 # ---------------------------------------------------------------------------
-
-def _kernels():
-    from . import kernels   # Triton-only subpackage, imported lazily
-    return kernels
-
 
 def norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
     """(n, w2) on the selected backend (the Triton kernel, or the pure-torch row blocks)."""

@@ -111,6 +111,9 @@ def test_patched_peft_parity(monkeypatch, spy, backend, dropout, dtype, adt):
     assert len(spy) == 3 and y.dtype == dtype
     ry, rdx, rgrads = run(ref, x, g)
     oy, odx, ograds = run(o64, x.double(), g.double())
+    if dtype == F32:                                     # PEFT computes the oracle's maths (same masks)
+        assert_baseline_sane("y", ry, oy)
+        assert_baseline_sane("dx", rdx, odx)
     assert_close("y", y, oy, ry)
     assert_close("dx", dx, odx, rdx)
     # 3 layers × (lora_A, lora_B, magnitude) + 2 biases
@@ -172,6 +175,23 @@ def test_functional_parity(backend, case):
     for k in got:
         assert got[k].dtype == base[k].dtype, k
         assert_close(k, got[k], o64[k], base[k])
+
+
+@pytest.mark.parametrize("p,ffo", [(0.0, False), (0.3, True)])
+def test_trainable_base_weight_gets_its_gradient(p, ffo):
+    """Not what DoRA is for, but a W0 that requires grad gets dW (n stays detached, as in PEFT)."""
+    t = _tensors((4,), 12, 10, 3, F32, F32, ffo, True)
+    g = torch.randn(4, 10)
+    out = {}
+    for name, fn, ts in (("got", fd.dora_linear, t), ("base", fd.dora_linear_reference, t),
+                         ("o64", fd.dora_linear_reference, {k: v.double() for k, v in t.items()})):
+        w = ts["weight"].detach().clone().requires_grad_(True)
+        x = ts["x"].detach().clone().requires_grad_(True)
+        fn(x, w, ts["bias"], ts["lora_A"], ts["lora_B"], ts["magnitude"], 2.0, p, fan_in_fan_out=ffo,
+           seed=4).backward(g.to(x.dtype))
+        out[name] = (w.grad, x.grad)
+    for i, n in enumerate(("dW", "dx")):
+        assert_close(n, out["got"][i], out["o64"][i], out["base"][i])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -458,7 +478,7 @@ def test_merge_matches_peft_and_unmerge_restores_exact_bytes(dtype, ffo):
     m64 = layer.lora_magnitude_vector.double() / torch.linalg.vector_norm(full64, dim=1)
     merged64 = ffo_w(m64[:, None] * full64)
     assert_close("merged W", merged, merged64, pl.get_base_layer().weight.detach())
-    scale = (x.double().abs() @ ffo_w(merged64).abs().t()) + (layer.bias.double().abs() if layer.bias is not None else 0)
+    scale = x.double().abs() @ ffo_w(merged64).abs().t() + layer.bias.double().abs()
     torch.testing.assert_close(y_merged.double(), y_unmerged.double(), rtol=0,
                                atol=4 * fastlora_eps(dtype) * scale.max().item())
     for _ in range(20):
