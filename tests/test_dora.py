@@ -605,6 +605,31 @@ def test_bad_inputs_name_the_argument():
         call(backend="cuda")
 
 
+# ----------------------------------------------------------------------------- compile for the GPU
+
+@pytest.mark.slow
+def test_norm_kernel_compiles_for_sm80_sm90_without_spills():
+    """The heaviest shipped norm configs (rank block 64, ‖W0‖² accumulated; split fp32 adapters on bf16, and fp32
+    with ieee dots), every tile, sm_80 and sm_90: zero spills (python -m fastlora.inspect, no interpreter). The
+    whole matrix: python -m fastlora.inspect --only dora (120 compiles, all ok, 2026-12-02)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    only = r"dora_norm W=(bf16 A=bf16 B=fp32|fp32 A=fp32 B=fp32/ieee)[^ ]* w2=1 .* r64 "
+    proc = subprocess.run([sys.executable, "-m", "fastlora.inspect", "--only", only, "--jobs", "2"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("dora_norm")]
+    sms = [r.split()[-6] for r in rows]
+    assert len(rows) == 6, rows                          # (2 half tiles + 1 fp32 tile) × (sm_80, sm_90)
+    assert sms.count("80") == sms.count("90") == 3, rows
+    assert all(r.rstrip().endswith("ok") for r in rows), "\n".join(rows)
+    assert all(re.search(r"w2=1 .* r64 ", r) for r in rows)
+
+
 # ----------------------------------------------------------------------------- the benchmark script runs
 
 def test_bench_dora_dry_run(tmp_path):
