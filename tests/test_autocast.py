@@ -46,7 +46,8 @@ def step(model, x, g, amp, device="cpu", seed=7):
         y = model(x)
         y = getattr(y, "logits", y)
     y.backward(g.to(y.dtype))
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    params = getattr(model, "_orig_mod", model).named_parameters()          # torch.compile'd: the model's names
+    grads = {n: p.grad for n, p in params if p.requires_grad and p.grad is not None}
     return y.detach(), x.grad, grads
 
 
@@ -134,6 +135,19 @@ def test_fastlora_modules_under_cpu_autocast(spy):
     x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 24)
     got = step(fast, x, g, BF16)
     assert spy == [BF16] * 2
+    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+
+
+def test_compiled_patched_peft_under_cpu_autocast(spy):
+    """torch.compile(fullgraph=True) of a patched model inside autocast (e.g. Trainer's torch_compile + bf16)."""
+    pm = tiny_peft(0.0)
+    ref, o64 = copy.deepcopy(pm), oracle(pm, BF16)
+    fp.patch(pm)
+    torch._dynamo.reset()
+    cm = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
+    got = step(cm, x, g, BF16)
+    assert spy == [BF16] * 3
     compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
 
 
