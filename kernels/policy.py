@@ -96,10 +96,11 @@ INTERPRETER = {   # one small config per kernel: the interpreter is slow and has
 # dsdb:   dS, dB, dbias, grid (M / BLOCK_M, N splits, R / BLOCK_R); streams dY once.
 # dx:     dx0 = (dS·A)⊙keep/(1−p) and dA, grid (M / BLOCK_M, K / BLOCK_K); reads x and writes dx0 once.
 CANDIDATES = {
+    # (16x64 spilled 8 B on sm_80 for fp32 adapters at 64 ranks with dropout)
     "shrink": {"half": [_c(4, 3, BLOCK_M=64, BLOCK_K=64), _c(4, 4, BLOCK_M=64, BLOCK_K=64),
-                        _c(4, 3, BLOCK_M=32, BLOCK_K=128), _c(4, 3, BLOCK_M=16, BLOCK_K=128)],
+                        _c(4, 3, BLOCK_M=32, BLOCK_K=64)],
                "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_K=32), _c(4, 4, BLOCK_M=64, BLOCK_K=32),
-                        _c(4, 3, BLOCK_M=32, BLOCK_K=64), _c(4, 3, BLOCK_M=16, BLOCK_K=64)]},
+                        _c(4, 3, BLOCK_M=32, BLOCK_K=32), _c(4, 3, BLOCK_M=16, BLOCK_K=32)]},
     "expand": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_N=128), _c(8, 2, BLOCK_M=128, BLOCK_N=128),
                         _c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(4, 2, BLOCK_M=32, BLOCK_N=64)],
                "fp32": [_c(4, 2, BLOCK_M=64, BLOCK_N=64), _c(8, 2, BLOCK_M=64, BLOCK_N=128),
@@ -107,9 +108,10 @@ CANDIDATES = {
     "dsdb": {"half": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 4, BLOCK_M=64, BLOCK_N=64),
                       _c(4, 3, BLOCK_M=32, BLOCK_N=64)],
              "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_N=16), _c(4, 2, BLOCK_M=64, BLOCK_N=16),
-                      _c(4, 3, BLOCK_M=32, BLOCK_N=32)]},
-    "dx": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_K=128), _c(8, 2, BLOCK_M=128, BLOCK_K=128),
-                    _c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(4, 2, BLOCK_M=32, BLOCK_K=64)],
+                      _c(4, 3, BLOCK_M=32, BLOCK_N=16)]},
+    # 64x128 / 128x128 dx tiles spill on sm_80 with dropout (the Philox mask of the tile), python -m fastlora.inspect
+    "dx": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(8, 2, BLOCK_M=128, BLOCK_K=64),
+                    _c(4, 2, BLOCK_M=32, BLOCK_K=128), _c(4, 2, BLOCK_M=32, BLOCK_K=64)],
            "fp32": [_c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(4, 2, BLOCK_M=32, BLOCK_K=64),
                     _c(4, 2, BLOCK_M=64, BLOCK_K=32)]},
 }
