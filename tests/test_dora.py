@@ -90,7 +90,7 @@ def spy(monkeypatch):
 
 # (x dtype, adapter dtype): PEFT's default on a half base is fp32 adapters; half adapters with
 # autocast_adapter_dtype=False
-DTYPES = [(F32, F32), (BF16, F32), (F16, F16), (BF16, BF16)]
+DTYPES = [(F32, F32), (BF16, F32), (F16, F32), (F16, F16), (BF16, BF16)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
