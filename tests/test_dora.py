@@ -535,6 +535,16 @@ def test_patch_keys_fallbacks_and_unpatch(spy):
         torch.testing.assert_close(merged(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_patched_dora_under_autocast_runs_peft_forward(spy):
+    pm = tiny_dora()
+    ref = copy.deepcopy(pm)
+    fastlora.patch(pm)
+    x = torch.randn(4, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=0)
+    assert len(spy) == 0
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_peft_dora_checkpoint_load_and_save(tmp_path):
