@@ -215,6 +215,10 @@ class AdapterBank(nn.Module):
         names = list(layer.lora_A.keys())
         if not names:
             raise ValueError("the PEFT layer holds no LoRA adapter")
+        variants = [n for n in names if n in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(n)]
+        if variants:
+            raise ValueError(f"adapters {variants} of this PEFT layer are DoRA (or another LoRA variant), which the "
+                             f"multi-adapter bank does not compute; serve them with fastlora.patch instead")
         A0 = layer.lora_A[names[0]].weight
         bank = cls(layer.in_features, layer.out_features, dtype=dtype or A0.dtype, device=A0.device)
         for n in names:
@@ -234,6 +238,9 @@ def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tenso
     config, tensors = read_adapter(os.fspath(path))
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: a DoRA adapter (use_dora=True); the multi-adapter bank computes plain LoRA only "
+                         f"(load it with fastlora.load_peft_adapter, which builds DoraLinear layers)")
     return config, tensors
 
 

@@ -128,3 +128,20 @@ def test_load_rank_mismatch(tmp_path):
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_peft_adapter(banks, tmp_path, "r4")
+
+
+def test_dora_adapters_are_refused_not_served_as_plain_lora(tmp_path):
+    """The bank computes plain LoRA: a DoRA adapter (PEFT use_dora) must not be loaded as one, silently dropping
+    its magnitude — from a PEFT layer or from a checkpoint; nothing is added to any bank."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=4, target_modules=["q", "v"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        AdapterBank.from_peft_layer(model.base_model.model.q)
+    with pytest.raises(ValueError, match="DoRA"):
+        MultiAdapterModel(model)
+    assert all(isinstance(getattr(model.base_model.model, n), peft.tuners.lora.Linear) for n in ("q", "v"))
+    model.save_pretrained(tmp_path)
+    banks = {"q": AdapterBank(48, 40), "v": AdapterBank(40, 56)}
+    with pytest.raises(ValueError, match="use_dora"):
+        load_peft_adapter(banks, tmp_path, "d")
+    assert banks["q"].names == [] and banks["v"].names == []
