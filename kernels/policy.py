@@ -107,13 +107,13 @@ CANDIDATES = {
                         _c(4, 2, BLOCK_M=32, BLOCK_N=64)]},
     "dsdb": {"half": [_c(4, 3, BLOCK_M=64, BLOCK_N=64), _c(4, 4, BLOCK_M=64, BLOCK_N=64),
                       _c(4, 3, BLOCK_M=32, BLOCK_N=64)],
-             "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_N=16), _c(4, 2, BLOCK_M=64, BLOCK_N=16),
-                      _c(4, 3, BLOCK_M=32, BLOCK_N=16)]},
-    # 64x128 / 128x128 dx tiles spill on sm_80 with dropout (the Philox mask of the tile), python -m fastlora.inspect
+             "fp32": [_c(4, 3, BLOCK_M=64, BLOCK_N=16), _c(4, 3, BLOCK_M=32, BLOCK_N=16)]},
+    # 64x128 / 128x128 dx tiles spill on sm_80 with dropout (the Philox mask of the tile), and under triton 3.8 the
+    # fp32-tier 64x64 dx tile and the 2-stage fp32 dS/dB tiles spill a few bytes (3.9 too): python -m fastlora.inspect
     "dx": {"half": [_c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(8, 2, BLOCK_M=128, BLOCK_K=64),
                     _c(4, 2, BLOCK_M=32, BLOCK_K=128), _c(4, 2, BLOCK_M=32, BLOCK_K=64)],
-           "fp32": [_c(4, 2, BLOCK_M=64, BLOCK_K=64), _c(4, 2, BLOCK_M=32, BLOCK_K=64),
-                    _c(4, 2, BLOCK_M=64, BLOCK_K=32)]},
+           "fp32": [_c(4, 2, BLOCK_M=32, BLOCK_K=64), _c(4, 2, BLOCK_M=64, BLOCK_K=32),
+                    _c(4, 2, BLOCK_M=32, BLOCK_K=32)]},
 }
 KERNELS = tuple(CANDIDATES)
 
