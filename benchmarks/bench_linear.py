@@ -1,7 +1,7 @@
 """Microbenchmark: one LoRA linear layer, forward and forward+backward, fastlora vs the alternatives.
 
     python -m pytest benchmarks/bench_linear.py --benchmark-only -q     # CSV + PNG in benchmarks/out/
-    python -m benchmarks.bench_linear                                   # paired ratios vs issue 2's targets
+    python -m benchmarks.bench_linear                                   # paired ratios: forward vs base GEMM, fwd+bwd vs PEFT
 
 Providers (all with the same W0 (N, K), bias (N,), A (r, K), B (N, r), s = alpha/r = 2):
     base       F.linear(x, W0, bias) — the base GEMM alone, the floor (no LoRA at all)
@@ -141,7 +141,7 @@ def test_forward_backward(benchmark, record, provider, p, M, d, r):
 
 
 # ----------------------------------------------------------------------------- paired ratios
-# python -m benchmarks.bench_linear: issue 2's targets are ratios, and a shared CPU drifts by tens of
+# python -m benchmarks.bench_linear: the project's targets are ratios, and a shared CPU drifts by tens of
 # percent over a run. Here each round times both providers back to back (in random order) and the
 # ratio is taken per round, so a slow spell cancels; the median ratio and its p20–p80 are reported.
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     import argparse
     from benchmarks import common
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear",
-                                 description="paired-ratio check of issue 2's CPU/GPU targets")
+                                 description="paired ratios: fastlora forward vs the base GEMM, forward+backward vs PEFT")
     ap.add_argument("--rounds", type=int, default=40)
     a = ap.parse_args(argv)
     if a.rounds < 1:

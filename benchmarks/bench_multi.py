@@ -13,7 +13,7 @@ Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = t
                store them: identical maths, so the gap to "fastlora" is what packing saves
     loop       a Python loop over adapters: fastlora.lora_linear on each adapter's tokens (index lists
                built per call from the host-side ids, as PEFT does with names)
-Scenarios (the issue's): decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
+Scenarios: decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
 or mixed {8, 16, 64, 128} (cycled over adapters); tokens of different adapters interleaved (unsorted).
 Shapes: CPU d = 2048 float32; CUDA (only when available) d = 4096 bfloat16 (adapters bf16).
 The ids tensor is built once per batch (outside the timing), as a server would.

@@ -226,7 +226,7 @@ CSV_COLUMNS = ("label", "gpu", "case", "impl", "direction", "M", "K", "N", "r", 
                "bw_eff", "source", "launch_us_assumed")
 
 MULTI_RANKS = [4, 8, 16, 64] * 4     # 16 adapters of mixed rank for the padded-vs-packed comparison
-CASES = [  # (case name, Shape): LoRAFusion's GPU shapes, the small shape, GPT-2 medium's c_attn at batch 1
+CASES = [  # (case name, Shape): LoRAFusion's GPU shapes, a small host-bound shape, GPT-2 medium's c_attn at batch 1
     ("d4096 r16 M4096 p0", Shape(4096, 4096, 4096, 16, 0.0)),
     ("d4096 r16 M4096 p0.1", Shape(4096, 4096, 4096, 16, 0.1)),
     ("d8192 r16 M4096 p0", Shape(4096, 8192, 8192, 16, 0.0)),

@@ -55,7 +55,7 @@ class Sizes:
 
 
 CONFIGS = {
-    # Llama-3.2-1B's dimensions (tied embeddings), the batch
+    # Llama-3.2-1B's dimensions (tied embeddings), batch 8 x 1024
     "1b": Sizes(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, batch=8, seq=1024),
     "quick": Sizes(hidden=256, intermediate=704, layers=2, heads=8, kv_heads=4, vocab=4096, batch=4, seq=128),
 }
