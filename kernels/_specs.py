@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class CompileSpec:
-    name: str                 # human-readable, e.g. "lora_fwd[one-launch] bf16 128x128x64 w8 s3"
+    name: str                 # human-readable, e.g. "lora_expand x=bf16 ab=bf16/tf32 64x128 w4 s2 r16"
     fn: object                # the @triton.jit function (not the autotuner)
     signature: dict           # arg name -> triton type string ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict          # constexpr name -> value

@@ -421,7 +421,7 @@ def compile_specs():
     for xdt, adt in _DTYPES:
         for kname, role, ptrs, drops, scaled, regimes, values in _LAUNCHES:
             # shrink (S, dS) and grad (dA, dB) feed adapter gradients: tf32x3 for fp32 adapters on a half
-            # base (kernels/_common.lora_precision); expand (y, dx) is rounded to the base dtype
+            # base (kernels/policy.lora_precision); expand (y, dx) is rounded to the base dtype
             prec = "ieee" if xdt == "fp32" else ("tf32x3" if adt == "fp32" and kname != "expand" else "tf32")
             fn = fns[kname]
             for drop in drops:
