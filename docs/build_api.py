@@ -6,6 +6,7 @@ The reference covers what ``import fastlora`` exposes (its ``__all__``). CI buil
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +16,9 @@ import pdoc.render
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0] if argv else Path(__file__).parent / "_build" / "api")
+    out = Path(argv[0] if argv else Path(__file__).parent / "_build" / "api").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(out)     # not the repository root: there pdoc would also see the folder fastlora/ and warn
     # warnings issued by pdoc itself (unresolvable names, bad annotations, failed imports) stop the build;
     # warnings that the imported libraries raise on import (torch, triton) are theirs and stay warnings
     warnings.filterwarnings("error", module=r"pdoc(\.|$)")
