@@ -26,7 +26,9 @@ elements; bmm with r ≤ 128 columns runs far below GEMM speed), so it is not sh
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -280,13 +282,67 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
 # modules
 # ---------------------------------------------------------------------------
 
+class AdapterCall:
+    """The adapter names of one model call (one per sequence), read by every MultiLoraLinear of that call.
+
+    Ids are built lazily, once per distinct bank layout (names in bank order) and device, so layers whose
+    banks hold the same adapters in the same order share one small host-to-device copy per call.
+    """
+
+    def __init__(self, names: Sequence[str | None]):
+        self.names = _names_list(names, "adapter_names")
+        self._ids: dict = {}
+
+    def ids_for(self, bank: AdapterBank, device) -> Tensor:
+        key = (tuple(bank.names), torch.device(device))
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = self._ids[key] = bank.ids(self.names, device=device, missing="base")
+        return ids
+
+
+_CALL: contextvars.ContextVar[AdapterCall | None] = contextvars.ContextVar("fastlora_adapter_call", default=None)
+
+
+def _names_list(names, what: str) -> list:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list with one adapter name per sequence, got the single str {names!r}; "
+                        f"for one adapter on every sequence pass [{names!r}] * batch_size (as PEFT)")
+    if not isinstance(names, Sequence):
+        raise TypeError(f"{what} must be a list with one adapter name per sequence, got {type(names).__name__}")
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must hold adapter names (str, or None / {BASE!r} for the base model), got {bad[0]!r}")
+    return list(names)
+
+
+@contextlib.contextmanager
+def using_adapters(names: Sequence[str | None]) -> Iterator[AdapterCall]:
+    """Every MultiLoraLinear called without ``adapter_ids`` inside this block uses ``names`` (one per sequence).
+
+    The names live in a ``contextvars.ContextVar`` for the duration of the block, not on the modules: nested
+    blocks and calls from other threads each see their own names, and leaving the block (also by an
+    exception) restores what was there before. MultiAdapterModel.forward / generate use it.
+    """
+    token = _CALL.set(AdapterCall(names))
+    try:
+        yield _CALL.get()
+    finally:
+        _CALL.reset(token)
+
+
+def current_adapter_call() -> AdapterCall | None:
+    """The AdapterCall of the innermost ``using_adapters`` block of this context (None outside any)."""
+    return _CALL.get()
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen base linear layer plus an AdapterBank; ``forward(x, adapter_ids)`` picks adapters per token.
 
     base_layer: nn.Linear (weight (N, K)) or a transformers Conv1D (weight (K, N), read through strides).
     adapter_ids: int tensor of shape x.shape[:-1] or x.shape[:1] (see expand_ids), or a list of adapter
-    names per sequence (None / "__base__" = base model only). When omitted, the ids set by
-    MultiAdapterModel for the current call are used.
+    names per sequence (None / "__base__" = base model only). When omitted, the names of the innermost
+    ``using_adapters`` block (MultiAdapterModel opens one per call) are used; nothing is stored on the module.
     """
 
     def __init__(self, base_layer: nn.Module, bank: AdapterBank, *, dropout_p: float = 0.0,
@@ -308,15 +364,19 @@ class MultiLoraLinear(nn.Module):
         self.base_layer, self.bank = base_layer, bank
         self.dropout_p, self.regime, self.backend = float(dropout_p), regime, backend
         self.in_features, self.out_features = K, N
-        self.adapter_ids: Tensor | Sequence[str | None] | None = None    # set per call by MultiAdapterModel
 
     def forward(self, x: Tensor, adapter_ids=None, *, seed: int | Tensor | None = None) -> Tensor:
-        ids = self.adapter_ids if adapter_ids is None else adapter_ids
-        if ids is None:
-            raise ValueError("MultiLoraLinear needs adapter_ids (a tensor of adapter indices, or a list of "
-                             "adapter names); none given and none set by MultiAdapterModel")
-        if not isinstance(ids, Tensor):
-            ids = self.bank.ids(list(ids), device=x.device)
+        if adapter_ids is None:
+            call = _CALL.get()
+            if call is None:
+                raise ValueError("MultiLoraLinear needs adapter_ids (a tensor of adapter indices, or a list of "
+                                 "adapter names); none given and the call is not inside using_adapters(...) "
+                                 "(MultiAdapterModel opens one per call)")
+            ids = call.ids_for(self.bank, x.device)
+        elif isinstance(adapter_ids, Tensor):
+            ids = adapter_ids
+        else:
+            ids = self.bank.ids(_names_list(adapter_ids, "adapter_ids"), device=x.device)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, ids, self.dropout_p,
                                  self.training, self.fan_in_fan_out, seed=seed, regime=self.regime,
                                  backend=self.backend)
@@ -329,7 +389,9 @@ class MultiAdapterModel(nn.Module):
     a copy of that layer's adapters and scalings; ``forward(*args, adapter_names=[...], **kwargs)`` takes
     one name per sequence ("__base__" = no adapter), as PEFT's own mixed-batch ``adapter_names=``.
     Names a layer lacks mean "base" there, as in PEFT. ``restore()`` puts the PEFT layers back.
-    Ids are built once per call per distinct bank layout (one small host-to-device copy, no sync).
+    The names reach the layers through ``using_adapters`` (a context-local value, nothing written on modules):
+    re-entrant and thread-safe. Ids are built once per call per distinct bank layout (one small
+    host-to-device copy, no sync).
     """
 
     def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
@@ -350,24 +412,17 @@ class MultiAdapterModel(nn.Module):
         for parent, attr, _, layer in self._swapped:
             setattr(parent, attr, layer)
 
-    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise TypeError("adapter_names must be a list with one adapter name per sequence")
+    def _check_names(self, adapter_names) -> list:
+        names = _names_list(adapter_names, "adapter_names")
         known = set().union(*(layer.bank.names for _, _, _, layer in self._swapped))
-        unknown = sorted({n for n in adapter_names if n != BASE and n not in known})
+        unknown = sorted({n for n in names if n is not None and n != BASE and n not in known})
         if unknown:
             raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {sorted(known)} (and {BASE!r})")
-        cache: dict = {}
-        for _, _, _, layer in self._swapped:
-            key = tuple(layer.bank.names)
-            if key not in cache:
-                cache[key] = layer.bank.ids(list(adapter_names), missing="base")
-            layer.adapter_ids = cache[key]
-        try:
+        return names
+
+    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
+        with using_adapters(self._check_names(adapter_names)):
             return self.model(*args, **kwargs)
-        finally:
-            for _, _, _, layer in self._swapped:
-                layer.adapter_ids = None
 
     def restore(self) -> nn.Module:
         """Put the original PEFT layers back; returns the PEFT model."""
@@ -377,5 +432,6 @@ class MultiAdapterModel(nn.Module):
         return self.model
 
 
-__all__ = ["MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear", "expand_ids", "torch_forward",
+__all__ = ["MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear", "expand_ids", "using_adapters",
+           "AdapterCall", "current_adapter_call", "torch_forward",
            "torch_backward"]

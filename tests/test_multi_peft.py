@@ -145,3 +145,115 @@ def test_dora_adapters_are_refused_not_served_as_plain_lora(tmp_path):
     with pytest.raises(ValueError, match="use_dora"):
         load_peft_adapter(banks, tmp_path, "d")
     assert banks["q"].names == [] and banks["v"].names == []
+
+
+# ---------------------------------------------------------------------------
+# ids travel with the call (a ContextVar), never as state on the layers
+# ---------------------------------------------------------------------------
+
+def _layers(wrapped):
+    base = wrapped.model.get_base_model()
+    return base.q, base.v
+
+
+def test_nested_calls_and_shared_layers_see_their_own_names():
+    """A call made from inside another call (here: from a forward pre-hook of the outer call's first layer) uses
+    its own names; the outer call's later layer still sees the outer names. A second model sharing the same
+    layer object (driving it with explicit ids) is unaffected by the outer call's names."""
+    model = peft_model(torch.float32)
+    outer_names, inner_names = ["r8", "r1", "__base__"], ["r16", "r4"]
+    x, x_in = torch.randn(3, 2, 48), torch.randn(2, 2, 48)
+    with torch.no_grad():
+        ref_outer, ref_inner = oracle64(model, x, outer_names), oracle64(model, x_in, inner_names)
+        y_peft_outer, y_peft_inner = model(x, adapter_names=outer_names), model(x_in, adapter_names=inner_names)
+        wrapped = MultiAdapterModel(model, backend="torch")
+        q, v = _layers(wrapped)
+        shared = nn.Sequential(q)               # another model holding the same layer object
+        seen = {}
+
+        def hook(module, args):
+            if "busy" not in seen:
+                seen["busy"] = True                        # the hook's own calls pass through q again
+                seen["inner"] = wrapped(x_in, adapter_names=inner_names)
+                ids = q.bank.ids(["r4", "r64"])
+                seen["shared"] = shared[0](args[0][:2], ids)   # explicit ids win over the call's names
+                seen["shared_ref"] = (args[0][:2], ids)
+
+        handle = q.register_forward_pre_hook(hook)
+        try:
+            y_outer = wrapped(x, adapter_names=outer_names)
+        finally:
+            handle.remove()
+    assert_close("outer call", y_outer, ref_outer, y_peft_outer)
+    assert_close("nested inner call", seen["inner"], ref_inner, y_peft_inner)
+    xs, ids = seen["shared_ref"]
+    base = model.get_base_model()
+    want = xs.double() @ q.base_layer.weight.double().t() + q.base_layer.bias.double()
+    for i, name in enumerate(["r4", "r64"]):
+        A, B, s = q.bank.adapter(name)
+        want[i] += s * (xs[i].double() @ A.double().t()) @ B.double().t()
+    assert base.q is q and ids.tolist() == [q.bank.index("r4"), q.bank.index("r64")]
+    assert torch.allclose(seen["shared"].double(), want, atol=1e-5)
+
+
+def test_threads_each_use_their_own_names():
+    """Two threads run the same wrapped model at the same time with different names: each gets its own result."""
+    import threading
+    model = peft_model(torch.float32)
+    wrapped = MultiAdapterModel(model, backend="torch")
+    jobs = {"a": (["r8", "r1"] * 2, torch.randn(4, 2, 48)), "b": (["r16", "__base__", "r64", "r4"], torch.randn(4, 2, 48))}
+    out, errors, barrier = {}, [], threading.Barrier(2)
+
+    def run(key):
+        names, x = jobs[key]
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(20):
+                    out[key] = wrapped(x, adapter_names=names)
+        except Exception as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    wrapped.restore()
+    with torch.no_grad():
+        for key, (names, x) in jobs.items():
+            assert_close(f"thread {key}", out[key], oracle64(model, x, names), model(x, adapter_names=names))
+
+
+def test_exception_inside_forward_leaves_no_stale_names():
+    from fastlora.multi import current_adapter_call
+    model = peft_model(torch.float32)
+    wrapped = MultiAdapterModel(model, backend="torch")
+    q, v = _layers(wrapped)
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    handle = v.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapped(torch.randn(2, 3, 48), adapter_names=["r8", "r1"])
+    handle.remove()
+    assert current_adapter_call() is None
+    with pytest.raises(ValueError, match="needs adapter_ids"):
+        q(torch.randn(2, 3, 48))
+    assert not any("adapter_ids" in vars(m) for m in (q, v))      # nothing is stored on the layers
+
+
+def test_single_name_str_is_a_clear_type_error():
+    """PEFT itself would split "r8" into characters (unknown adapters 'r', '8'); we refuse a str outright."""
+    model = peft_model(torch.float32)
+    wrapped = MultiAdapterModel(model, backend="torch")
+    q, _ = _layers(wrapped)
+    x = torch.randn(2, 3, 48)
+    with pytest.raises(TypeError, match=r"single str 'r8'.*\['r8'\] \* batch_size"):
+        wrapped(x, adapter_names="r8")
+    with pytest.raises(TypeError, match="single str 'r8'"):
+        q(x, "r8")
+    with pytest.raises(TypeError, match="adapter names"):
+        wrapped(x, adapter_names=["r8", 3])
