@@ -20,7 +20,8 @@ from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from .dora import DoraLinear, dora_linear
 from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
-from .multi import MultiAdapterModel, MultiLoraLinear, multi_lora_linear
+from .multi import MultiLoraLinear, multi_lora_linear
+from .multi_peft import MultiAdapterModel
 from .patching import PatchReport, is_patched, patch, unpatch
 from .qlora import QLoraLinear, qlora_linear
 from .reference import lora_linear_reference

@@ -8,7 +8,7 @@ Layers, top to bottom:
     fastlora::multi_lora_fwd / fastlora::multi_lora_bwd             torch.library custom ops (autograd wired)
       -> "triton": fastlora.kernels.multi_lora (gather kernels; CUDA, or CPU with TRITON_INTERPRET=1)
       -> "torch":  torch_forward / torch_backward below (CPU otherwise; the readable maths)
-    MultiAdapterModel(peft_model)                                   runs a PEFT model with several loaded
+    fastlora.multi_peft.MultiAdapterModel(peft_model)               runs a PEFT model with several loaded
                                                                     adapters in mixed batches through it
 
 Shapes: x (..., K); ids int32/int64 of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence, x at
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence
+import numbers
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -242,18 +243,37 @@ def expand_ids(ids: Tensor, x: Tensor, n: int) -> Tensor:
     return tok
 
 
+def _per_adapter_p(dropout_p, n: int) -> list[float] | float:
+    """dropout_p as given: one float for every adapter, or a sequence of n floats (one per adapter)."""
+    if isinstance(dropout_p, (numbers.Real, Tensor)) and not isinstance(dropout_p, bool):
+        return dropout_p
+    if not isinstance(dropout_p, Sequence) or isinstance(dropout_p, str) or len(dropout_p) != n:
+        raise ValueError(f"dropout_p must be a float in [0, 1) or a sequence of {n} such floats (one per adapter of "
+                         f"the bank, in bank order), got {dropout_p!r}")
+    for q in dropout_p:
+        if not isinstance(q, numbers.Real) or isinstance(q, bool) or not 0.0 <= q < 1.0:
+            raise ValueError(f"dropout_p must hold floats in [0, 1) (one per adapter), got {q!r} in {list(dropout_p)}")
+    return [float(q) for q in dropout_p]
+
+
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: AdapterBank, adapter_ids: Tensor,
-                      dropout_p: float = 0.0, training: bool = True, fan_in_fan_out: bool = False, *,
-                      seed: int | Tensor | None = None, regime: str = "auto", backend: str | None = None) -> Tensor:
-    """y = x·Wᵀ + bias + s_k·(dropout(x)·A_kᵀ)·B_kᵀ, k = the token's adapter (−1: none). Differentiable in
+                      dropout_p: float | Sequence[float] = 0.0, training: bool = True, fan_in_fan_out: bool = False,
+                      *, seed: int | Tensor | None = None, regime: str = "auto",
+                      backend: str | None = None) -> Tensor:
+    """y = x·Wᵀ + bias + s_k·(dropout_k(x)·A_kᵀ)·B_kᵀ, k = the token's adapter (−1: none). Differentiable in
     x, bias and the bank's packed lora_A / lora_B (so every adapter in the batch trains at once).
 
     x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · adapter_ids: see expand_ids.
-    The bank's dtype is x's or float32. Dropout is the single-adapter op's mask (seed, row, col).
+    The bank's dtype is x's or float32. Dropout is the single-adapter op's mask (seed, row, col) with one p
+    for every adapter, or ``dropout_p`` = one p per adapter (bank order, as PEFT's per-adapter lora_dropout):
+    token m of adapter k keeps column c iff u(seed, m, c) ≥ p_k, one seed for the whole call. The kernels
+    take one p per launch, so in training each extra distinct p costs one more launch pair and one base-size
+    GEMM (the extra calls run the op with a zero weight on that p's tokens only).
     """
     from .functional import check_inputs
     if not isinstance(bank, AdapterBank):
         raise TypeError(f"bank must be a fastlora AdapterBank, got {type(bank).__name__}")
+    ps = _per_adapter_p(dropout_p, len(bank))
     if bank.r_max:
         A0, B0 = bank.lora_A[:1], bank.lora_B[:, :1]
     else:   # an empty bank: validate x / weight / bias with a dummy rank-1 adapter
@@ -261,20 +281,44 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
         B0 = x.new_zeros((bank.out_features, 1), dtype=bank.dtype)
     if isinstance(x, Tensor) and isinstance(weight, Tensor) and bank.lora_A.device != x.device:
         raise ValueError(f"bank must be on x's device {x.device}, got {bank.lora_A.device}")
-    check_inputs(x, weight, bias, A0, B0, 1.0, dropout_p, fan_in_fan_out)
+    check_inputs(x, weight, bias, A0, B0, 1.0, max(ps, default=0.0) if isinstance(ps, list) else ps,
+                 fan_in_fan_out)
     from .kernels.multi_lora import choose_regime
     choose_regime(1, 1, regime)                                  # validates the name
     ids = expand_ids(adapter_ids, x, len(bank))
-    p = float(dropout_p) if training else 0.0
-    if p > 0:
+    if not training:
+        groups = [0.0]
+    elif isinstance(ps, list):
+        groups = sorted(set(ps)) or [0.0]
+    else:
+        groups = [float(ps)]
+    if max(groups) > 0:
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:
         seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
     save_s = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
     op = multi_lora_fwd if save_s or torch.compiler.is_compiling() else _forward   # eager inference: no op layers
-    y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings.float(), ids,
-              bank.r_max, p, seed_t, fan_in_fan_out, save_s, regime, resolve_backend_choice(backend))
+    args = (bank.offsets, bank.scalings.float())
+    tail = (bank.r_max,)
+    be = resolve_backend_choice(backend)
+    if len(groups) == 1:
+        y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, *args, ids, *tail, groups[0], seed_t, fan_in_fan_out,
+                  save_s, regime, be)
+        return y
+    y = None
+    zero_w = None
+    for p in groups:   # one call per distinct p; each sees only its adapters' tokens (others -> −1 = base)
+        member = torch.tensor([q == p for q in ps], device=ids.device)
+        ids_p = torch.where((ids >= 0) & member[ids.clamp(min=0).long()], ids, -1)
+        if y is None:
+            y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, *args, ids_p, *tail, p, seed_t, fan_in_fan_out,
+                      save_s, regime, be)
+        else:
+            zero_w = weight.new_zeros(weight.shape) if zero_w is None else zero_w
+            y_p, _ = op(x, zero_w, None, bank.lora_A, bank.lora_B, *args, ids_p, *tail, p, seed_t, fan_in_fan_out,
+                        save_s, regime, be)
+            y = y + y_p
     return y
 
 
@@ -340,12 +384,14 @@ class MultiLoraLinear(nn.Module):
     """A frozen base linear layer plus an AdapterBank; ``forward(x, adapter_ids)`` picks adapters per token.
 
     base_layer: nn.Linear (weight (N, K)) or a transformers Conv1D (weight (K, N), read through strides).
+    dropout_p: one p for every adapter, or a mapping adapter name -> p (names not in it: 0), as PEFT's
+    per-adapter lora_dropout.
     adapter_ids: int tensor of shape x.shape[:-1] or x.shape[:1] (see expand_ids), or a list of adapter
     names per sequence (None / "__base__" = base model only). When omitted, the names of the innermost
     ``using_adapters`` block (MultiAdapterModel opens one per call) are used; nothing is stored on the module.
     """
 
-    def __init__(self, base_layer: nn.Module, bank: AdapterBank, *, dropout_p: float = 0.0,
+    def __init__(self, base_layer: nn.Module, bank: AdapterBank, *, dropout_p: float | Mapping[str, float] = 0.0,
                  regime: str = "auto", backend: str | None = None):
         super().__init__()
         w = getattr(base_layer, "weight", None)
@@ -359,10 +405,14 @@ class MultiLoraLinear(nn.Module):
         if (bank.in_features, bank.out_features) != (K, N):
             raise ValueError(f"bank must be for in_features={K}, out_features={N} (the base layer's), got "
                              f"{bank.in_features}, {bank.out_features}")
-        if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-            raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        per = dict(dropout_p) if isinstance(dropout_p, Mapping) else {}
+        default = 0.0 if isinstance(dropout_p, Mapping) else dropout_p
+        for what, q in [("dropout_p", default)] + [(f"dropout_p[{k!r}]", v) for k, v in per.items()]:
+            if not (isinstance(q, (int, float)) and not isinstance(q, bool) and 0.0 <= q < 1.0):
+                raise ValueError(f"{what} must be a float in [0, 1), got {q!r}")
         self.base_layer, self.bank = base_layer, bank
-        self.dropout_p, self.regime, self.backend = float(dropout_p), regime, backend
+        self.dropout_p, self.regime, self.backend = float(default), regime, backend
+        self.adapter_dropout: dict[str, float] = {k: float(v) for k, v in per.items()}   # name -> p (PEFT's)
         self.in_features, self.out_features = K, N
 
     def forward(self, x: Tensor, adapter_ids=None, *, seed: int | Tensor | None = None) -> Tensor:
@@ -377,61 +427,20 @@ class MultiLoraLinear(nn.Module):
             ids = adapter_ids
         else:
             ids = self.bank.ids(_names_list(adapter_ids, "adapter_ids"), device=x.device)
-        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, ids, self.dropout_p,
+        p = ([self.adapter_dropout.get(n, self.dropout_p) for n in self.bank.names] if self.adapter_dropout
+             else self.dropout_p)
+        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, ids, p,
                                  self.training, self.fan_in_fan_out, seed=seed, regime=self.regime,
                                  backend=self.backend)
 
 
-class MultiAdapterModel(nn.Module):
-    """Runs a PEFT model holding several LoRA adapters with a different adapter per sequence.
-
-    Every PEFT ``lora.Linear`` with adapters is replaced (in place) by a MultiLoraLinear whose bank holds
-    a copy of that layer's adapters and scalings; ``forward(*args, adapter_names=[...], **kwargs)`` takes
-    one name per sequence ("__base__" = no adapter), as PEFT's own mixed-batch ``adapter_names=``.
-    Names a layer lacks mean "base" there, as in PEFT. ``restore()`` puts the PEFT layers back.
-    The names reach the layers through ``using_adapters`` (a context-local value, nothing written on modules):
-    re-entrant and thread-safe. Ids are built once per call per distinct bank layout (one small
-    host-to-device copy, no sync).
-    """
-
-    def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
-                 backend: str | None = None):
-        super().__init__()
-        from peft.tuners.lora import Linear as PeftLoraLinear
-        self.model = peft_model
-        self._swapped: list[tuple[nn.Module, str, nn.Module, MultiLoraLinear]] = []
-        for name, module in list(peft_model.named_modules()):
-            if not isinstance(module, PeftLoraLinear) or not module.lora_A:
-                continue
-            parent = peft_model.get_submodule(name.rpartition(".")[0]) if "." in name else peft_model
-            layer = MultiLoraLinear(module.get_base_layer(), AdapterBank.from_peft_layer(module, dtype=dtype),
-                                    regime=regime, backend=backend)
-            self._swapped.append((parent, name.rpartition(".")[2], module, layer))
-        if not self._swapped:
-            raise ValueError("the model has no PEFT lora.Linear layer with adapters")
-        for parent, attr, _, layer in self._swapped:
-            setattr(parent, attr, layer)
-
-    def _check_names(self, adapter_names) -> list:
-        names = _names_list(adapter_names, "adapter_names")
-        known = set().union(*(layer.bank.names for _, _, _, layer in self._swapped))
-        unknown = sorted({n for n in names if n is not None and n != BASE and n not in known})
-        if unknown:
-            raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {sorted(known)} (and {BASE!r})")
-        return names
-
-    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
-        with using_adapters(self._check_names(adapter_names)):
-            return self.model(*args, **kwargs)
-
-    def restore(self) -> nn.Module:
-        """Put the original PEFT layers back; returns the PEFT model."""
-        for parent, attr, peft_layer, _ in self._swapped:
-            setattr(parent, attr, peft_layer)
-        self._swapped = []
-        return self.model
-
-
-__all__ = ["MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear", "expand_ids", "using_adapters",
+__all__ = ["MultiLoraLinear", "multi_lora_linear", "expand_ids", "using_adapters",
            "AdapterCall", "current_adapter_call", "torch_forward",
            "torch_backward"]
+
+
+def __getattr__(name):   # MultiAdapterModel lives in fastlora.multi_peft; the old import path keeps working
+    if name == "MultiAdapterModel":
+        from .multi_peft import MultiAdapterModel
+        return MultiAdapterModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

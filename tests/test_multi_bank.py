@@ -128,6 +128,10 @@ def bad_call(kind):
         "bad regime": lambda: multi_lora_linear(x, W, None, bank, ids, regime="fast"),
         "bad dropout": lambda: multi_lora_linear(x, W, None, bank, ids, dropout_p=1.0),
         "no ids": lambda: layer(x),
+        "one name as a str": lambda: layer(x, "a"),
+        "per-adapter p of wrong length": lambda: multi_lora_linear(x, W, None, bank, ids, dropout_p=[0.1, 0.2]),
+        "per-adapter p out of range": lambda: multi_lora_linear(x, W, None, bank, ids, dropout_p=[0.1, 1.0, 0.0]),
+        "bad p in a mapping": lambda: MultiLoraLinear(torch.nn.Linear(K, N), bank, dropout_p={"a": -0.1}),
     }[kind]
 
 
@@ -141,7 +145,11 @@ BAD_INPUT = [("id too large", ValueError, r"adapter_ids must be in \[-1, 3\)"),
              ("not a bank", TypeError, "bank must be a fastlora AdapterBank"),
              ("bad regime", ValueError, "regime must be one of"),
              ("bad dropout", ValueError, "dropout_p"),
-             ("no ids", ValueError, "needs adapter_ids")]
+             ("no ids", ValueError, "needs adapter_ids"),
+             ("one name as a str", TypeError, r"single str 'a'"),
+             ("per-adapter p of wrong length", ValueError, "sequence of 3 such floats"),
+             ("per-adapter p out of range", ValueError, r"floats in \[0, 1\) \(one per adapter\), got 1.0"),
+             ("bad p in a mapping", ValueError, r"dropout_p\['a'\] must be a float in \[0, 1\)")]
 
 
 @pytest.mark.parametrize("kind,exc,match", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])

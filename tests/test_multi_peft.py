@@ -14,7 +14,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 from fastlora.bank import AdapterBank, load_peft_adapter, read_peft_checkpoint  # noqa: E402
-from fastlora.multi import MultiAdapterModel  # noqa: E402
+from fastlora.multi_peft import MultiAdapterModel  # noqa: E402
 from tests._tolerance import assert_baseline_sane, assert_close  # noqa: E402
 
 RANKS = {"r1": 1, "r4": 4, "r8": 8, "r16": 16, "r64": 64}
@@ -257,3 +257,145 @@ def test_single_name_str_is_a_clear_type_error():
         q(x, "r8")
     with pytest.raises(TypeError, match="adapter names"):
         wrapped(x, adapter_names=["r8", 3])
+
+
+# ---------------------------------------------------------------------------
+# a full model wrapper: generate, attributes, PEFT's own mixed batches while wrapped
+# ---------------------------------------------------------------------------
+
+def tiny_llama(seed=0):
+    """A random 2-layer Llama (nothing downloaded) with PEFT adapters "math" (r 4) and "code" (r 8) on q/v."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                adapter_name="math")
+    model.add_adapter("code", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def test_generate_with_mixed_adapters_and_peft_methods_while_wrapped():
+    import copy
+    model = tiny_llama()
+    names = ["math", "__base__", "code"]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(ids, adapter_names=names).logits
+        base = model(ids, adapter_names=names).logits
+        want = model.generate(input_ids=ids, adapter_names=names, **gen)
+        want_beams = model.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen)
+        mm = MultiAdapterModel(model, backend="torch")
+        assert_close("logits", mm(ids, adapter_names=names).logits, ref, base)
+        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, **gen), want)
+        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen), want_beams)
+        # PEFT's own mixed-batch entry points run through the banks while wrapped
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
+        assert_close("PEFT forward while wrapped", model(ids, adapter_names=names).logits, ref, base)
+        layers = [m for m in model.modules() if type(m).__name__ == "MultiLoraLinear"]
+        assert len(layers) == 4
+    # attributes fall through; methods needing PEFT's layers say so
+    assert mm.config is model.config and mm.peft_config is model.peft_config
+    with pytest.raises(AttributeError, match=r"restore\(\) first"):
+        mm.merge_and_unload()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        mm.no_such_thing
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(ids, adapter_names=["math", "math", "zz"])
+    assert mm.restore() is model and "_enable_peft_forward_hooks" not in vars(model.base_model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
+
+
+def peft_dropout_model(dtype=torch.float32):
+    """Tiny with adapters of per-adapter lora_dropout 0.3 / 0 / 0.1 (PEFT's nn.Dropout / nn.Identity)."""
+    torch.manual_seed(0)
+    model = None
+    for name, r, p in (("d3", 4, 0.3), ("d0", 8, 0.0), ("d1", 2, 0.1)):
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["q", "v"])
+        if model is None:
+            model = peft.get_peft_model(Tiny().to(dtype), cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+                p.requires_grad_(True)
+    return model
+
+
+def peft_by_adapter(model, x, names, dy, seed):
+    """PEFT (with fastlora's replayed dropout masks), one adapter at a time on the whole batch, each sequence
+    taking its own adapter's rows: torch.manual_seed(seed) before each run, so every layer draws the same
+    seed as the mixed-batch call. Loss Σ y·dy over those rows: the grads accumulate in PEFT's parameters,
+    which is the mixed batch's gradient (a sum over sequences). Returns y."""
+    from tests._replay import replay_dropout
+    replay_dropout(model)
+    y = None
+    for name in dict.fromkeys(names):
+        rows = torch.tensor([n == name for n in names])[:, None, None]
+        torch.manual_seed(seed)
+        if name == "__base__":
+            with model.disable_adapter():
+                yk = model(x)
+        else:
+            model.base_model.set_adapter(name)
+            yk = model(x)
+        if yk.requires_grad:                       # "__base__": no adapter, nothing to train
+            (yk * dy * rows).sum().backward()
+        y = torch.where(rows, yk.detach(), 0 if y is None else y)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return y
+
+
+def lora_grads(model):
+    base = model.get_base_model()
+    return {f"{mod}.{ab}.{name}": getattr(getattr(base, mod), ab)[name].weight.grad
+            for mod in ("q", "v") for ab in ("lora_A", "lora_B") for name in getattr(base, mod).lora_A}
+
+
+def bank_grads(wrapped):
+    """The bank's packed gradients cut into PEFT's per-adapter shapes (same keys as lora_grads)."""
+    out = {}
+    for mod in ("q", "v"):
+        bank = getattr(wrapped.model.get_base_model(), mod).bank
+        off = [0] + torch.tensor(bank.ranks).cumsum(0).tolist()
+        for k, name in enumerate(bank.names):
+            out[f"{mod}.lora_A.{name}"] = bank.lora_A.grad[off[k]:off[k + 1]]
+            out[f"{mod}.lora_B.{name}"] = bank.lora_B.grad[:, off[k]:off[k + 1]]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_adapter_dropout_matches_peft_adapter_by_adapter(backend):
+    """PEFT's per-adapter lora_dropout is honoured in training: outputs and every adapter's gradients match
+    PEFT run adapter by adapter with the same masks (float64 oracle, PEFT fp32 baseline)."""
+    import copy
+    model = peft_dropout_model()
+    oracle_model, baseline_model = copy.deepcopy(model).double(), copy.deepcopy(model)
+    names = ["d3", "d0", "__base__", "d1", "d3"]
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(5, 3, 48, generator=g), torch.randn(5, 3, 56, generator=g)
+    ref = peft_by_adapter(oracle_model, x.double(), names, dy.double(), seed=11)
+    base = peft_by_adapter(baseline_model, x, names, dy, seed=11)
+    wrapped = MultiAdapterModel(model, backend=backend).train()
+    q = wrapped.model.get_base_model().q
+    assert q.adapter_dropout == {"d3": 0.3, "d0": 0.0, "d1": 0.1}
+    torch.manual_seed(11)
+    y = wrapped(x, adapter_names=names)
+    (y * dy).sum().backward()
+    assert_close("y (train, dropout)", y, ref, base)
+    got, want, bl = bank_grads(wrapped), lora_grads(oracle_model), lora_grads(baseline_model)
+    for key in want:
+        assert_close(key, got[key], want[key], bl[key])
+    # the masks really bite: eval (no dropout) differs from train
+    with torch.no_grad():
+        assert not torch.allclose(wrapped.eval()(x, adapter_names=names), y)

@@ -1,0 +1,138 @@
+"""MultiAdapterModel: a PEFT model with several LoRA adapters, run in mixed batches through MultiLoraLinear.
+
+    mm = MultiAdapterModel(peft_model)
+    mm(input_ids, adapter_names=["math", "__base__", "code"])          one adapter per sequence
+    mm.generate(input_ids, adapter_names=[...], max_new_tokens=8)       the same for generation
+    peft_model(input_ids, adapter_names=[...])                          PEFT's own mixed batch: routed here too
+    mm.restore()                                                        PEFT's layers back
+
+The adapter names travel with the call (fastlora.multi.using_adapters, a ContextVar), never as state on
+the layers. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .bank import BASE, AdapterBank
+from .multi import MultiLoraLinear, _names_list, using_adapters
+
+# PEFT methods that read or change the LoRA layers, which are swapped out while wrapped
+_NEEDS_PEFT_LAYERS = ("merge_and_unload", "merge_adapter", "unmerge_adapter", "unload", "set_adapter",
+                      "add_adapter", "delete_adapter", "add_weighted_adapter", "disable_adapter", "load_adapter",
+                      "get_peft_model_state_dict", "get_nb_trainable_parameters", "print_trainable_parameters")
+
+
+def _lora_dropout_p(module, name: str) -> float:
+    """PEFT's dropout probability of adapter ``name`` on a lora.Linear (nn.Identity: 0)."""
+    return float(getattr(module.lora_dropout[name], "p", 0.0))
+
+
+class MultiAdapterModel(nn.Module):
+    """Runs a PEFT model holding several LoRA adapters with a different adapter per sequence.
+
+    Every PEFT ``lora.Linear`` with adapters is replaced (in place) by a MultiLoraLinear whose bank holds
+    a copy of that layer's adapters, scalings and per-adapter dropout p; ``forward(*args,
+    adapter_names=[...], **kwargs)`` and ``generate(...)`` take one name per sequence ("__base__" = no
+    adapter), as PEFT's own mixed-batch ``adapter_names=``; names a layer lacks mean "base" there, as in
+    PEFT. While wrapped, PEFT's ``peft_model(..., adapter_names=...)`` / ``peft_model.generate(...)`` run
+    through the banks too. ``restore()`` puts the PEFT layers back.
+    """
+
+    def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
+                 backend: str | None = None):
+        super().__init__()
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        self.model = peft_model
+        self._swapped: list[tuple[nn.Module, str, nn.Module, MultiLoraLinear]] = []
+        for name, module in list(peft_model.named_modules()):
+            if not isinstance(module, PeftLoraLinear) or not module.lora_A:
+                continue
+            parent = peft_model.get_submodule(name.rpartition(".")[0]) if "." in name else peft_model
+            bank = AdapterBank.from_peft_layer(module, dtype=dtype)
+            bank.requires_grad_(any(module.lora_A[n].weight.requires_grad or module.lora_B[n].weight.requires_grad
+                                    for n in bank.names))
+            layer = MultiLoraLinear(module.get_base_layer(), bank, regime=regime, backend=backend,
+                                    dropout_p={n: _lora_dropout_p(module, n) for n in bank.names})
+            layer.train(module.training)
+            self._swapped.append((parent, name.rpartition(".")[2], module, layer))
+        if not self._swapped:
+            raise ValueError("the model has no PEFT lora.Linear layer with adapters")
+        for parent, attr, _, layer in self._swapped:
+            setattr(parent, attr, layer)
+        self.__dict__["_hooked"] = self._route_peft_mixed_batches()   # not a submodule: no second state_dict entry
+
+    # ------------------------------------------------------------------ calls
+    def _check_names(self, adapter_names) -> list:
+        names = _names_list(adapter_names, "adapter_names")
+        known = set().union(*(layer.bank.names for _, _, _, layer in self._swapped))
+        unknown = sorted({n for n in names if n is not None and n != BASE and n not in known})
+        if unknown:
+            raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {sorted(known)} (and {BASE!r})")
+        return names
+
+    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
+        with using_adapters(self._check_names(adapter_names)):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str], **kwargs):
+        """The wrapped model's ``generate`` with one adapter per sequence (beam search: each name repeated
+        num_beams times, as PEFT does). Decoder-only models; for encoder-decoder models the encoder would
+        see the repeated names too."""
+        if not hasattr(self.model, "generate"):
+            raise AttributeError(f"the wrapped {type(self.model).__name__} has no generate()")
+        with using_adapters(_expand_beams(self._check_names(adapter_names), kwargs)):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ PEFT interplay
+    def _route_peft_mixed_batches(self):
+        """Make PEFT's own ``adapter_names=`` path (PeftModel.forward / generate → LoraModel's
+        ``_enable_peft_forward_hooks``) open a using_adapters block instead of hooking its (swapped-out) layers:
+        an instance attribute shadowing the method, removed by restore()."""
+        lora_model = getattr(self.model, "base_model", self.model)
+        if not hasattr(lora_model, "_enable_peft_forward_hooks"):
+            return None
+
+        @contextlib.contextmanager
+        def hooks(*args, **kwargs):
+            names = kwargs.pop("adapter_names", None)
+            if names is None:
+                yield
+                return
+            with using_adapters(_expand_beams(self._check_names(names), kwargs)):
+                yield
+
+        lora_model.__dict__["_enable_peft_forward_hooks"] = hooks
+        return lora_model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_swapped", "_hooked"):
+                raise
+        if name in _NEEDS_PEFT_LAYERS:
+            raise AttributeError(f"{name}() needs PEFT's LoRA layers, which MultiAdapterModel has swapped out; call "
+                                 f"restore() first (it returns the PEFT model with the trained weights)")
+        return getattr(self.model, name)
+
+    def restore(self) -> nn.Module:
+        """Put the original PEFT layers back; returns the PEFT model."""
+        for parent, attr, peft_layer, _ in self._swapped:
+            setattr(parent, attr, peft_layer)
+        self._swapped = []
+        if self._hooked is not None:
+            self._hooked.__dict__.pop("_enable_peft_forward_hooks", None)
+            self.__dict__["_hooked"] = None
+        return self.model
+
+
+def _expand_beams(names: list, kwargs: dict) -> list:
+    beams = kwargs.get("num_beams")
+    return [n for n in names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else names
+
+
+__all__ = ["MultiAdapterModel"]
