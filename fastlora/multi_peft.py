@@ -4,7 +4,8 @@
     mm(input_ids, adapter_names=["math", "__base__", "code"])          one adapter per sequence
     mm.generate(input_ids, adapter_names=[...], max_new_tokens=8)       the same for generation
     peft_model(input_ids, adapter_names=[...])                          PEFT's own mixed batch: routed here too
-    mm.restore()                                                        PEFT's layers back
+    optimizer = torch.optim.AdamW(mm.parameters()); ...                trains every adapter of a mixed batch
+    mm.save_pretrained(path) / mm.sync_to_peft() / mm.restore()        the trained values back in PEFT's Parameters
 
 The adapter names travel with the call (fastlora.multi.using_adapters, a ContextVar), never as state on
 the layers. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
@@ -40,6 +41,10 @@ class MultiAdapterModel(nn.Module):
     adapter), as PEFT's own mixed-batch ``adapter_names=``; names a layer lacks mean "base" there, as in
     PEFT. While wrapped, PEFT's ``peft_model(..., adapter_names=...)`` / ``peft_model.generate(...)`` run
     through the banks too. ``restore()`` puts the PEFT layers back.
+
+    Training: the banks' packed ``lora_A`` / ``lora_B`` are this model's trainable parameters (trainable
+    when PEFT's were); they are copies, so the trained values reach PEFT's own Parameters through
+    ``sync_to_peft()``, which ``restore()`` and ``save_pretrained()`` call.
     """
 
     def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
@@ -119,10 +124,63 @@ class MultiAdapterModel(nn.Module):
                                  f"restore() first (it returns the PEFT model with the trained weights)")
         return getattr(self.model, name)
 
+    # ------------------------------------------------------------------ training: back to PEFT
+    @torch.no_grad()
+    def sync_to_peft(self) -> int:
+        """Copy the banks' (trained) adapter weights and scalings into the PEFT model's own Parameters.
+
+        The banks hold packed copies (A (Σr, K), B (N, Σr)) that an optimizer over this model's parameters
+        trains; PEFT's per-adapter Parameters are separate tensors. Call this before using the PEFT model
+        (``restore()`` and ``save_pretrained()`` call it). An adapter whose bank values equal PEFT's (seen in
+        the bank's dtype) is left as it is, so untrained adapters keep PEFT's exact values even when the bank
+        is in a narrower dtype. Everything is checked before anything is copied. Returns the number of
+        adapter layers copied.
+        """
+        plan = []
+        for _, attr, peft_layer, layer in self._swapped:
+            for name in layer.bank.names:
+                A, B, s = layer.bank.adapter(name)
+                if name not in peft_layer.lora_A:
+                    raise ValueError(f"adapter {name!r} of the bank at {attr!r} is not in the PEFT layer (added to "
+                                     f"the bank after wrapping); it cannot be synced back")
+                pa, pb = peft_layer.lora_A[name].weight, peft_layer.lora_B[name].weight
+                if pa.shape != A.shape or pb.shape != B.shape:
+                    raise ValueError(f"adapter {name!r} at {attr!r}: the bank holds rank {A.shape[0]}, PEFT rank "
+                                     f"{pa.shape[0]} (replaced in the bank after wrapping); it cannot be synced back")
+                plan.append((peft_layer, name, A, B, s, pa, pb))
+        copied = 0
+        for peft_layer, name, A, B, s, pa, pb in plan:
+            if not (torch.equal(pa.to(A.dtype), A) and torch.equal(pb.to(B.dtype), B)):
+                pa.copy_(A)
+                pb.copy_(B)
+                copied += 1
+            peft_layer.scaling[name] = s
+        return copied
+
+    @contextlib.contextmanager
+    def peft_layers(self):
+        """Inside the block the PEFT model has its own LoRA layers back (synced first); on exit they are
+        swapped out again. For PEFT methods that read the layers."""
+        self.sync_to_peft()
+        for parent, attr, peft_layer, layer in self._swapped:
+            setattr(parent, attr, peft_layer.train(layer.training))
+        try:
+            yield self.model
+        finally:
+            for parent, attr, _, layer in self._swapped:
+                setattr(parent, attr, layer)
+
+    def save_pretrained(self, *args, **kwargs):
+        """PEFT's ``save_pretrained`` with the banks' trained values (synced first)."""
+        with self.peft_layers() as model:
+            return model.save_pretrained(*args, **kwargs)
+
     def restore(self) -> nn.Module:
-        """Put the original PEFT layers back; returns the PEFT model."""
-        for parent, attr, peft_layer, _ in self._swapped:
-            setattr(parent, attr, peft_layer)
+        """Copy the trained values back (``sync_to_peft``), put the original PEFT layers back; returns the
+        PEFT model."""
+        self.sync_to_peft()
+        for parent, attr, peft_layer, layer in self._swapped:
+            setattr(parent, attr, peft_layer.train(layer.training))   # train()/eval() while wrapped reached only ours
         self._swapped = []
         if self._hooked is not None:
             self._hooked.__dict__.pop("_enable_peft_forward_hooks", None)

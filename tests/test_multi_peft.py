@@ -399,3 +399,93 @@ def test_per_adapter_dropout_matches_peft_adapter_by_adapter(backend):
     # the masks really bite: eval (no dropout) differs from train
     with torch.no_grad():
         assert not torch.allclose(wrapped.eval()(x, adapter_names=names), y)
+
+
+# ---------------------------------------------------------------------------
+# training many adapters in one batch trains PEFT's own adapters
+# ---------------------------------------------------------------------------
+
+def peft_layers(model):
+    """PEFT's lora.Linear layers q, v (taken before wrapping: the wrapper swaps them out)."""
+    return {mod: getattr(model.get_base_model(), mod) for mod in ("q", "v")}
+
+
+def peft_weights(layers):
+    return {f"{mod}.{ab}.{name}": getattr(layer, ab)[name].weight.detach().clone()
+            for mod, layer in layers.items() for ab in ("lora_A", "lora_B") for name in layer.lora_A}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sgd_steps_train_peft_adapters(backend, tmp_path):
+    """3 SGD steps through MultiAdapterModel on a mixed batch (with per-adapter dropout) = the same steps done
+    adapter by adapter in PEFT (the mixed batch's gradient is the sum of the per-adapter ones). After
+    sync_to_peft the PEFT model's Parameters hold the trained values (float64 oracle, PEFT fp32 baseline),
+    save_pretrained writes them, and the restored PEFT model gives the trained outputs."""
+    import copy
+    from fastlora.bank import read_peft_checkpoint
+    model = peft_dropout_model()
+    oracle_model, baseline_model = copy.deepcopy(model).double(), copy.deepcopy(model)
+    layers = peft_layers(model)
+    before = peft_weights(layers)
+    names = ["d3", "d0", "__base__", "d1", "d3"]
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(5, 3, 48, generator=g), torch.randn(5, 3, 56, generator=g)) for _ in range(3)]
+    lr = 1e-3
+    wrapped = MultiAdapterModel(model, backend=backend).train()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
+    assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == {
+        f"model.base_model.model.{m}.bank.lora_{ab}" for m in ("q", "v") for ab in "AB"}
+    for step, (x, dy) in enumerate(batches):
+        opt.zero_grad()
+        torch.manual_seed(100 + step)
+        (wrapped(x, adapter_names=names) * dy).sum().backward()
+        opt.step()
+        for m, xx, dd in ((oracle_model, x.double(), dy.double()), (baseline_model, x, dy)):
+            m.train()
+            m.zero_grad()
+            peft_by_adapter(m, xx, names, dd, seed=100 + step)
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if p.grad is not None:
+                        p -= lr * p.grad
+    assert torch.equal(peft_weights(layers)["q.lora_A.d3"], before["q.lora_A.d3"])   # not synced yet: copies
+    assert wrapped.sync_to_peft() == 6                                    # 3 adapters x 2 layers trained
+    got = peft_weights(layers)
+    want, base = peft_weights(peft_layers(oracle_model)), peft_weights(peft_layers(baseline_model))
+    for key in want:
+        assert (want[key] - before[key].double()).abs().max() > 1e-3, f"{key} did not train"
+        assert_close(key, got[key], want[key], base[key])
+    # save_pretrained (through the wrapper) writes the trained values
+    wrapped.save_pretrained(tmp_path)
+    for name in ("d3", "d0", "d1"):
+        _, tensors = read_peft_checkpoint(tmp_path / name)
+        for mod in ("q", "v"):
+            for ab in ("lora_A", "lora_B"):
+                assert torch.equal(tensors[f"base_model.model.{mod}.{ab}.weight"], got[f"{mod}.{ab}.{name}"])
+    # the live and the restored PEFT model give the trained outputs
+    x = batches[0][0]
+    with torch.no_grad():
+        wrapped.eval()
+        oracle_model.eval()
+        ref = oracle_model(x.double(), adapter_names=names)
+        y_wrapped = wrapped(x, adapter_names=names)
+        peft_model = wrapped.restore()
+        y_peft = peft_model(x, adapter_names=names)
+        assert_close("restored PEFT model", y_peft, ref, baseline_model.eval()(x, adapter_names=names))
+        assert_close("wrapped model", y_wrapped, ref, y_peft)
+
+
+def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
+    model = peft_model(torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    wrapped = MultiAdapterModel(model, dtype=torch.bfloat16, backend="torch")
+    assert wrapped.sync_to_peft() == 0                 # nothing trained: PEFT's fp32 values stay exact
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    q = wrapped.model.get_base_model().q
+    q.bank.add("extra", torch.randn(2, 48), torch.randn(40, 2))
+    with pytest.raises(ValueError, match="'extra'.*not in the PEFT layer"):
+        wrapped.sync_to_peft()
+    q.bank.remove("extra")
+    with torch.no_grad():
+        q.bank.lora_A.add_(1.0)
+    assert wrapped.sync_to_peft() == 5                 # every adapter of q changed
