@@ -143,7 +143,7 @@ def anchored_bwd(s: Shape) -> list[Kernel]:
 
 
 def _lora_bwd_chain(s: Shape, first: list[Kernel]) -> list[Kernel]:
-    M, K, N, r, b, ba = s.M, s.K, s.N, s.r, s.b, s.ba
+    M, K, r, b, ba = s.M, s.K, s.r, s.b, s.ba
     drop = [Kernel("dropout bwd", M * K * (2 * b + 1), M * K)] if s.p > 0 else []
     return first + [
         Kernel("dxd = dt·A", M * r * b + r * K * ba + M * K * b, 2 * M * K * r),

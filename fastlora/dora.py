@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, new_seed, pack_mask, unpack_mask
-from .functional import check_inputs
+from .dropout import keep_mask, pack_mask, unpack_mask
+from .functional import check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -444,14 +444,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     N, K, r = check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     check_magnitude(magnitude, x, N)
     be = resolve_backend_choice(backend)
-    p = float(dropout_p) if training else 0.0
-    sdt = _acc(x.dtype)
-    scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt) if isinstance(scaling, Tensor) else \
-        torch.full((), float(scaling), dtype=sdt, device=x.device)
-    if p > 0:
-        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
-    else:
-        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, scale_dtype=_acc(x.dtype))
     compiling = torch.compiler.is_compiling()
     cache = not compiling and not weight.requires_grad
     w2 = _cached_w2(weight, fan_in_fan_out) if cache else None

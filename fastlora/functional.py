@@ -101,6 +101,23 @@ def _constant(value, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t
 
 
+def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dtype: torch.dtype | None = None):
+    """(p, scale, seed) as the ops take them: the dropout probability in effect (0 unless training), the scaling
+    as a 0-d tensor on x's device (fp32; fp64 for fp64 x; cached for a float), and the seed as a 0-d int64
+    tensor (drawn from torch's generator when p > 0 and none is given; a cached zero otherwise)."""
+    p = float(dropout_p) if training else 0.0
+    sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if isinstance(scaling, Tensor):
+        scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
+    else:
+        scale = _constant(float(scaling), sdt, x.device)
+    if p > 0:
+        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
+    else:
+        seed_t = _constant(0, torch.int64, x.device)
+    return p, scale, seed_t
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float | Tensor, dropout_p: float = 0.0, training: bool = True,
                 fan_in_fan_out: bool = False, *, seed: int | Tensor | None = None,
@@ -126,16 +143,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Returns (..., N) in x's dtype; accumulation in float32, rounded once.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
-    p = float(dropout_p) if training else 0.0
-    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(scaling, Tensor):
-        scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
-    else:
-        scale = _constant(float(scaling), sdt, x.device)
-    if p > 0:
-        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
-    else:
-        seed_t = _constant(0, torch.int64, x.device)
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     save_s = torch.is_grad_enabled() and any(

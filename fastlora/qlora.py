@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, new_seed, pack_mask, unpack_mask
-from .functional import _constant, check_inputs
+from .dropout import keep_mask, pack_mask, unpack_mask
+from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
 from .patching import _ATTR, _dropout_p, _peft_active
 
@@ -172,13 +172,7 @@ def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tenso
     n, k = base_layer.out_features, base_layer.in_features
     stand_in = xc.new_empty(()).expand(n, k)                      # shape / dtype / device only, no memory
     check_inputs(xc, stand_in, bias, lora_A, lora_B, scaling, dropout_p, False)
-    p = float(dropout_p) if training else 0.0
-    scale = (scaling.detach().reshape(()).to(device=x.device, dtype=torch.float32) if isinstance(scaling, Tensor)
-             else _constant(float(scaling), torch.float32, x.device))
-    if p > 0:
-        seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
-    else:
-        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
+    p, scale, seed_t = op_scalars(xc, scaling, dropout_p, training, seed)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     backend = resolve_backend_choice(backend)
