@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .checkpoint import pattern_value, read_adapter
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what a bank stores (inputs: any float, cast)
 BASE = "__base__"   # PEFT's name for "no adapter" in mixed batches
 
 
@@ -45,7 +45,7 @@ class AdapterBank(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if dtype not in _FLOATS:
+        if dtype not in BANK_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = nn.Parameter(torch.empty(0, in_features, dtype=dtype, device=device), requires_grad)
@@ -121,7 +121,7 @@ class AdapterBank(nn.Module):
         for an, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{an} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in _FLOATS + (torch.float64,):
+            if not t.dtype.is_floating_point:
                 raise TypeError(f"{an} must be a floating tensor, got {t.dtype}")
         K, N = self.in_features, self.out_features
         if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != K:
@@ -244,7 +244,7 @@ def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tenso
     return config, tensors
 
 
-def load_peft_adapter(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
+def load_peft_adapter_into_banks(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
                       prefix: str = "base_model.model.") -> None:
     """Add the PEFT adapter saved at ``path`` as ``name`` to every bank; banks maps module path -> bank.
 
@@ -274,4 +274,4 @@ def load_peft_adapter(banks: Mapping[str, AdapterBank], path: str | os.PathLike,
         bank.add(name, A, B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
 
 
-__all__ = ["AdapterBank", "BASE", "load_peft_adapter", "read_peft_checkpoint"]
+__all__ = ["AdapterBank", "BASE", "BANK_DTYPES", "load_peft_adapter_into_banks", "read_peft_checkpoint"]

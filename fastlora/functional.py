@@ -11,7 +11,7 @@ from . import ops
 from .backend import resolve_backend_choice
 from .dropout import new_seed
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # float64: gradcheck, oracles
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # the ops' x dtypes; float64: gradcheck, oracles
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -31,7 +31,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-d tensor")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D, got shape {_shape(weight)}")

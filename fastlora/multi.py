@@ -7,7 +7,7 @@ Layers, top to bottom:
     multi_lora_linear(x, weight, bias, bank tensors…, ids, …)       validated functional, differentiable
     fastlora::multi_lora_fwd / fastlora::multi_lora_bwd             torch.library custom ops (autograd wired)
       -> "triton": fastlora.kernels.multi_lora (gather kernels; CUDA, or CPU with TRITON_INTERPRET=1)
-      -> "torch":  torch_forward / torch_backward below (CPU otherwise; the readable maths)
+      -> "torch":  fastlora.multi_reference.multi_torch_forward / _backward (CPU otherwise; the readable maths)
     fastlora.multi_peft.MultiAdapterModel(peft_model)               runs a PEFT model with several loaded
                                                                     adapters in mixed batches through it
 
@@ -17,12 +17,7 @@ fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[
 reads no device value on the host: ids are range-checked with torch._assert_async (immediate on CPU,
 asynchronous on CUDA), so a fixed bank is CUDA-graph capturable.
 
-The pure-torch path is dense and masked: S_all = drop(x)·A_packedᵀ (M, R_tot), columns of other adapters
-zeroed, times s_k, then ·B_packedᵀ. Exact, no Python loop over adapters, no host sync; it spends
-M·R_tot·(K+N) FLOPs instead of Σ_m r_{ids[m]}·(K+N), which is what the kernels spend, but reads every
-adapter once with two GEMMs. A tiled variant (the kernels' token plan, A_k / B_k gathered per tile, one bmm
-per tile) was measured slower on this CPU for the benchmark shapes (the gathers copy M·r_max·(K+N)
-elements; bmm with r ≤ 128 columns runs far below GEMM speed), so it is not shipped.
+The pure-torch path (dense, masked; why not per-adapter tiles) is described in fastlora.multi_reference.
 """
 from __future__ import annotations
 
@@ -36,95 +31,13 @@ from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
 from .bank import BASE, AdapterBank
-from .dropout import keep_mask, new_seed
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from .dropout import new_seed
+from .multi_reference import multi_torch_backward, multi_torch_forward
 
 
 def _kernels():
     from .kernels import multi_lora   # lazily: Triton-only module
     return multi_lora
-
-
-# ---------------------------------------------------------------------------
-# the pure-torch backend (same contract as fastlora.kernels.multi_lora.multi_lora_fwd / _bwd)
-# ---------------------------------------------------------------------------
-
-def _column_masks(offsets, scalings, ids, R_tot):
-    """((M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0; column -> adapter)."""
-    ranks = offsets[1:] - offsets[:-1]
-    col = torch.repeat_interleave(torch.arange(ranks.numel(), device=ids.device), ranks, output_size=R_tot)
-    return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
-
-
-def _keep_scale(seed, M, K, p, device):
-    return keep_mask(seed, M, K, p, device).to(torch.float32) / (1.0 - p) if p > 0 else None
-
-
-def torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
-                  fan_in_fan_out, save_s):
-    K, R_tot = x.shape[-1], lora_A.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    w = weight.t() if fan_in_fan_out else weight
-    y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-    ks = _keep_scale(seed, M, K, dropout_p, x.device)
-    d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
-    S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
-    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
-    Sm = S_all * colscale.to(S_all.dtype)                          # other adapters' columns -> 0, times s_k
-    if lora_B.dtype == y.dtype:
-        y.addmm_(Sm, lora_B.t())
-    else:
-        y.add_((Sm @ lora_B.t()).to(y.dtype))
-    S = _pack_S(S_all, offsets, ids, r_max) if save_s else x.new_zeros((0, r_max), dtype=torch.float32)
-    return y.reshape(*x.shape[:-1], w.shape[0]), S
-
-
-def _gather_index(offsets, ids, r_max, R_tot):
-    """(M, r_max) packed column of S[m, j] and whether it exists (j < r_k, k ≥ 0)."""
-    k = ids.long().clamp(min=0)
-    j = torch.arange(r_max, device=ids.device)
-    valid = (ids[:, None] >= 0) & (j[None, :] < (offsets[k + 1] - offsets[k])[:, None])
-    idx = (offsets[k].long()[:, None] + j[None, :]).clamp(max=max(R_tot - 1, 0))
-    return idx, valid
-
-
-def _pack_S(S_all, offsets, ids, r_max):
-    idx, valid = _gather_index(offsets, ids, r_max, S_all.shape[1])
-    return torch.where(valid, S_all.float().gather(1, idx), 0.0)
-
-
-def _unpack_S(S, offsets, ids, R_tot):
-    idx, valid = _gather_index(offsets, ids, S.shape[1], R_tot)
-    dump = torch.full_like(idx, R_tot)                             # invalid entries go to a dropped column
-    out = S.new_zeros((S.shape[0], R_tot + 1)).scatter_(1, torch.where(valid, idx, dump), S)
-    return out[:, :R_tot]
-
-
-def torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed, fan_in_fan_out,
-                   needs_dx, needs_dA, needs_dB):
-    """(dx, dA (R_tot, K), dB (N, R_tot)); None where not needed. Dense-masked like torch_forward."""
-    K, N, R_tot, ad = x.shape[-1], dy.shape[-1], lora_A.shape[0], lora_A.dtype
-    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
-    w = weight.t() if fan_in_fan_out else weight
-    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
-    colscale = colscale.to(ad)
-    ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
-    dyl = dy2.to(ad)
-    dS = (dyl @ lora_B) * colscale                                 # (M, R_tot) = s_k·dY·B_k on token m's columns
-    dx = dA = dB = None
-    if needs_dB:
-        dB = dyl.t() @ (_unpack_S(S, offsets, ids, R_tot).to(ad) * colscale)
-    if needs_dA:
-        d = x2.to(ad) if ks is None else x2.to(ad) * ks.to(ad)
-        dA = dS.t() @ d
-    if needs_dx:
-        lx = dS @ lora_A
-        if ks is not None:
-            lx = lx * ks.to(ad)
-        dx = torch.addmm(lx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
-    return dx, dA, dB
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +50,7 @@ def _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dro
     if select_backend(x.device, backend) == "triton":
         return _kernels().multi_lora_fwd(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max,
                                          dropout_p, seed, fan_in_fan_out, save_s, regime)
-    return torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
+    return multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
                          fan_in_fan_out, save_s)
 
 
@@ -166,7 +79,7 @@ def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
         dx, dA, dB = _kernels().multi_lora_bwd(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max,
                                                dropout_p, seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB, regime)
     else:
-        dx, dA, dB = torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
+        dx, dA, dB = multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
                                     fan_in_fan_out, needs_dx, needs_dA, needs_dB)
     dy2 = dy.reshape(-1, dy.shape[-1])
     dbias = dy2.sum(0, dtype=torch.float32) if needs_dbias else None
@@ -435,8 +348,7 @@ class MultiLoraLinear(nn.Module):
 
 
 __all__ = ["MultiLoraLinear", "multi_lora_linear", "expand_ids", "using_adapters",
-           "AdapterCall", "current_adapter_call", "torch_forward",
-           "torch_backward"]
+           "AdapterCall", "current_adapter_call"]
 
 
 def __getattr__(name):   # MultiAdapterModel lives in fastlora.multi_peft; the old import path keeps working

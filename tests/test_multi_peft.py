@@ -13,7 +13,7 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from fastlora.bank import AdapterBank, load_peft_adapter, read_peft_checkpoint  # noqa: E402
+from fastlora.bank import AdapterBank, load_peft_adapter_into_banks, read_peft_checkpoint  # noqa: E402
 from fastlora.multi_peft import MultiAdapterModel  # noqa: E402
 from tests._tolerance import assert_baseline_sane, assert_close  # noqa: E402
 
@@ -86,11 +86,11 @@ def test_mixed_batch_matches_peft(dtype):
 
 
 def test_load_peft_checkpoint(tmp_path):
-    """save_pretrained -> load_peft_adapter into banks: same output as PEFT with that adapter active."""
+    """save_pretrained -> load_peft_adapter_into_banks: same output as PEFT with that adapter active."""
     model = peft_model(torch.float32)
     model.save_pretrained(tmp_path, selected_adapters=["r16", "r64"])
     banks = {"q": AdapterBank(48, 40), "v": AdapterBank(40, 56)}
-    load_peft_adapter(banks, tmp_path / "r16", "r16")
+    load_peft_adapter_into_banks(banks, tmp_path / "r16", "r16")
     for mod in ("q", "v"):
         layer = getattr(model.get_base_model(), mod)
         A, B, s = banks[mod].adapter("r16")
@@ -98,7 +98,7 @@ def test_load_peft_checkpoint(tmp_path):
         assert s == pytest.approx(layer.scaling["r16"], rel=1e-7)
     # r64 has no v layer: loading it for v is a clear error and changes no bank
     with pytest.raises(KeyError, match="lora_A"):
-        load_peft_adapter(banks, tmp_path / "r64", "r64")
+        load_peft_adapter_into_banks(banks, tmp_path / "r64", "r64")
     assert banks["q"].names == ["r16"] and banks["v"].names == ["r16"]
 
 
@@ -116,18 +116,18 @@ def test_load_rank_mismatch(tmp_path):
     banks["q"].add("x", torch.randn(3, 48), torch.randn(40, 3))
     snapshot = {k: v.clone() for k, v in banks["q"].state_dict().items()}
     with pytest.raises(ValueError, match="rank mismatch"):
-        load_peft_adapter(banks, path, "r4")
+        load_peft_adapter_into_banks(banks, path, "r4")
     assert banks["q"].names == ["x"] and banks["v"].names == []
     for k, v in banks["q"].state_dict().items():
         assert torch.equal(v, snapshot[k])
     # rank_pattern is honoured: r = 4 for every module again -> loads
     cfg["rank_pattern"] = {"q": 4, "v": 4}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
-    load_peft_adapter(banks, path, "r4")
+    load_peft_adapter_into_banks(banks, path, "r4")
     assert banks["q"].ranks == [3, 4] and banks["v"].ranks == [4]
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_peft_adapter(banks, tmp_path, "r4")
+        load_peft_adapter_into_banks(banks, tmp_path, "r4")
 
 
 def test_dora_adapters_are_refused_not_served_as_plain_lora(tmp_path):
@@ -143,7 +143,7 @@ def test_dora_adapters_are_refused_not_served_as_plain_lora(tmp_path):
     model.save_pretrained(tmp_path)
     banks = {"q": AdapterBank(48, 40), "v": AdapterBank(40, 56)}
     with pytest.raises(ValueError, match="use_dora"):
-        load_peft_adapter(banks, tmp_path, "d")
+        load_peft_adapter_into_banks(banks, tmp_path, "d")
     assert banks["q"].names == [] and banks["v"].names == []
 
 

@@ -89,7 +89,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "    w = weight.t() if fan_in_fan_out else weight\n    drop = dropout_p > 0\n",
            "    w = weight\n    drop = dropout_p > 0\n", T_MULTI_FIFO,
            "multi-adapter backward (Triton) loses the Conv1D (fan_in_fan_out) transpose"),
-    Mutant("multi-torch-bwd-fifo", "fastlora/multi.py",
+    Mutant("multi-torch-bwd-fifo", "fastlora/multi_reference.py",
            "    w = weight.t() if fan_in_fan_out else weight\n    colscale, _ = _column_masks(",
            "    w = weight\n    colscale, _ = _column_masks(", T_MULTI_TORCH_FIFO,
            "multi-adapter backward (torch path) loses the Conv1D (fan_in_fan_out) transpose"),
