@@ -489,3 +489,26 @@ def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
     with torch.no_grad():
         q.bank.lora_A.add_(1.0)
     assert wrapped.sync_to_peft() == 5                 # every adapter of q changed
+
+
+def test_names_are_not_baked_into_a_compiled_model():
+    """torch.compile of the wrapped PEFT model (dynamo; "eager" backend to keep it cheap): the layers read the
+    names from the ContextVar at a graph break, so a second call with other names gets its own adapters.
+    (fullgraph=True cannot trace ContextVar.get; layers given explicit id tensors compile fullgraph, see
+    tests/test_multi_kernels.py.)"""
+    model = peft_model(torch.float32)
+    n1, n2 = ["r8", "__base__", "r1", "r64"], ["r16"] * 4
+    x = torch.randn(4, 3, 48)
+    with torch.no_grad():
+        refs = [(oracle64(model, x, n), model(x, adapter_names=n)) for n in (n1, n2)]
+        wrapped = MultiAdapterModel(model, backend="torch")
+        inner = model.base_model.model
+        torch._dynamo.reset()
+        model.base_model.model = torch.compile(inner, backend="eager")
+        try:
+            for _ in range(2):
+                for n, (ref, base) in zip((n1, n2), refs):
+                    assert_close(f"compiled {n}", wrapped(x, adapter_names=n), ref, base)
+        finally:
+            model.base_model.model = inner
+            torch._dynamo.reset()
