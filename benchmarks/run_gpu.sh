@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/run_gpu.sh [OUT_DIR]                      # every step; OUT_DIR default benchmarks/out/gpu
 #     STEPS="tests tune probe" bash benchmarks/run_gpu.sh OUT   # some steps (a 10-minute command limit:
-#     STEPS="ratios train multi paper micro memory" bash ...    #   run these two halves as two calls)
+#     STEPS="ratios train train4bit multi paper micro memory" bash ...   #   run these two halves as two calls)
 #
 # tests   the GPU tests (tests/test_gpu.py: compiled kernels vs float64 and PEFT; CUDA-graph capture), with a
 #         line per test in OUT_DIR/gpu_tests_live.txt as it ends (a run cut off by its limit still tells),
@@ -13,6 +13,7 @@
 # probe   python -m benchmarks.gpu_probe: kernel-only times, per-kernel profile, chosen configs, model checks,
 # ratios  paired ratios vs the base layer and PEFT (python -m benchmarks.bench_linear),
 # train   one AdamW step of a Llama-3.2-1B-sized LoRA model, PEFT vs PEFT + fastlora.patch (benchmarks.train_step),
+# train4bit  the same over a 4-bit NF4 base (QLoRA: benchmarks.train_step --qlora),
 # multi   bench_multi (pytest-benchmark, CSV + PNG),
 # paper   the paper's Table 1 (python -m benchmarks.paper_table, all columns, 100 trials),
 # micro   bench_linear and bench_merge (pytest-benchmark, CSV + PNG),
@@ -24,7 +25,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=$(realpath -m "${1:-benchmarks/out/gpu}")
-STEPS=" ${STEPS:-tests tune probe ratios train multi paper micro memory} "
+STEPS=" ${STEPS:-tests tune probe ratios train train4bit multi paper micro memory} "
 mkdir -p "$OUT_DIR"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 FASTLORA_BENCH_OUT="$OUT_DIR" FASTLORA_TUNE_CACHE="$OUT_DIR/tune.json"
 failed=0
@@ -50,6 +51,7 @@ step tune "${T_TUNE:-120}" python3 -m fastlora.tune --tokens 128 2048 4096 8192 
 step probe "${T_PROBE:-120}" python3 -m benchmarks.gpu_probe
 step ratios "${T_RATIOS:-90}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"
 step train "${T_TRAIN:-150}" python3 -m benchmarks.train_step
+step train4bit "${T_TRAIN:-150}" python3 -m benchmarks.train_step --qlora
 step multi "${T_MULTI:-70}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
 step paper "${T_PAPER:-120}" python3 -m benchmarks.paper_table --device cuda --out-dir "$OUT_DIR" --no-progress
 step micro "${T_MICRO:-90}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_linear.py \

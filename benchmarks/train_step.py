@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step --quick      # tiny configuration, CPU, under a minute
     python -m benchmarks.train_step              # CUDA: Llama-3.2-1B dimensions, batch 8 x 1024, bfloat16
+    python -m benchmarks.train_step --qlora      # the same with the base quantized to 4 bits (QLoRA, bitsandbytes)
 
 Model: transformers LlamaForCausalLM built from a LlamaConfig with random weights (no download). LoRA:
 PEFT LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05) on q, k, v, o, gate, up, down, init_lora_weights=False
@@ -22,6 +23,10 @@ Before timing, the first step's loss and every LoRA gradient of both models are 
 (float32 on a half base) copy of the PEFT model: fastlora's error <= 2 x PEFT's own + 1e-4 (relative), the
 project's tolerance idiom. That step runs with dropout off: torch's and fastlora's dropout masks come from
 different generators, so only p = 0 can be compared exactly. Output: a table, CSV and PNG in the output folder.
+
+--qlora: the random model is saved to a temporary folder and loaded twice with bitsandbytes' 4-bit NF4 quantization
+(double quant, compute dtype = --dtype), so both models hold the same quantized weights; the same seed gives both the
+same adapters; the reference for the first-step check is the dequantized model in float64 / float32.
 """
 from __future__ import annotations
 
@@ -79,6 +84,7 @@ class Config:
     alpha: int = 32
     dropout: float = 0.05
     lr: float = 1e-4
+    qlora: bool = False
     out_dir: object = None
     notes: list[str] = field(default_factory=list)
 
@@ -94,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 1 with --quick)")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base (bitsandbytes), as QLoRA fine-tunes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; the CSV's device "
                                                              "column records the count)")
     common.add_out_dir_option(p)
@@ -141,9 +148,15 @@ def make_config(args: argparse.Namespace) -> Config:
     if warmup < 1:
         raise ValueError(f"--warmup must be >= 1 (the first step allocates AdamW's state), got {warmup}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    cfg = Config(device=device, dtype=dtype, name=name if sizes == CONFIGS[name] else f"{name} (sizes changed)",
+    name = (name if sizes == CONFIGS[name] else f"{name} (sizes changed)") + (" 4-bit" if args.qlora else "")
+    cfg = Config(device=device, dtype=dtype, name=name,
                  sizes=sizes, rounds=rounds, warmup=warmup, r=args.r, alpha=2 * args.r, dropout=args.dropout,
-                 out_dir=common.output_dir(args.out_dir))
+                 qlora=args.qlora, out_dir=common.output_dir(args.out_dir))
+    if args.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ValueError("--qlora needs bitsandbytes: pip install -e \".[qlora]\"") from e
     if not cuda and name == "1b":
         cfg.notes.append("the 1b configuration on a CPU takes minutes per step and tens of GB")
     return cfg
@@ -151,9 +164,8 @@ def make_config(args: argparse.Namespace) -> Config:
 
 # ---------------------------------------------------------------------------- models
 
-def build_peft(cfg: Config, seed: int = 0):
-    """The PEFT model (train mode) on cfg.device / cfg.dtype, random weights from ``seed``."""
-    from peft import LoraConfig, get_peft_model
+def base_model(cfg: Config, seed: int = 0):
+    """The random-weight Llama on cfg.device / cfg.dtype, weights from ``seed``."""
     from transformers import LlamaConfig, LlamaForCausalLM
     s = cfg.sizes
     torch.manual_seed(seed)
@@ -161,19 +173,64 @@ def build_peft(cfg: Config, seed: int = 0):
                        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
                        max_position_embeddings=max(s.seq, 128), tie_word_embeddings=True, use_cache=False)
     with torch.device(cfg.device):          # initialised where it runs (a 1B model's CPU init takes long)
-        base = LlamaForCausalLM(conf).to(dtype=cfg.dtype)
+        return LlamaForCausalLM(conf).to(dtype=cfg.dtype)
+
+
+def with_lora(cfg: Config, base, seed: int = 1):
+    """PEFT LoRA on ``base`` (train mode); adapters from ``seed``, so two calls give the same adapters."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=TARGETS,
                       init_lora_weights=False, task_type="CAUSAL_LM")
     return get_peft_model(base, lora).train()
 
 
+def build_peft(cfg: Config, seed: int = 0):
+    """The PEFT model (train mode) on cfg.device / cfg.dtype, random weights from ``seed``."""
+    return with_lora(cfg, base_model(cfg, seed))
+
+
+def load_4bit(cfg: Config, folder: str):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=cfg.dtype)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=q, dtype=cfg.dtype,
+                                            device_map={"": cfg.device})
+
+
 def make_pair(cfg: Config):
-    """(PEFT model, patched deep copy, number of patched layers)."""
+    """(PEFT model, patched copy, number of patched layers, reference builder for the first-step check)."""
     from fastlora.patching import patch
-    peft = build_peft(cfg)
-    fast = copy.deepcopy(peft)
+    if not cfg.qlora:
+        peft = build_peft(cfg)
+        fast = copy.deepcopy(peft)
+        ref = lambda: copy.deepcopy(peft).to(torch.float64 if cfg.dtype == torch.float32 else torch.float32)  # noqa: E731
+    else:
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="fastlora_train_step_")
+        base_model(cfg).save_pretrained(folder)
+        peft, fast = (with_lora(cfg, load_4bit(cfg, folder)) for _ in range(2))
+        ref = lambda: dequantized_reference(cfg, folder, peft)  # noqa: E731
     report = patch(fast, strict=True)
-    return peft, fast, len(report.patched)
+    return peft, fast, len(report.patched), ref
+
+
+def dequantized_reference(cfg: Config, folder: str, peft):
+    """The 4-bit PEFT model's maths in float64 (float32 on a half base): its dequantized weights, its adapters."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+
+    from fastlora.qlora import dequantize
+    dt = torch.float64 if cfg.dtype == torch.float32 else torch.float32
+    ref = LlamaForCausalLM.from_pretrained(folder, dtype=dt).to(cfg.device)
+    with torch.no_grad():
+        for name, m in peft.base_model.model.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                ref.get_submodule(name.replace(".base_layer", "")).weight.copy_(dequantize(m, dt))
+    out = with_lora(cfg, ref)
+    lora = {k: v.to(dt) for k, v in peft.state_dict().items() if "lora_" in k}
+    out.load_state_dict(lora, strict=False)
+    return out.to(dt)
 
 
 def batch(cfg: Config, i: int) -> torch.Tensor:
@@ -196,10 +253,12 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().double() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_agreement(peft, fast, ids, cfg: Config) -> dict:
+def check_agreement(peft, fast, ids, cfg: Config, ref=None) -> dict:
     """First step (dropout off, no update): loss and LoRA gradients of both models vs a float64 copy of the
-    PEFT model (float32 for a half base). Raises RuntimeError when fastlora's error > 2 x PEFT's + AGREE_ATOL."""
-    ref = copy.deepcopy(peft).to(torch.float64 if cfg.dtype == torch.float32 else torch.float32)
+    PEFT model (float32 for a half base; ``ref`` builds it, e.g. from dequantized weights). Raises RuntimeError
+    when fastlora's error > 2 x PEFT's + AGREE_ATOL."""
+    ref = ref() if ref is not None else copy.deepcopy(peft).to(torch.float64 if cfg.dtype == torch.float32
+                                                                 else torch.float32)
     out = {}
     try:
         for m in (peft, fast, ref):
@@ -288,12 +347,12 @@ def one_step(model, opt, ids, device) -> tuple[float, float | None]:
 def run(cfg: Config, progress=print) -> list[dict]:
     """Build, check, time; returns the CSV rows (one per provider)."""
     s = cfg.sizes
-    peft, fast, n_patched = make_pair(cfg)
+    peft, fast, n_patched, ref = make_pair(cfg)
     models = {"peft": peft, "fastlora": fast}
     adapter_dtype = str(next(p for n, p in peft.named_parameters() if "lora_A" in n).dtype).replace("torch.", "")
     progress(f"patched {n_patched} LoRA layers; checking the first step against a "
              f"{'float64' if cfg.dtype == torch.float32 else 'float32'} copy of the PEFT model")
-    agree = check_agreement(peft, fast, batch(cfg, 0), cfg)
+    agree = check_agreement(peft, fast, batch(cfg, 0), cfg, ref)
     progress(f"first-step loss (dropout off): reference {agree['ref_loss']:.6f}, PEFT {agree['peft']['loss']:.6f}, "
              f"fastlora {agree['fastlora']['loss']:.6f}; relative error vs reference: loss PEFT "
              f"{agree['peft']['loss_err']:.1e} / fastlora {agree['fastlora']['loss_err']:.1e}, LoRA gradients "
@@ -393,7 +452,7 @@ def main(argv=None) -> int:
         print(n)
     rows = run(cfg)
     print(format_table(rows))
-    tag = f"{common.device_tag(cfg.device)}_{str(cfg.dtype).replace('torch.', '')}"
+    tag = f"{common.device_tag(cfg.device)}_{str(cfg.dtype).replace('torch.', '')}{'_4bit' if cfg.qlora else ''}"
     path = common.write_csv(cfg.out_dir / f"train_step_{tag}.csv", CSV_COLUMNS, rows)
     from . import plot
     png = plot.plot_csv(path)

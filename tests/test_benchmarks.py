@@ -372,7 +372,7 @@ def test_train_step_quick_dry_run(tmp_path, torch_backend, capsys):
 def test_train_step_check_catches_a_wrong_adapter(torch_backend):
     from benchmarks import train_step
     cfg = train_step.make_config(train_step.parser().parse_args(TRAIN_TINY))
-    peft, fast, n = train_step.make_pair(cfg)
+    peft, fast, n, ref = train_step.make_pair(cfg)
     assert n == 7 * cfg.sizes.layers
     ids = train_step.batch(cfg, 0)
     train_step.check_agreement(peft, fast, ids, cfg)                          # same model: agrees
@@ -380,6 +380,19 @@ def test_train_step_check_catches_a_wrong_adapter(torch_backend):
         next(p for name, p in fast.named_parameters() if "lora_B" in name).mul_(1.5)
     with pytest.raises(RuntimeError, match="fastlora disagrees with PEFT"):
         train_step.check_agreement(peft, fast, ids, cfg)
+
+
+def test_train_step_qlora_dry_run(tmp_path, torch_backend, capsys):
+    """--qlora: both models load the same 4-bit weights, every LoRA layer is patched (fastlora.qlora), and the
+    first step agrees with the dequantized float64 reference."""
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import train_step
+    assert train_step.main(TRAIN_TINY + ["--qlora", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "-> agree" in out
+    rows = {r["provider"]: r for r in common.read_csv(tmp_path / "train_step_cpu_float32_4bit.csv")}
+    assert rows["fastlora"]["patched_layers"] == "7" and rows["fastlora"]["config"].endswith("4-bit")
+    assert float(rows["fastlora"]["grad_rel_err"]) < 1e-4
 
 
 @pytest.mark.parametrize("opts,msg", [(["--hidden", "30"], "divisible"), (["--rounds", "0"], "--rounds must be"),
