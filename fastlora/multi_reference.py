@@ -9,6 +9,11 @@ variant (the kernels' token plan, A_k / B_k gathered per tile, one bmm per tile)
 CPU for the benchmark shapes (the gathers copy M·r_max·(K+N) elements; bmm with r ≤ 128 columns runs far
 below GEMM speed), so it is not shipped.
 
+On CPU, where reading the ids on the host costs nothing, the same maths also runs per adapter segment: runs of
+tokens sharing an adapter, in token order or gathered by adapter when the order is fragmented, two small GEMMs
+per run, Σ_m r_{ids[m]}·(K+N) FLOPs. A cost model (``segment_plan``) picks dense or segments; shapes alone
+keep tiny problems dense without any host read.
+
 S (M, r_max) float32 is what forward saves for backward: S[m, :r_k] = drop(x)[m]·A_kᵀ (the kernels' layout).
 """
 from __future__ import annotations
@@ -25,12 +30,25 @@ def _column_masks(offsets, scalings, ids, R_tot):
     return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
 
 
+def _cpu_plan(x, ids, M, K, N, R_tot, offsets):
+    """The per-adapter segment plan on CPU (None: dense masking; always None on other devices). Shapes alone
+    decide when it is surely dense (one adapter, or a problem of a couple of GEMM calls): no host read then."""
+    if (x.device.type != "cpu" or not segments_enabled or M == 0 or offsets.numel() < 3
+            or M * R_tot * (K + N) <= 2 * _SEG_CALL):
+        return None
+    off = offsets.tolist()
+    return segment_plan(ids, M, K, N, R_tot, [b - a for a, b in zip(off[:-1], off[1:])])
+
+
+segments_enabled = True   # False: always dense (benchmarks, tests of the dense path)
+
+
 def _keep_scale(seed, M, K, p, device):
     return keep_mask(seed, M, K, p, device).to(torch.float32) / (1.0 - p) if p > 0 else None
 
 
 def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
-                  fan_in_fan_out, save_s):
+                        fan_in_fan_out, save_s):
     K, R_tot = x.shape[-1], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -38,6 +56,10 @@ def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids,
     y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
     ks = _keep_scale(seed, M, K, dropout_p, x.device)
     d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
+    plan = _cpu_plan(x, ids, M, K, y.shape[1], R_tot, offsets)
+    if plan is not None:
+        S = _segmented_forward(plan, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s)
+        return y.reshape(*x.shape[:-1], w.shape[0]), S
     S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
     colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
     Sm = S_all * colscale.to(S_all.dtype)                          # other adapters' columns -> 0, times s_k
@@ -70,12 +92,17 @@ def _unpack_S(S, offsets, ids, R_tot):
     return out[:, :R_tot]
 
 
-def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed, fan_in_fan_out,
-                   needs_dx, needs_dA, needs_dB):
+def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
+                         fan_in_fan_out, needs_dx, needs_dA, needs_dB):
     """(dx, dA (R_tot, K), dB (N, R_tot)); None where not needed. Dense-masked like multi_torch_forward."""
     K, N, R_tot, ad = x.shape[-1], dy.shape[-1], lora_A.shape[0], lora_A.dtype
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     w = weight.t() if fan_in_fan_out else weight
+    plan = _cpu_plan(x, ids, x2.shape[0], K, N, R_tot, offsets)
+    if plan is not None:
+        ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
+        return _segmented_backward(plan, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x.shape,
+                                   needs_dx, needs_dA, needs_dB)
     colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
     colscale = colscale.to(ad)
     ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
@@ -95,4 +122,109 @@ def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, 
     return dx, dA, dB
 
 
-__all__ = ["multi_torch_forward", "multi_torch_backward"]
+# ---------------------------------------------------------------------------
+# CPU: per-adapter segments (ids read on the host, which costs nothing there)
+# ---------------------------------------------------------------------------
+
+# Cost model in multiply-adds. Dense: M·R_tot·(K+N). Segments: Σ_runs len·r_k·(K+N), plus CALL per run (two small
+# GEMMs and their slicing) and, when the token order is fragmented and tokens are gathered by adapter first,
+# COPY per element gathered and scattered back (M·(K+N); fresh CPU buffers of that size page-fault).
+# Rough constants for one CPU thread, set from paired timings (decode 32 adapters × 1 token and prefill 8 × 64
+# tokens at d 2048: segments beat dense masking in both; a toy layer stays dense).
+_SEG_CALL = 300_000
+_SEG_COPY = 16
+
+
+def segment_plan(ids, M, K, N, R_tot, ranks):
+    """None (use dense masking) or (order, runs): runs [(k, lo, hi)] of one adapter k ≥ 0 each, over the tokens
+    in their own order (order None) or gathered by adapter (order = the gather index), whichever the cost
+    model finds cheapest. Reads ids on the host (CPU)."""
+    dense = M * R_tot * (K + N)
+    idl = ids.long()
+    _, runs = _unsorted_runs(idl, M)
+    present = len({k for k, _, _ in runs})
+    order = None
+    cost = sum((hi - lo) * ranks[k] for k, lo, hi in runs) * (K + N) + _SEG_CALL * len(runs)
+    if len(runs) > 2 * present:                          # fragmented: gather tokens by adapter
+        order = torch.argsort(idl, stable=True)
+        ks, counts = torch.unique_consecutive(idl[order], return_counts=True)
+        runs, lo = [], 0
+        for k, c in zip(ks.tolist(), counts.tolist()):
+            if k >= 0:
+                runs.append((k, lo, lo + c))
+            lo += c
+        cost_sorted = (sum((hi - lo) * ranks[k] for k, lo, hi in runs) * (K + N) + _SEG_CALL * len(runs)
+                       + _SEG_COPY * M * (K + N))
+        if cost_sorted >= cost:
+            return None if cost >= dense else _unsorted_runs(idl, M)
+        cost = cost_sorted
+    return (order, runs) if cost < dense else None
+
+
+def _unsorted_runs(idl, M):
+    bounds = [0] + (torch.nonzero(idl[1:] != idl[:-1]).flatten() + 1).tolist() + [M]
+    firsts = idl[bounds[:-1]].tolist()
+    return None, [(k, lo, hi) for k, lo, hi in zip(firsts, bounds[:-1], bounds[1:]) if k >= 0]
+
+
+def _gather(t, order):
+    return t if order is None else t.index_select(0, order)
+
+
+def _scatter(t, order):
+    return t if order is None else torch.empty_like(t).index_copy_(0, order, t)
+
+
+def _segmented_forward(plan, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s):
+    """y (M, N) += s_k·(d·A_kᵀ)·B_kᵀ run by run; returns S (M, r_max) float32 (or an empty one)."""
+    order, runs = plan
+    M = d.shape[0]
+    off, sc = offsets.tolist(), scalings.tolist()
+    ds = _gather(d, order)
+    tgt = y if order is None else y.new_zeros(y.shape)
+    Ss = torch.zeros((M if save_s else 0, r_max), dtype=torch.float32)
+    for k, lo, hi in runs:
+        a, b = off[k], off[k + 1]
+        Sk = ds[lo:hi] @ lora_A[a:b].t()
+        if save_s:
+            Ss[lo:hi, :b - a] = Sk
+        if tgt.dtype == lora_B.dtype:
+            tgt[lo:hi].addmm_(Sk, lora_B[:, a:b].t(), alpha=sc[k])
+        else:
+            tgt[lo:hi] += ((Sk * sc[k]) @ lora_B[:, a:b].t()).to(tgt.dtype)
+    if order is not None:
+        y.index_add_(0, order, tgt)
+    return _scatter(Ss, order) if save_s else Ss
+
+
+def _segmented_backward(plan, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x_shape,
+                        needs_dx, needs_dA, needs_dB):
+    order, runs = plan
+    ad = lora_A.dtype
+    off, sc = offsets.tolist(), scalings.tolist()
+    dys = _gather(dy2, order).to(ad)
+    Ss = _gather(S, order).to(ad) if needs_dB else None
+    d = x2.to(ad) if ks is None else x2.to(ad) * ks.to(ad)
+    ds = _gather(d, order) if needs_dA else None
+    dA = torch.zeros_like(lora_A) if needs_dA else None
+    dBt = lora_B.new_zeros(lora_B.shape[::-1]) if needs_dB else None          # dBᵀ: row slices per adapter
+    lxs = torch.zeros(x2.shape, dtype=ad) if needs_dx else None
+    for k, lo, hi in runs:
+        a, b = off[k], off[k + 1]
+        dSk = (dys[lo:hi] @ lora_B[:, a:b]) * sc[k]                  # (len, r_k) = s_k·dY·B_k
+        if needs_dB:
+            dBt[a:b].addmm_(Ss[lo:hi, :b - a].t(), dys[lo:hi], alpha=sc[k])
+        if needs_dA:
+            dA[a:b].addmm_(dSk.t(), ds[lo:hi])
+        if needs_dx:
+            lxs[lo:hi] = dSk @ lora_A[a:b]
+    dx = None
+    if needs_dx:
+        lx = _scatter(lxs, order)
+        if ks is not None:
+            lx = lx * ks.to(ad)
+        dx = torch.addmm(lx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x_shape)
+    return dx, dA, (dBt.t() if needs_dB else None)
+
+
+__all__ = ["multi_torch_forward", "multi_torch_backward", "segment_plan"]

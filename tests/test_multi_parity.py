@@ -278,3 +278,57 @@ def test_scaling_is_a_runtime_value():
     assert bank.scalings is before
     torch.testing.assert_close(y0[1::2], torch.nn.functional.linear(x, W, b)[1::2], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y0[0::2], y1[0::2], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# CPU torch path: per-adapter segments (forced here; the cost model picks them only at larger shapes)
+# ---------------------------------------------------------------------------
+
+def force_segments(monkeypatch, gathered):
+    """Make the CPU torch path run segments: in token order (runs of equal ids) or gathered by adapter.
+    Returns the list of (function, gathered?) calls seen, so a test can prove the path ran."""
+    import fastlora.multi_reference as mr
+    monkeypatch.setattr(mr, "_SEG_CALL", 1 if gathered else 0)
+    monkeypatch.setattr(mr, "_SEG_COPY", 0 if gathered else 16)
+    seen = []
+    for fn in ("_segmented_forward", "_segmented_backward"):
+        def spy(plan, *a, _orig=getattr(mr, fn), _fn=fn):
+            seen.append((_fn, plan[0] is not None))
+            return _orig(plan, *a)
+        monkeypatch.setattr(mr, fn, spy)
+    return seen
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["token-order", "gathered"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_cpu_segments_grad_parity(case, gathered, monkeypatch):
+    seen = force_segments(monkeypatch, gathered)
+    check_grads(case, "torch", fan_in_fan_out=case[0] == "fp32-decode")
+    fragmented = len(case[3]) == 1        # random per-token ids; per-sequence ids are already in runs
+    assert {f for f, _ in seen} == {"_segmented_forward", "_segmented_backward"}
+    assert all(g == (gathered and fragmented) for _, g in seen)
+
+
+TORCH_FWD = [c for c in FWD_CASES if c[-1] == "torch"] + [
+    ("torch-fp32-per-seq", torch.float32, torch.float32, (8, 1, 16), (4, 6), "per-seq", "auto", "torch"),
+    ("torch-fp16-all-base", torch.float16, torch.float16, MIXED, (20,), "none", "auto", "torch")]
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["token-order", "gathered"])
+@pytest.mark.parametrize("case", TORCH_FWD, ids=[c[0] for c in TORCH_FWD])
+def test_cpu_segments_forward_parity(case, gathered, monkeypatch):
+    seen = force_segments(monkeypatch, gathered)
+    check_forward(case)
+    assert [f for f, _ in seen] == ["_segmented_forward"]
+
+
+def test_cpu_cost_model_picks_segments_for_decode_and_dense_when_tiny():
+    """32 adapters × 1 token at d 2048 (the issue's CPU case): segments; a 3-adapter toy layer: dense, decided
+    from shapes alone (no host read)."""
+    from fastlora.multi_reference import _cpu_plan
+    bank = make_bank(64, 48, (16,) * 32)
+    ids = torch.arange(32, dtype=torch.int32)
+    x = torch.empty(32, 2048)
+    assert _cpu_plan(x, ids, 32, 2048, 2048, 512, bank.offsets) is not None
+    assert _cpu_plan(x[:, :24], ids[:18] % 3, 18, 24, 20, 25, make_bank(24, 20, (1, 8, 16)).offsets) is None
+    assert _cpu_plan(x.to("meta"), ids, 32, 2048, 2048, 512, bank.offsets) is None
