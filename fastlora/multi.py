@@ -15,9 +15,12 @@ Shapes: x (..., K); ids int32/int64 of shape x.shape[:-1] (per token) or x.shape
 least 3-D); bank tensors: A (R_tot, K), B (N, R_tot), offsets (n+1,) int32, scalings (n,) float32 — see
 fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). The launch path
 reads no device value on the host: ids are range-checked with torch._assert_async (immediate on CPU,
-asynchronous on CUDA), so a fixed bank is CUDA-graph capturable.
+asynchronous on CUDA), so a fixed bank is CUDA-graph capturable (with one dropout p for all adapters; several
+distinct p copy a small membership table to the device per call). Only the CPU torch path reads ids on the
+host, where that costs nothing.
 
-The pure-torch path (dense, masked; why not per-adapter tiles) is described in fastlora.multi_reference.
+The pure-torch path (dense masking, or per-adapter segments on CPU) is described in fastlora.multi_reference.
+Adapter names given per call (MultiAdapterModel, ``using_adapters``) live in a ContextVar, not on the layers.
 """
 from __future__ import annotations
 
