@@ -291,6 +291,35 @@ def using_adapters(names: Sequence[str | None]) -> Iterator[AdapterCall]:
         _CALL.reset(token)
 
 
+@contextlib.contextmanager
+def _entered(call: AdapterCall | None):
+    token = _CALL.set(call)
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+def keep_adapters_for_recompute(checkpoint_func):
+    """Wrap an activation-checkpointing function (``checkpoint_func(function, *args, **kwargs)``, as transformers'
+    ``_gradient_checkpointing_func``) so that the checkpointed function runs — also when backward recomputes it,
+    outside any ``using_adapters`` block — with the adapter names of the call that first ran it."""
+    if getattr(checkpoint_func, "_fastlora_keeps_adapters", False):
+        return checkpoint_func
+
+    def wrapped(function, *args, **kwargs):
+        call = _CALL.get()
+
+        def run(*a, **k):
+            with _entered(call):
+                return function(*a, **k)
+        return checkpoint_func(run, *args, **kwargs)
+
+    wrapped._fastlora_keeps_adapters = True
+    wrapped.__wrapped__ = checkpoint_func
+    return wrapped
+
+
 def current_adapter_call() -> AdapterCall | None:
     """The AdapterCall of the innermost ``using_adapters`` block of this context (None outside any)."""
     return _CALL.get()
@@ -351,7 +380,7 @@ class MultiLoraLinear(nn.Module):
 
 
 __all__ = ["MultiLoraLinear", "multi_lora_linear", "expand_ids", "using_adapters",
-           "AdapterCall", "current_adapter_call"]
+           "AdapterCall", "current_adapter_call", "keep_adapters_for_recompute"]
 
 
 def __getattr__(name):   # MultiAdapterModel lives in fastlora.multi_peft; the old import path keeps working

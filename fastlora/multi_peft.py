@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .bank import BASE, AdapterBank
-from .multi import MultiLoraLinear, _names_list, using_adapters
+from .multi import MultiLoraLinear, _names_list, keep_adapters_for_recompute, using_adapters
 
 # PEFT methods that read or change the LoRA layers, which are swapped out while wrapped
 _NEEDS_PEFT_LAYERS = ("merge_and_unload", "merge_adapter", "unmerge_adapter", "unload", "set_adapter",
@@ -80,8 +80,20 @@ class MultiAdapterModel(nn.Module):
         return names
 
     def forward(self, *args, adapter_names: Sequence[str], **kwargs):
-        with using_adapters(self._check_names(adapter_names)):
+        names = self._check_names(adapter_names)
+        if self.model.training:
+            self._keep_adapters_for_recompute()
+        with using_adapters(names):
             return self.model(*args, **kwargs)
+
+    def _keep_adapters_for_recompute(self):
+        """Activation checkpointing (transformers' ``_gradient_checkpointing_func`` on its layers) recomputes
+        layers during backward, outside this call's using_adapters block: wrap each such function so the
+        recompute sees the names of the call that ran it first (fastlora.multi.keep_adapters_for_recompute)."""
+        for m in self.model.modules():
+            f = m.__dict__.get("_gradient_checkpointing_func")
+            if f is not None and not getattr(f, "_fastlora_keeps_adapters", False):
+                m._gradient_checkpointing_func = keep_adapters_for_recompute(f)
 
     def generate(self, *args, adapter_names: Sequence[str], **kwargs):
         """The wrapped model's ``generate`` with one adapter per sequence (beam search: each name repeated
@@ -107,7 +119,10 @@ class MultiAdapterModel(nn.Module):
             if names is None:
                 yield
                 return
-            with using_adapters(_expand_beams(self._check_names(names), kwargs)):
+            names = _expand_beams(self._check_names(names), kwargs)
+            if self.model.training:
+                self._keep_adapters_for_recompute()
+            with using_adapters(names):
                 yield
 
         lora_model.__dict__["_enable_peft_forward_hooks"] = hooks
@@ -182,6 +197,10 @@ class MultiAdapterModel(nn.Module):
         for parent, attr, peft_layer, layer in self._swapped:
             setattr(parent, attr, peft_layer.train(layer.training))   # train()/eval() while wrapped reached only ours
         self._swapped = []
+        for m in self.model.modules():
+            f = m.__dict__.get("_gradient_checkpointing_func")
+            if getattr(f, "_fastlora_keeps_adapters", False):
+                m._gradient_checkpointing_func = f.__wrapped__
         if self._hooked is not None:
             self._hooked.__dict__.pop("_enable_peft_forward_hooks", None)
             self.__dict__["_hooked"] = None

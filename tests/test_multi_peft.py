@@ -512,3 +512,34 @@ def test_names_are_not_baked_into_a_compiled_model():
         finally:
             model.base_model.model = inner
             torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_with_the_calls_names(reentrant):
+    """transformers' gradient checkpointing recomputes layers during backward, outside the call: the recompute
+    must use the same adapter names (else it raises, or silently trains the wrong adapters). Gradients with
+    checkpointing equal those without (same maths, recomputed), through the wrapper and through PEFT's own
+    adapter_names path; restore() unwraps the checkpointing functions."""
+    model = tiny_llama()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    names = ["math", "__base__", "code"]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    wrapped = MultiAdapterModel(model, backend="torch").train()
+
+    def grads(call):
+        wrapped.zero_grad()
+        call().loss.backward()
+        return {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+
+    plain = grads(lambda: wrapped(ids, adapter_names=names, labels=ids))
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for call in (lambda: wrapped(ids, adapter_names=names, labels=ids),
+                 lambda: model(input_ids=ids, adapter_names=names, labels=ids)):
+        ckpt = grads(call)
+        for n in plain:
+            torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+    wrapped.restore()
+    assert not any(getattr(m.__dict__.get("_gradient_checkpointing_func"), "_fastlora_keeps_adapters", False)
+                   for m in model.modules())
