@@ -120,6 +120,23 @@ def _peft_active(m):
     return [a for a in ([act] if isinstance(act, str) else act) if a in m.lora_A]
 
 
+def peft_adapter_reason(m, dora_ok: bool = False):
+    """Why the active adapter of a PEFT LoRA layer cannot take a fused forward (None if it can): exactly one
+    active adapter, plain LoRA (or DoRA, where ``dora_ok``), no lora_bias, a dropout fastlora draws itself."""
+    active = _peft_active(m)
+    if len(active) != 1:
+        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
+    a = active[0]
+    dora = dora_ok and _dora.is_peft_dora(m, a)
+    if getattr(m, "use_dora", {}).get(a, False) and not dora:
+        return f"adapter {a!r} uses DoRA"
+    if a in getattr(m, "lora_variant", {}) and not dora:
+        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
+    if getattr(m, "lora_bias", {}).get(a, False):
+        return f"adapter {a!r} has lora_bias=True"
+    return _dropout_p(m.lora_dropout[a])[1]
+
+
 def _peft_reason(m):
     """Why this PEFT lora.Linear cannot take the fused forward (None if it can)."""
     base = _peft_base(m)
@@ -127,19 +144,10 @@ def _peft_reason(m):
         return f"base layer is {type(base).__name__} (only nn.Linear and transformers Conv1D)"
     if base is not m and (base._forward_hooks or base._forward_pre_hooks):
         return "base layer has forward hooks"
-    active = _peft_active(m)
-    if len(active) != 1:
-        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
-    a = active[0]
-    if getattr(m, "use_dora", {}).get(a, False) and not _dora.is_peft_dora(m, a):
-        return f"adapter {a!r} uses DoRA"
-    if a in getattr(m, "lora_variant", {}) and not _dora.is_peft_dora(m, a):
-        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
-    if getattr(m, "lora_bias", {}).get(a, False):
-        return f"adapter {a!r} has lora_bias=True"
-    _, why = _dropout_p(m.lora_dropout[a])
+    why = peft_adapter_reason(m, dora_ok=True)
     if why:
         return why
+    a = _peft_active(m)[0]
     w, A, B = base.weight, m.lora_A[a].weight, m.lora_B[a].weight
     k, n = A.shape[1], B.shape[0]
     want = (k, n) if m.fan_in_fan_out else (n, k)

@@ -38,7 +38,7 @@ from .backend import resolve_backend_choice, select_backend
 from .dropout import keep_mask, pack_mask, unpack_mask
 from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
-from .patching import _ATTR, _dropout_p, _peft_active
+from .patching import _ATTR, _dropout_p, _peft_active, peft_adapter_reason
 
 _COMPUTE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -211,19 +211,10 @@ def peft_reason(m) -> str | None:
         return why
     if base._forward_hooks or base._forward_pre_hooks:
         return "base layer has forward hooks"
-    active = _peft_active(m)
-    if len(active) != 1:
-        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
-    a = active[0]
-    if getattr(m, "use_dora", {}).get(a, False):
-        return f"adapter {a!r} uses DoRA"
-    if a in getattr(m, "lora_variant", {}):
-        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
-    if getattr(m, "lora_bias", {}).get(a, False):
-        return f"adapter {a!r} has lora_bias=True"
-    _, why = _dropout_p(m.lora_dropout[a])
+    why = peft_adapter_reason(m)
     if why:
         return why
+    a = _peft_active(m)[0]
     A, B = m.lora_A[a].weight, m.lora_B[a].weight
     if tuple(A.shape) != (A.shape[0], base.in_features) or tuple(B.shape) != (base.out_features, A.shape[0]):
         return f"lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match the base layer " \
