@@ -29,6 +29,7 @@ import fastlora.kernels.dora_norm as kdn
 from fastlora.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close
+from tests.test_patch_peft import run
 
 BACKENDS = ("torch", "triton")
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -71,13 +72,6 @@ def tiny_dora(dtype=F32, dropout=0.0, adapter_dtype=None, trainable_bias=True, s
     return pm
 
 
-def run(model, x, g, seed=7):
-    torch.manual_seed(seed)
-    x = x.detach().clone().requires_grad_(True)
-    model.zero_grad(set_to_none=True)
-    y = model(x)
-    y.backward(g)
-    return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture
