@@ -140,6 +140,15 @@ def device_tag(device: torch.device | str) -> str:
     return "cpu"
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' info logging and deprecation chatter (FutureWarning) in a benchmark's output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 # ---------------------------------------------------------------------------- output folder
 
 def output_dir(explicit: str | os.PathLike | None = None) -> Path:

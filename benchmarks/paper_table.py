@@ -399,10 +399,7 @@ def main(argv=None) -> int:
         cfg = make_config(args)
     except ValueError as e:
         p.error(str(e))
-    import warnings
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)     # transformers deprecation chatter
+    common.quiet_transformers()
     for column in cfg.columns:
         for kind in ("L", "H"):
             theta = COLUMNS[column][2]

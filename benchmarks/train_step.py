@@ -442,10 +442,7 @@ def main(argv=None) -> int:
         cfg = make_config(args)
     except ValueError as e:
         p.error(str(e))
-    import warnings
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    common.quiet_transformers()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     for n in cfg.notes:
