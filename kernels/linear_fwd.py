@@ -187,8 +187,12 @@ SPEC_VALUES = dict(M=SPEC_M, N=SPEC_N, K=SPEC_K, R=SPEC_R, stride_xm=SPEC_K, str
                    stride_yn=1)
 
 
+_SPEC_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def spec_tier(xdt: str, prec: str) -> str:
-    return "half" if xdt != "fp32" and prec != "tf32x3" else "fp32"
+    """policy.tier of a compile spec's dtype name: the check compiles exactly the lists the launches use."""
+    return policy.tier(_SPEC_TORCH[xdt], prec)
 
 
 def _cfg_name(cfg: dict) -> str:
