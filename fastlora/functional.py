@@ -69,7 +69,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
         raise ValueError(f"x, weight, bias, lora_A and lora_B must be on one device, got {sorted(map(str, devices))}")
     if isinstance(scaling, Tensor):
         if scaling.numel() != 1 or scaling.dim() > 1:
-            raise ValueError(f"scaling must be a float or a 0-d tensor, got shape {_shape(scaling)}")
+            raise ValueError(f"scaling must be a float or a one-element tensor (0-d or shape (1,)), got shape {_shape(scaling)}")
         # value checks read the tensor: skipped while torch.compile traces (no data-dependent branch)
         if scaling.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(scaling).all():
             raise ValueError(f"scaling must be finite, got {scaling.item()}")
@@ -77,7 +77,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
         if not torch.compiler.is_compiling() and not math.isfinite(scaling):
             raise ValueError(f"scaling must be finite, got {scaling}")
     else:
-        raise TypeError(f"scaling must be a float or a 0-d tensor, got {type(scaling).__name__}")
+        raise TypeError(f"scaling must be a float or a one-element tensor (0-d or shape (1,)), got {type(scaling).__name__}")
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     return N, K, r
