@@ -37,7 +37,7 @@ def _sync():
 
 def _layers(d, r):
     """(fastlora LoraLinear, PEFT lora.Linear, (W, A, B, s) for the bare update), same numbers."""
-    modules = pytest.importorskip("fastlora.modules", reason="fastlora.modules (LoraLinear) has not landed")
+    from fastlora import modules
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
     g = torch.Generator().manual_seed(0)
