@@ -105,10 +105,19 @@ def _threshold(p: float) -> int:
 _SLAB_COUNTERS = 1 << 15
 
 
-def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float, device=None) -> torch.Tensor:
-    """Boolean (M, K) keep-mask of LoRA dropout with probability ``p`` (True = kept)."""
+def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float | torch.Tensor, device=None) -> torch.Tensor:
+    """Boolean (M, K) keep-mask of LoRA dropout with probability ``p`` (True = kept).
+
+    ``p`` may also be a float32 tensor (M,) of per-row probabilities on ``device`` (multi-adapter: each token
+    its adapter's p); row m is then kept where u ≥ p[m], the same uniforms u compared as floats (as the kernels
+    do; nothing is read on the host)."""
     K4 = -(-K // 4)
-    t = _threshold(p)
+    per_row = isinstance(p, torch.Tensor)
+    if per_row:
+        p_rows = p.to(device=device, dtype=torch.float32)[:, None]
+        scale = torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32, device=device)
+    else:
+        t = _threshold(p)
     keep = torch.empty((M, K4, 4), dtype=torch.bool, device=device)
     cols = torch.arange(K4, device=device, dtype=torch.int64)
     step = max(1, _SLAB_COUNTERS * torch.get_num_threads() // max(K4, 1))
@@ -116,7 +125,10 @@ def keep_mask(seed: int | torch.Tensor, M: int, K: int, p: float, device=None) -
         r1 = min(M, r0 + step)
         counters = torch.arange(r0, r1, device=device, dtype=torch.int64)[:, None] * K4 + cols[None, :]
         for i, w in enumerate(_philox4(seed, counters)):
-            torch.ge(_fold(w), t, out=keep[r0:r1, :, i])
+            if per_row:
+                torch.ge(_fold(w).to(torch.float32) * scale, p_rows[r0:r1], out=keep[r0:r1, :, i])
+            else:
+                torch.ge(_fold(w), t, out=keep[r0:r1, :, i])
     return keep.reshape(M, 4 * K4)[:, :K]
 
 

@@ -3,9 +3,12 @@
     y[m] = x[m]·W0ᵀ + bias + s_k·(drop(x)[m]·A_kᵀ)·B_kᵀ        k = ids[m] (−1: base model only)
 
 Layers, top to bottom:
-    MultiLoraLinear(base_layer, bank).forward(x, adapter_ids)        the module
-    multi_lora_linear(x, weight, bias, bank tensors…, ids, …)       validated functional, differentiable
-    fastlora::multi_lora_fwd / fastlora::multi_lora_bwd             torch.library custom ops (autograd wired)
+    MultiLoraLinear(base_layer, bank).forward(x, adapter_ids | plan=)  the module
+    multi_lora_linear(x, weight, bias, bank, adapter_ids | plan=, …)   validated functional, differentiable
+    plan_batch(bank, adapter_ids, x) -> BatchPlan                     the batch plan, once per model forward
+                                                                    (fastlora.multi_plan), shared by layers
+    _forward / MultiLoraFunction / fastlora::multi_lora_fwd, _bwd     eager inference / eager training /
+                                                                    torch.library custom ops (torch.compile)
       -> "triton": fastlora.kernels.multi_lora (gather kernels; CUDA, or CPU with TRITON_INTERPRET=1)
       -> "torch":  fastlora.multi_reference.multi_torch_forward / _backward (CPU otherwise; the readable maths)
     fastlora.multi_peft.MultiAdapterModel(peft_model)               runs a PEFT model with several loaded
@@ -13,11 +16,11 @@ Layers, top to bottom:
 
 Shapes: x (..., K); ids int32/int64 of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence, x at
 least 3-D); bank tensors: A (R_tot, K), B (N, R_tot), offsets (n+1,) int32, scalings (n,) float32 — see
-fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). The launch path
-reads no device value on the host: ids are range-checked with torch._assert_async (immediate on CPU,
-asynchronous on CUDA), so a fixed bank is CUDA-graph capturable (with one dropout p for all adapters; several
-distinct p copy a small membership table to the device per call). Only the CPU torch path reads ids on the
-host, where that costs nothing.
+fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). Per-adapter dropout
+p is a cached (n, 2) device table (one launch whatever the p's). The launch path reads no device value on
+the host: ids are range-checked with torch._assert_async (immediate on CPU, asynchronous on CUDA) and the plan
+is built with fixed-size device ops, so a fixed bank is CUDA-graph capturable (``BatchPlan.update_`` refills a
+captured plan). Only the CPU torch path reads the plan on the host (once per plan), where that costs nothing.
 
 The pure-torch path (dense masking, or per-adapter segments on CPU) is described in fastlora.multi_reference.
 Adapter names given per call (MultiAdapterModel, ``using_adapters``) live in a ContextVar, not on the layers.
@@ -35,6 +38,8 @@ from torch import Tensor, nn
 from .backend import resolve_backend_choice, select_backend
 from .bank import BASE, AdapterBank
 from .dropout import new_seed
+from .functional import _constant
+from .multi_plan import BatchPlan, choose_regime, expand_ids, plan_batch
 from .multi_reference import multi_torch_backward, multi_torch_forward
 
 
@@ -44,30 +49,83 @@ def _kernels():
 
 
 # ---------------------------------------------------------------------------
-# custom ops
+# the op on the selected backend: eager inference calls _forward directly, eager training goes through
+# MultiLoraFunction, torch.compile traces the custom ops (which carry the plan as its one int32 tensor)
 # ---------------------------------------------------------------------------
 
-def _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out,
-             save_s, regime, backend):
-    """The forward itself on the selected backend (eager inference calls it directly, like fastlora.ops.forward)."""
+def _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed, fan_in_fan_out,
+             save_s, backend):
+    """(y, S) on the selected backend. plan: a BatchPlan; pk: float32 (n, 2) (p_k, 1/(1−p_k)) read when dropout."""
     if select_backend(x.device, backend) == "triton":
-        return _kernels().multi_lora_fwd(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max,
-                                         dropout_p, seed, fan_in_fan_out, save_s, regime)
-    return multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
-                         fan_in_fan_out, save_s)
+        return _kernels().multi_lora_fwd(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk,
+                                         dropout, seed, fan_in_fan_out, save_s)
+    return multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed,
+                               fan_in_fan_out, save_s)
+
+
+def _backward(dy, x, weight, lora_A, lora_B, offsets, scalings, plan, S, r_max, pk, dropout, seed, fan_in_fan_out,
+              needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, backend):
+    """(dx, dA, dB, dbias (float32), dW), None where not needed."""
+    if select_backend(x.device, backend) == "triton":
+        dx, dA, dB = _kernels().multi_lora_bwd(dy, x, weight, lora_A, lora_B, offsets, scalings, plan, S, r_max, pk,
+                                               dropout, seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB)
+    else:
+        dx, dA, dB = multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, plan, S, pk, dropout,
+                                          seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dbias = dy2.sum(0, dtype=torch.float32) if needs_dbias else None
+    dW = None
+    if needs_dW:   # a trainable base weight is not what LoRA is for, but answer correctly
+        g = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
+        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
+    return dx, dA, dB, dbias, dW
+
+
+class MultiLoraFunction(torch.autograd.Function):
+    """Eager training: the same maths as the custom ops, with the BatchPlan object itself kept for backward (so
+    the CPU path's host reads of the plan stay shared by every layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed,
+                fan_in_fan_out, backend):
+        y, S = _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed,
+                        fan_in_fan_out, True, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, S, pk, seed)
+        ctx.plan, ctx.meta = plan, (r_max, dropout, fan_in_fan_out, backend)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, offsets, scalings, S, pk, seed = ctx.saved_tensors
+        r_max, dropout, fifo, backend = ctx.meta
+        nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
+        dx, dA, dB, dbias, dW = _backward(dy.contiguous(), x, weight, lora_A, lora_B, offsets, scalings, ctx.plan, S,
+                                          r_max, pk, dropout, seed, fifo, nx, na, nbb, nb, nw, backend)
+        return (dx, dW, dbias.to(ctx.bias_dtype) if nb else None, dA, dB) + (None,) * 9
+
+
+# ---------------------------------------------------------------------------
+# custom ops (torch.compile): the plan travels as its int32 tensor, rebuilt as a BatchPlan view inside
+# ---------------------------------------------------------------------------
+
+def _plan_view(plan_data, x, offsets, regime):
+    return BatchPlan(plan_data, x.shape[:-1], offsets.numel() - 1, regime)
 
 
 @torch.library.custom_op("fastlora::multi_lora_fwd", mutates_args=())
 def multi_lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                   offsets: Tensor, scalings: Tensor, ids: Tensor, r_max: int, dropout_p: float, seed: Tensor,
-                   fan_in_fan_out: bool, save_s: bool, regime: str, backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
-                    fan_in_fan_out, save_s, regime, backend)
+                   offsets: Tensor, scalings: Tensor, plan: Tensor, regime: str, r_max: int, pk: Tensor,
+                   dropout: bool, seed: Tensor, fan_in_fan_out: bool, save_s: bool,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    y, S = _forward(x, weight, bias, lora_A, lora_B, offsets, scalings, _plan_view(plan, x, offsets, regime), r_max,
+                    pk, dropout, seed, fan_in_fan_out, save_s, backend)
+    return y, S.contiguous()
 
 
 @multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out, save_s,
-      regime, backend):
+def _(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, regime, r_max, pk, dropout, seed, fan_in_fan_out,
+      save_s, backend):
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     M = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], N), x.new_empty((M if save_s else 0, r_max), dtype=torch.float32)
@@ -75,27 +133,17 @@ def _(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p,
 
 @torch.library.custom_op("fastlora::multi_lora_bwd", mutates_args=())
 def multi_lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, offsets: Tensor,
-                   scalings: Tensor, ids: Tensor, S: Tensor, r_max: int, dropout_p: float, seed: Tensor,
-                   fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dbias: bool,
-                   needs_dW: bool, regime: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if select_backend(x.device, backend) == "triton":
-        dx, dA, dB = _kernels().multi_lora_bwd(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max,
-                                               dropout_p, seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB, regime)
-    else:
-        dx, dA, dB = multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
-                                    fan_in_fan_out, needs_dx, needs_dA, needs_dB)
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dbias = dy2.sum(0, dtype=torch.float32) if needs_dbias else None
-    dW = None
-    if needs_dW:   # a trainable base weight is not what LoRA is for, but answer correctly
-        g = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)
-        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)
-    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in (dx, dA, dB, dbias, dW))
+                   scalings: Tensor, plan: Tensor, regime: str, S: Tensor, r_max: int, pk: Tensor, dropout: bool,
+                   seed: Tensor, fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool,
+                   needs_dbias: bool, needs_dW: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = _backward(dy, x, weight, lora_A, lora_B, offsets, scalings, _plan_view(plan, x, offsets, regime), S, r_max,
+                    pk, dropout, seed, fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, backend)
+    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in out)
 
 
 @multi_lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max, dropout_p, seed, fan_in_fan_out,
-      needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, regime, backend):
+def _(dy, x, weight, lora_A, lora_B, offsets, scalings, plan, regime, S, r_max, pk, dropout, seed, fan_in_fan_out,
+      needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, backend):
     like = lambda t, need: (torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
                             if need else x.new_empty(0))
     return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB),
@@ -103,61 +151,29 @@ def _(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, r_max, dropout_p
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed, fan_in_fan_out, save_s,
-     regime, backend) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, ids, output[1], seed)
-    ctx.meta = (r_max, dropout_p, fan_in_fan_out, regime, backend)
+    (x, weight, bias, lora_A, lora_B, offsets, scalings, plan, regime, r_max, pk, dropout, seed, fan_in_fan_out,
+     save_s, backend) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, plan, output[1], pk, seed)
+    ctx.meta = (regime, r_max, dropout, fan_in_fan_out, backend)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dS):
-    x, weight, lora_A, lora_B, offsets, scalings, ids, S, seed = ctx.saved_tensors
-    r_max, p, fifo, regime, backend = ctx.meta
+def _op_backward(ctx, dy, _dS):
+    x, weight, lora_A, lora_B, offsets, scalings, plan, S, pk, seed = ctx.saved_tensors
+    regime, r_max, dropout, fifo, backend = ctx.meta
     nx, nw, nb, na, nbb = (ctx.needs_input_grad[i] for i in range(5))
-    dx, dA, dB, dbias, dW = multi_lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, offsets, scalings, ids, S,
-                                           r_max, p, seed, fifo, nx, na, nbb, nb, nw, regime, backend)
+    dx, dA, dB, dbias, dW = multi_lora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, offsets, scalings, plan,
+                                           regime, S, r_max, pk, dropout, seed, fifo, nx, na, nbb, nb, nw, backend)
     return (dx if nx else None, dW if nw else None, dbias.to(ctx.bias_dtype) if nb else None,
-            dA if na else None, dB if nbb else None) + (None,) * 10
+            dA if na else None, dB if nbb else None) + (None,) * 11
 
 
-torch.library.register_autograd("fastlora::multi_lora_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastlora::multi_lora_fwd", _op_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------
 # validated functional
 # ---------------------------------------------------------------------------
-
-def expand_ids(ids: Tensor, x: Tensor, n: int) -> Tensor:
-    """Per-token int32 ids (M,) from ids of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence).
-
-    Range [−1, n) is asserted on the device (torch._assert_async): immediate ValueError on CPU, a device-side
-    assert on CUDA — never a host read, so the launch path stays capturable.
-    """
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"adapter_ids must be a torch.Tensor of int32/int64 (or a list of adapter names), "
-                        f"got {type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
-    if ids.device != x.device:
-        raise ValueError(f"adapter_ids must be on x's device {x.device}, got {ids.device}")
-    lead = tuple(x.shape[:-1])
-    if tuple(ids.shape) == lead:
-        tok = ids.reshape(-1)
-    elif x.dim() >= 3 and tuple(ids.shape) == lead[:1]:
-        tok = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
-    else:
-        per_seq = f" or {lead[:1]} (one per sequence)" if x.dim() >= 3 else ""
-        raise ValueError(f"adapter_ids must have shape {lead} (one per token){per_seq} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(ids.shape)}")
-    tok = tok.to(torch.int32)
-    if tok.numel():
-        msg = f"adapter_ids must be in [-1, {n}) (-1 = base model only; the bank holds {n} adapters)"
-        try:
-            torch._assert_async(((tok >= -1) & (tok < n)).all(), msg)
-        except RuntimeError as e:
-            raise ValueError(msg) from e
-    return tok
-
 
 def _per_adapter_p(dropout_p, n: int) -> list[float] | float:
     """dropout_p as given: one float for every adapter, or a sequence of n floats (one per adapter)."""
@@ -172,19 +188,38 @@ def _per_adapter_p(dropout_p, n: int) -> list[float] | float:
     return [float(q) for q in dropout_p]
 
 
-def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: AdapterBank, adapter_ids: Tensor,
+_PK: dict = {}
+
+
+def _dropout_table(ps: tuple, device) -> Tensor:
+    """float32 (n, 2) of (p_k, 1/(1−p_k)) on ``device``; cached per (ps, device) (never written, so a bank's
+    fixed dropout costs no copy per call and a captured graph keeps reading the same tensor)."""
+    key = (ps, torch.device(device))
+    t = _PK.get(key)
+    if t is None:
+        if len(_PK) > 256:
+            _PK.clear()
+        with torch.inference_mode(False):
+            t = _PK[key] = torch.tensor([[q, 1.0 / (1.0 - q)] for q in ps] or [[0.0, 1.0]], dtype=torch.float32,
+                                        device=device)
+    return t
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: AdapterBank,
+                      adapter_ids: Tensor | Sequence[str | None] | None = None,
                       dropout_p: float | Sequence[float] = 0.0, training: bool = True, fan_in_fan_out: bool = False,
-                      *, seed: int | Tensor | None = None, regime: str = "auto",
+                      *, plan: BatchPlan | None = None, seed: int | Tensor | None = None, regime: str = "auto",
                       backend: str | None = None) -> Tensor:
     """y = x·Wᵀ + bias + s_k·(dropout_k(x)·A_kᵀ)·B_kᵀ, k = the token's adapter (−1: none). Differentiable in
     x, bias and the bank's packed lora_A / lora_B (so every adapter in the batch trains at once).
 
-    x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · adapter_ids: see expand_ids.
+    x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · the batch's adapters as
+    EITHER ``adapter_ids`` (see fastlora.multi_plan.expand_ids; a list of names per sequence also works) OR a
+    ``plan`` from ``plan_batch`` (built once, shared by every layer whose bank holds the same adapters).
     The bank's dtype is x's or float32. Dropout is the single-adapter op's mask (seed, row, col) with one p
     for every adapter, or ``dropout_p`` = one p per adapter (bank order, as PEFT's per-adapter lora_dropout):
-    token m of adapter k keeps column c iff u(seed, m, c) ≥ p_k, one seed for the whole call. The kernels
-    take one p per launch, so in training each extra distinct p costs one more launch pair and one base-size
-    GEMM (the extra calls run the op with a zero weight on that p's tokens only).
+    token m of adapter k keeps column c iff u(seed, m, c) ≥ p_k, one seed for the whole call, one launch for
+    every p. ``regime`` applies when the plan is built here from ``adapter_ids``.
     """
     from .functional import check_inputs
     if not isinstance(bank, AdapterBank):
@@ -199,43 +234,33 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
         raise ValueError(f"bank must be on x's device {x.device}, got {bank.lora_A.device}")
     check_inputs(x, weight, bias, A0, B0, 1.0, max(ps, default=0.0) if isinstance(ps, list) else ps,
                  fan_in_fan_out)
-    from .kernels.multi_lora import choose_regime
-    choose_regime(1, 1, regime)                                  # validates the name
-    ids = expand_ids(adapter_ids, x, len(bank))
-    if not training:
-        groups = [0.0]
-    elif isinstance(ps, list):
-        groups = sorted(set(ps)) or [0.0]
+    if (plan is None) == (adapter_ids is None):
+        raise ValueError("give the batch's adapters as exactly one of adapter_ids= (ids or names) and plan= "
+                         "(from fastlora.plan_batch)")
+    if plan is None:
+        plan = plan_batch(bank, adapter_ids, x, regime=regime)
+    elif not isinstance(plan, BatchPlan):
+        raise TypeError(f"plan must be a fastlora BatchPlan (from fastlora.plan_batch), got {type(plan).__name__}")
     else:
-        groups = [float(ps)]
-    if max(groups) > 0:
+        choose_regime(1, 1, regime)                                  # validates the name
+        plan.check(x, bank.names)
+    ps_t = tuple(ps) if isinstance(ps, list) else (float(ps),) * len(bank)
+    dropout = training and any(q > 0 for q in ps_t)
+    pk = _dropout_table(ps_t if dropout else (), x.device)
+    if dropout:
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:
-        seed_t = torch.zeros((), dtype=torch.int64, device=x.device)
-    save_s = torch.is_grad_enabled() and any(
+        seed_t = _constant(0, torch.int64, x.device)
+    grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
-    op = multi_lora_fwd if save_s or torch.compiler.is_compiling() else _forward   # eager inference: no op layers
-    args = (bank.offsets, bank.scalings.float())
-    tail = (bank.r_max,)
+    args = (x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings)
     be = resolve_backend_choice(backend)
-    if len(groups) == 1:
-        y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, *args, ids, *tail, groups[0], seed_t, fan_in_fan_out,
-                  save_s, regime, be)
+    if torch.compiler.is_compiling():
+        y, _ = multi_lora_fwd(*args, plan.data, plan.regime, bank.r_max, pk, dropout, seed_t, fan_in_fan_out, grad, be)
         return y
-    y = None
-    zero_w = None
-    for p in groups:   # one call per distinct p; each sees only its adapters' tokens (others -> −1 = base)
-        member = torch.tensor([q == p for q in ps], device=ids.device)
-        ids_p = torch.where((ids >= 0) & member[ids.clamp(min=0).long()], ids, -1)
-        if y is None:
-            y, _ = op(x, weight, bias, bank.lora_A, bank.lora_B, *args, ids_p, *tail, p, seed_t, fan_in_fan_out,
-                      save_s, regime, be)
-        else:
-            zero_w = weight.new_zeros(weight.shape) if zero_w is None else zero_w
-            y_p, _ = op(x, zero_w, None, bank.lora_A, bank.lora_B, *args, ids_p, *tail, p, seed_t, fan_in_fan_out,
-                        save_s, regime, be)
-            y = y + y_p
-    return y
+    if grad:
+        return MultiLoraFunction.apply(*args, plan, bank.r_max, pk, dropout, seed_t, fan_in_fan_out, be)
+    return _forward(*args, plan, bank.r_max, pk, dropout, seed_t, fan_in_fan_out, False, be)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -245,20 +270,22 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
 class AdapterCall:
     """The adapter names of one model call (one per sequence), read by every MultiLoraLinear of that call.
 
-    Ids are built lazily, once per distinct bank layout (names in bank order) and device, so layers whose
-    banks hold the same adapters in the same order share one small host-to-device copy per call.
+    The batch plan is built lazily, once per distinct bank layout (names in bank order), token shape, device
+    and regime: layers whose banks hold the same adapters in the same order (all of MultiAdapterModel's, as a
+    rule) share one small host-to-device copy of the ids and one plan per call.
     """
 
     def __init__(self, names: Sequence[str | None]):
         self.names = _names_list(names, "adapter_names")
-        self._ids: dict = {}
+        self._plans: dict = {}
 
-    def ids_for(self, bank: AdapterBank, device) -> Tensor:
-        key = (tuple(bank.names), torch.device(device))
-        ids = self._ids.get(key)
-        if ids is None:
-            ids = self._ids[key] = bank.ids(self.names, device=device, missing="base")
-        return ids
+    def plan_for(self, bank: AdapterBank, x: Tensor, regime: str = "auto") -> BatchPlan:
+        key = (tuple(bank.names), x.device, tuple(x.shape[:-1]), regime)
+        plan = self._plans.get(key)
+        if plan is None:
+            ids = bank.ids(self.names, device=x.device, missing="base")
+            plan = self._plans[key] = plan_batch(bank, ids, x, regime=regime)
+        return plan
 
 
 _CALL: contextvars.ContextVar[AdapterCall | None] = contextvars.ContextVar("fastlora_adapter_call", default=None)
@@ -360,26 +387,25 @@ class MultiLoraLinear(nn.Module):
         self.adapter_dropout: dict[str, float] = {k: float(v) for k, v in per.items()}   # name -> p (PEFT's)
         self.in_features, self.out_features = K, N
 
-    def forward(self, x: Tensor, adapter_ids=None, *, seed: int | Tensor | None = None) -> Tensor:
-        if adapter_ids is None:
+    def forward(self, x: Tensor, adapter_ids=None, *, plan: BatchPlan | None = None,
+                seed: int | Tensor | None = None) -> Tensor:
+        if adapter_ids is None and plan is None:
             call = _CALL.get()
             if call is None:
                 raise ValueError("MultiLoraLinear needs adapter_ids (a tensor of adapter indices, or a list of "
-                                 "adapter names); none given and the call is not inside using_adapters(...) "
-                                 "(MultiAdapterModel opens one per call)")
-            ids = call.ids_for(self.bank, x.device)
-        elif isinstance(adapter_ids, Tensor):
-            ids = adapter_ids
-        else:
-            ids = self.bank.ids(_names_list(adapter_ids, "adapter_ids"), device=x.device)
+                                 "adapter names) or plan= (fastlora.plan_batch); none given and the call is not "
+                                 "inside using_adapters(...) (MultiAdapterModel opens one per call)")
+            plan = call.plan_for(self.bank, x, self.regime)
+        elif adapter_ids is not None and not isinstance(adapter_ids, Tensor):
+            adapter_ids = _names_list(adapter_ids, "adapter_ids")
         p = ([self.adapter_dropout.get(n, self.dropout_p) for n in self.bank.names] if self.adapter_dropout
              else self.dropout_p)
-        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, ids, p,
-                                 self.training, self.fan_in_fan_out, seed=seed, regime=self.regime,
+        return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, adapter_ids, p,
+                                 self.training, self.fan_in_fan_out, plan=plan, seed=seed, regime=self.regime,
                                  backend=self.backend)
 
 
-__all__ = ["MultiLoraLinear", "multi_lora_linear", "expand_ids", "using_adapters",
+__all__ = ["MultiLoraLinear", "multi_lora_linear", "expand_ids", "plan_batch", "BatchPlan", "using_adapters",
            "AdapterCall", "current_adapter_call", "keep_adapters_for_recompute"]
 
 

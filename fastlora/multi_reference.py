@@ -30,36 +30,44 @@ def _column_masks(offsets, scalings, ids, R_tot):
     return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
 
 
-def _cpu_plan(x, ids, M, K, N, R_tot, offsets):
-    """The per-adapter segment plan on CPU (None: dense masking; always None on other devices). Shapes alone
-    decide when it is surely dense (one adapter, or a problem of a couple of GEMM calls): no host read then."""
+segments_enabled = True   # False: always dense (benchmarks, tests of the dense path)
+
+
+def _segments(plan, x, M, K, N, R_tot, offsets):
+    """The per-adapter segment plan on CPU: (order, runs) or None for dense masking (always None on other
+    devices). Shapes alone decide when it is surely dense (one adapter, or a problem of a couple of GEMM calls);
+    otherwise the plan's host reads (``BatchPlan.host_runs``, once per plan, shared by every layer) and this
+    layer's ranks go through the cost model below."""
     if (x.device.type != "cpu" or not segments_enabled or M == 0 or offsets.numel() < 3
             or M * R_tot * (K + N) <= 2 * _SEG_CALL):
         return None
     off = offsets.tolist()
-    return segment_plan(ids, M, K, N, R_tot, [b - a for a, b in zip(off[:-1], off[1:])])
+    return segment_plan(plan, K, N, R_tot, [b - a for a, b in zip(off[:-1], off[1:])])
 
 
-segments_enabled = True   # False: always dense (benchmarks, tests of the dense path)
+def _keep_scale(seed, M, K, plan, pk, dropout, device):
+    """None (no dropout) or the (M, K) float32 keep/(1−p_k) of each token's adapter k."""
+    if not dropout:
+        return None
+    k = plan.ids.long().clamp(min=0)                  # base-only tokens: any row (their LoRA term is unused)
+    p_rows, inv_rows = pk[k, 0], pk[k, 1]
+    return keep_mask(seed, M, K, p_rows, device).to(torch.float32) * inv_rows[:, None]
 
 
-def _keep_scale(seed, M, K, p, device):
-    return keep_mask(seed, M, K, p, device).to(torch.float32) / (1.0 - p) if p > 0 else None
-
-
-def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, ids, r_max, dropout_p, seed,
+def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed,
                         fan_in_fan_out, save_s):
     K, R_tot = x.shape[-1], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     w = weight.t() if fan_in_fan_out else weight
     y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-    ks = _keep_scale(seed, M, K, dropout_p, x.device)
+    ks = _keep_scale(seed, M, K, plan, pk, dropout, x.device)
     d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
-    plan = _cpu_plan(x, ids, M, K, y.shape[1], R_tot, offsets)
-    if plan is not None:
-        S = _segmented_forward(plan, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s)
+    segs = _segments(plan, x, M, K, y.shape[1], R_tot, offsets)
+    if segs is not None:
+        S = _segmented_forward(segs, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s)
         return y.reshape(*x.shape[:-1], w.shape[0]), S
+    ids = plan.ids
     S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
     colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
     Sm = S_all * colscale.to(S_all.dtype)                          # other adapters' columns -> 0, times s_k
@@ -92,20 +100,20 @@ def _unpack_S(S, offsets, ids, R_tot):
     return out[:, :R_tot]
 
 
-def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, ids, S, dropout_p, seed,
+def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, plan, S, pk, dropout, seed,
                          fan_in_fan_out, needs_dx, needs_dA, needs_dB):
     """(dx, dA (R_tot, K), dB (N, R_tot)); None where not needed. Dense-masked like multi_torch_forward."""
     K, N, R_tot, ad = x.shape[-1], dy.shape[-1], lora_A.shape[0], lora_A.dtype
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     w = weight.t() if fan_in_fan_out else weight
-    plan = _cpu_plan(x, ids, x2.shape[0], K, N, R_tot, offsets)
-    if plan is not None:
-        ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
-        return _segmented_backward(plan, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x.shape,
+    ks = _keep_scale(seed, x2.shape[0], K, plan, pk, dropout, x.device)
+    segs = _segments(plan, x, x2.shape[0], K, N, R_tot, offsets)
+    if segs is not None:
+        return _segmented_backward(segs, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x.shape,
                                    needs_dx, needs_dA, needs_dB)
+    ids = plan.ids
     colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
     colscale = colscale.to(ad)
-    ks = _keep_scale(seed, x2.shape[0], K, dropout_p, x.device)
     dyl = dy2.to(ad)
     dS = (dyl @ lora_B) * colscale                                 # (M, R_tot) = s_k·dY·B_k on token m's columns
     dx = dA = dB = None
@@ -135,36 +143,20 @@ _SEG_CALL = 300_000
 _SEG_COPY = 16
 
 
-def segment_plan(ids, M, K, N, R_tot, ranks):
+def segment_plan(plan, K, N, R_tot, ranks):
     """None (use dense masking) or (order, runs): runs [(k, lo, hi)] of one adapter k ≥ 0 each, over the tokens
-    in their own order (order None) or gathered by adapter (order = the gather index), whichever the cost
-    model finds cheapest. Reads ids on the host (CPU)."""
+    in their own order (order None) or gathered by adapter (order = the plan's sorted_rows), whichever the cost
+    model finds cheapest. Reads the plan on the host (CPU), once per plan."""
+    _, unsorted, by_adapter = plan.host_runs()
+    M = plan.M
     dense = M * R_tot * (K + N)
-    idl = ids.long()
-    _, runs = _unsorted_runs(idl, M)
-    present = len({k for k, _, _ in runs})
-    order = None
-    cost = sum((hi - lo) * ranks[k] for k, lo, hi in runs) * (K + N) + _SEG_CALL * len(runs)
-    if len(runs) > 2 * present:                          # fragmented: gather tokens by adapter
-        order = torch.argsort(idl, stable=True)
-        ks, counts = torch.unique_consecutive(idl[order], return_counts=True)
-        runs, lo = [], 0
-        for k, c in zip(ks.tolist(), counts.tolist()):
-            if k >= 0:
-                runs.append((k, lo, lo + c))
-            lo += c
-        cost_sorted = (sum((hi - lo) * ranks[k] for k, lo, hi in runs) * (K + N) + _SEG_CALL * len(runs)
-                       + _SEG_COPY * M * (K + N))
-        if cost_sorted >= cost:
-            return None if cost >= dense else _unsorted_runs(idl, M)
-        cost = cost_sorted
+    flops = sum((hi - lo) * ranks[k] for k, lo, hi in unsorted) * (K + N)
+    cost, order, runs = flops + _SEG_CALL * len(unsorted), None, unsorted
+    if len(unsorted) > 2 * len(by_adapter):              # fragmented: gather tokens by adapter?
+        cost_sorted = flops + _SEG_CALL * len(by_adapter) + _SEG_COPY * M * (K + N)
+        if cost_sorted < cost:
+            cost, order, runs = cost_sorted, plan.sorted_rows.long(), by_adapter
     return (order, runs) if cost < dense else None
-
-
-def _unsorted_runs(idl, M):
-    bounds = [0] + (torch.nonzero(idl[1:] != idl[:-1]).flatten() + 1).tolist() + [M]
-    firsts = idl[bounds[:-1]].tolist()
-    return None, [(k, lo, hi) for k, lo, hi in zip(firsts, bounds[:-1], bounds[1:]) if k >= 0]
 
 
 def _gather(t, order):

@@ -5,28 +5,28 @@
 Shapes. x (M, K) · W0 (N, K), or (K, N) with fan_in_fan_out · bias (N,) · ids (M,) int32 in [−1, n) ·
 adapter bank packed WITHOUT padding along the rank: A (R_tot, K) rows off[k] … off[k+1]−1 are A_k (r_k, K),
 B (N, R_tot) columns off[k] … off[k+1]−1 are B_k (N, r_k), R_tot = Σ r_k · off (n+1,) int32 ·
-scales (n,) float32 (runtime values, never constexpr) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
+scales (n,) float32 (runtime values, never constexpr) · pk (n, 2) float32 (p_k, 1/(1−p_k)) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
 (zero elsewhere) · seed: 0-d int64 tensor (dropout keep-mask: kernels/_common._keep, the single-adapter op's mask of x
 seen as (M, K), = fastlora.dropout.keep_mask; regenerated in backward, never stored).
 
 Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
 kernel serves forward and backward by swapping strides:
   _shrink_kernel   out[m, j]  = σ_k·Σ_c in[m, c]·W[off_k + j, c]       fwd S = x·A_kᵀ;     bwd dS = s_k·dY·B_k
-  _expand_kernel   out[m, c] += σ_k·Σ_j in[m, j]·W[off_k + j, c]       fwd y += s_k·S·B_kᵀ; bwd dx += dS·A_k
+  _expand_kernel   out[m, c]  = σ_k·Σ_j in[m, j]·W[off_k + j, c] (+b)  fwd y = s_k·S·B_kᵀ + b; bwd dx = dS·A_k
   _grad_kernel     G[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·R[m, c]  bwd dB_k = s_k·Sᵀ·dY, dA_k = dSᵀ·drop(x)
-The base GEMM x·W0ᵀ (+bias) and dY·W0 are torch matmuls (cuBLAS).
+Anchored, as the single-adapter op: the expand kernel WRITES every row of y (dx), base-only tokens included
+(bias or 0), then cuBLAS accumulates the base GEMM in place: y.addmm_(x, W0ᵀ), dx.addmm_(dY, W0) (beta = 1).
+The LoRA term is rounded once to x's dtype, then the base GEMM's fp32 sum is added and rounded (two roundings,
+like PEFT).
 
-Two regimes, planned on the device from fixed-size tensors (no host sync; grids from host-known M, n, r_max):
-  "decode"   one tile per token, no sorting (BGMV-like): tile t = token t, adapter ids[t].
-  "grouped"  tokens sorted by adapter (stable argsort); tiles of BLOCK_M tokens of one adapter (SGMV-like);
-             at most cdiv(M, BLOCK_M) + n tiles, unused ones are empty. The gradient kernel always groups.
-Ranks are looped per tile up to the tile's own r_k (rank blocks past r_k do no work): heterogeneous ranks
-cost what they are, not r_max. fp32 accumulation; the LoRA term is added to the base output in fp32 and
-rounded once more (the base GEMM rounds to x's dtype first, as in PEFT).
+Tiles come from the batch plan (fastlora/multi_plan.py), built once per model forward on the device and shared
+by every layer: "decode" = one tile per token, no sorting (BGMV-like); "grouped" = tiles of BLOCK_M tokens of
+one adapter (SGMV-like), base-only tokens in tiles of their own. The gradient kernel reads the plan's
+tokens-sorted-by-adapter segments. Ranks are looped per tile up to the tile's own r_k (rank blocks past r_k
+do no work): heterogeneous ranks cost what they are, not r_max. Dropout: p per adapter, read from a (n, 2)
+table of (p_k, 1/(1−p_k)) (PEFT's per-adapter lora_dropout, one launch for all of them).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -57,13 +57,19 @@ def _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOC
 
 
 @triton.jit
+def _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT: tl.constexpr):
+    """(seed, p_k, 1/(1−p_k)) of adapter k: p_ptr holds (p, 1/(1−p)) per adapter, float32 (n, 2)."""
+    if HAS_DROPOUT:
+        return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)
+    return 0, 0.0, 1.0
+
+
+@triton.jit
 def _shrink_kernel(
     # pointers
-    in_ptr, w_ptr, out_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr, seed_ptr,
+    in_ptr, w_ptr, out_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr, seed_ptr, p_ptr,
     # sizes
     C,
-    # dropout
-    p, inv_keep,
     # strides
     stride_im, stride_ic,
     stride_wr, stride_wc,
@@ -84,7 +90,7 @@ def _shrink_kernel(
     in_ptrs = in_ptr + rows64[:, None] * stride_im + rc[None, :] * stride_ic
     # (BLOCK_C, BLOCK_R) tile of W_kᵀ
     w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr
-    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
     c_end = tl.where(r0 < rank, C, 0)          # a rank block past r_k (or a base-only tile) does no work
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
@@ -107,27 +113,27 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     # pointers
-    in_ptr, w_ptr, out_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr, seed_ptr,
-    # sizes
+    in_ptr, w_ptr, out_ptr, bias_ptr, rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, scale_ptr,
+    seed_ptr, p_ptr,
+    # sizes (dropout, when on, is applied to the product, column index c: the mask of x seen as (M, C))
     C,
-    # dropout (applied to the product, column index c: the mask of x seen as (M, C))
-    p, inv_keep,
     # strides
     stride_im, stride_ir,
     stride_wr, stride_wc,
     stride_om, stride_oc,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[rows, c] += σ_k·(Σ_{j<r_k} in[rows, j]·W[off_k + j, c]) (⊙ keep/(1−p)). Grid (tiles, C / BLOCK_C)."""
+    """out[rows, c] = σ_k·(Σ_{j<r_k} in[rows, j]·W[off_k + j, c]) (⊙ keep/(1−p_k)) (+ bias[c]), written for
+    every token of the tile (base-only tokens: bias or 0), so that cuBLAS then accumulates the base GEMM onto
+    it (beta = 1). Grid (tiles, C / BLOCK_C)."""
     t = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rc = c0 + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    m_ok = m_ok & ((rows * 0 + rank) > 0)      # base-only tokens: out is left untouched
     rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for j0 in range(0, rank, BLOCK_R):
@@ -140,22 +146,20 @@ def _expand_kernel(
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + k)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+        seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
         acc = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc
-    o_mask = m_ok[:, None] & c_ok[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-    tl.store(o_ptrs, (o + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
 def _grad_kernel(
     # pointers
-    l_ptr, r_ptr, g_ptr, rows_ptr, bounds_ptr, off_ptr, scale_ptr, seed_ptr,
-    # sizes
+    l_ptr, r_ptr, g_ptr, rows_ptr, bounds_ptr, off_ptr, scale_ptr, seed_ptr, p_ptr,
+    # sizes (dropout, when on, is applied to R: the mask of x seen as (M, C))
     C,
-    # dropout (on R, the mask of x seen as (M, C))
-    p, inv_keep,
     # strides
     stride_lm, stride_lr,
     stride_rm, stride_rc,
@@ -181,7 +185,7 @@ def _grad_kernel(
     rm = tl.arange(0, BLOCK_M)
     r_ok = rr < rank
     c_ok = rc < C
-    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         m_ok = (m0 + rm) < hi
@@ -206,10 +210,8 @@ def _grad_kernel(
 # configs: one function per kernel, chosen from host-known sizes (no autotuning: capture-safe)
 # ---------------------------------------------------------------------------
 
-REGIMES = ("auto", "decode", "grouped")
 
-
-def _cfg(kernel: str, regime: str, precision: str = "tf32") -> dict:
+def _cfg(kernel: str, precision: str = "tf32") -> dict:
     """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token).
     tf32x3 dots (lora_precision: fp32 adapters on a half base) take half the shrink's BLOCK_C (no spills)."""
     if interpreting():
@@ -225,165 +227,119 @@ def _cfg(kernel: str, regime: str, precision: str = "tf32") -> dict:
     return dict(BLOCK_M=32, BLOCK_R=16, BLOCK_C=64, num_warps=4, num_stages=2)      # grad
 
 
-def choose_regime(M: int, n: int, regime: str = "auto") -> str:
-    """'decode' when tokens per adapter are few (< 4 on average), else 'grouped'. Host-known numbers only."""
-    if regime not in REGIMES:
-        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
-    if regime != "auto":
-        return regime
-    return "decode" if M < 4 * max(n, 1) else "grouped"
-
-
-@dataclass
-class Plan:
-    """Device-side token plan. rows (M,) token order · tile_adapter/lo/hi (T,) · bounds (n+1,) or None."""
-    rows: torch.Tensor
-    tile_adapter: torch.Tensor
-    tile_lo: torch.Tensor
-    tile_hi: torch.Tensor
-    bounds: torch.Tensor | None
-    regime: str
-    block_m: int
-
-
-def plan_tokens(ids: torch.Tensor, n: int, regime: str, block_m: int) -> Plan:
-    """Tiles of tokens per adapter, built with fixed-size device ops (sort + searchsorted + cumsum).
-
-    decode: tile t = token t. grouped: tokens stably sorted by adapter; adapter k's tokens occupy sorted
-    positions bounds[k] … bounds[k+1]−1 and are cut into cdiv(count_k, block_m) tiles; T = cdiv(M, block_m) + n
-    is an upper bound known on the host, unused tiles are empty (lo = hi = 0, adapter −1).
-    """
-    M, dev = ids.numel(), ids.device
-    i32 = torch.int32
-    if regime == "decode":
-        ar = torch.arange(M, device=dev, dtype=i32)
-        return Plan(ar, ids, ar, ar + 1, None, regime, block_m)
-    sorted_ids, order = torch.sort(ids, stable=True)
-    bounds = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=dev, dtype=ids.dtype), out_int32=True)
-    counts = bounds[1:] - bounds[:-1]
-    tiles = (counts + (block_m - 1)) // block_m
-    tile_end = torch.cumsum(tiles, 0, dtype=i32)
-    T = triton.cdiv(M, block_m) + n
-    t = torch.arange(T, device=dev, dtype=i32)
-    k = torch.searchsorted(tile_end, t, right=True, out_int32=True)      # adapter whose tile range holds t
-    valid = k < n
-    kc = k.clamp(max=n - 1)
-    lo = bounds[kc] + (t - (tile_end[kc] - tiles[kc])) * block_m
-    hi = torch.minimum(lo + block_m, bounds[kc + 1])
-    zero = torch.zeros((), device=dev, dtype=i32)
-    return Plan(order.to(i32), torch.where(valid, kc, -1).to(i32), torch.where(valid, lo, zero),
-                torch.where(valid, hi, zero), bounds, regime, block_m)
-
-
 # ---------------------------------------------------------------------------
-# launchers (tensors in, tensors out)
+# launchers (tensors in, tensors out). ``plan``: the batch plan (fastlora.multi_plan.BatchPlan: rows,
+# tile_adapter, tile_lo, tile_hi, sorted_rows, bounds, all int32 on the device, built once per model forward).
+# ``pk``: float32 (n, 2) table of (p_k, 1/(1−p_k)), read only when ``dropout``.
 # ---------------------------------------------------------------------------
 
 
-def shrink(inp, w, w_strides, out, plan, off, scale, seed, p, r_max, *, scaled, dropout):
+def _tiles(plan, block_m):
+    if block_m != plan.tile_m:
+        raise ValueError(f"plan built for tiles of {plan.tile_m} tokens, the kernel uses BLOCK_M={block_m}")
+    return plan.tile_adapter.numel()
+
+
+def shrink(inp, w, w_strides, out, plan, off, scale, seed, pk, r_max, *, scaled, dropout):
     """out (M, r_max) fp32 = σ_k·drop(inp)·W_kᵀ per token; W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
-    M, C = inp.shape
+    C = inp.shape[1]
     prec = lora_precision(inp.dtype, w.dtype)
-    cfg = _cfg("shrink", plan.regime, prec)
-    if cfg["BLOCK_M"] != plan.block_m:
-        raise ValueError(f"plan built for BLOCK_M={plan.block_m}, shrink uses {cfg['BLOCK_M']}")
-    grid = (triton.cdiv(r_max, cfg["BLOCK_R"]), plan.tile_adapter.numel())
+    cfg = _cfg("shrink", prec)
+    grid = (triton.cdiv(r_max, cfg["BLOCK_R"]), _tiles(plan, cfg["BLOCK_M"]))
     if grid[1] > 65535:
-        raise ValueError(f"at most {65535 - off.numel()} * {plan.block_m} tokens per call, got {M}")
-    _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
-                         C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
+        raise ValueError(f"at most 65535 tiles per call ({plan.regime} plan of {inp.shape[0]} tokens has {grid[1]})")
+    _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed, pk,
+                         C, inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
                          out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
                          FP32_PRECISION=prec, **cfg)
     return out
 
 
-def expand(inp, w, w_strides, out, plan, off, scale, seed, p, *, scaled, dropout, base_dtype):
-    """out (M, C) += σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p)); W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
-    M, C = out.shape
-    cfg = _cfg("expand", plan.regime)
-    if cfg["BLOCK_M"] != plan.block_m:
-        raise ValueError(f"plan built for BLOCK_M={plan.block_m}, expand uses {cfg['BLOCK_M']}")
-    grid = (plan.tile_adapter.numel(), triton.cdiv(C, cfg["BLOCK_C"]))
-    _expand_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed,
-                         C, p, 1.0 / (1.0 - p), inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
-                         out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                         FP32_PRECISION=fp32_precision(base_dtype), **cfg)
+def expand(inp, w, w_strides, out, bias, plan, off, scale, seed, pk, *, scaled, dropout):
+    """out (M, C) = σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p_k)) (+ bias) on every token (base-only: bias or 0);
+    W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
+    C = out.shape[1]
+    cfg = _cfg("expand")
+    grid = (_tiles(plan, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    _expand_kernel[grid](inp, w, out, bias if bias is not None else out, plan.rows, plan.tile_adapter, plan.tile_lo,
+                         plan.tile_hi, off, scale, seed, pk, C, inp.stride(0), inp.stride(1), w_strides[0],
+                         w_strides[1], out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
+                         HAS_BIAS=bias is not None, FP32_PRECISION=fp32_precision(out.dtype), **cfg)
     return out
 
 
-def segment_grad(L, R, g, g_strides, plan, off, scale, seed, p, r_max, *, scaled, dropout, base_dtype):
+def segment_grad(L, R, g, g_strides, plan, off, scale, seed, pk, r_max, *, scaled, dropout, base_dtype):
     """g[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·drop(R)[m, c]; g[row, c] at row·g_strides[0] + c·g_strides[1]."""
     n = off.numel() - 1
     C = R.shape[1]
-    cfg = _cfg("grad", plan.regime)
+    cfg = _cfg("grad")
     grid = (n, triton.cdiv(r_max, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
-    _grad_kernel[grid](L, R, g, plan.rows, plan.bounds, off, scale, seed, C, p, 1.0 / (1.0 - p),
+    _grad_kernel[grid](L, R, g, plan.sorted_rows, plan.bounds, off, scale, seed, pk, C,
                        L.stride(0), L.stride(1), R.stride(0), R.stride(1), g_strides[0], g_strides[1],
                        HAS_DROPOUT=dropout, HAS_SCALE=scaled,
                        FP32_PRECISION=lora_precision(base_dtype, g.dtype), **cfg)
     return g
 
 
-def _base(x2, weight, bias, fan_in_fan_out):
-    w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
-    return torch.addmm(bias.to(x2.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-
-
-def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, ids, r_max, dropout_p, seed, fan_in_fan_out,
-                   save_s, regime="auto"):
+def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, plan, r_max, pk, dropout, seed, fan_in_fan_out,
+                   save_s):
     """Returns (y (..., N) in x's dtype, S (M, r_max) float32 — (0, r_max) when not ``save_s``).
 
-    ids (M,) int32 on x's device, in [−1, n); r_max, n = off.numel() − 1 and M are host-known.
+    Anchored: the expand kernel writes bias + s_k·S·B_kᵀ into every row of y (base-only tokens: the bias), then
+    cuBLAS accumulates y += x·W0ᵀ in place (beta = 1). r_max, n = off.numel() − 1 and M are host-known.
     """
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, n = x2.shape[0], off.numel() - 1
-    y = _base(x2, weight, bias, fan_in_fan_out)
-    S = torch.zeros((M if save_s or n else 0, r_max), device=x.device, dtype=torch.float32)
-    if n and M and r_max:
-        regime = choose_regime(M, n, regime)
-        plan = plan_tokens(ids, n, regime, _cfg("shrink", regime)["BLOCK_M"])
-        drop = dropout_p > 0
-        shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), S, plan, off, scales, seed, dropout_p, r_max,
-               scaled=False, dropout=drop)
-        expand(S, lora_B, (lora_B.stride(1), lora_B.stride(0)), y, plan, off, scales, seed, 0.0,
-               scaled=True, dropout=False, base_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), (S if save_s else S[:0])
+    w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
+    N = w.shape[0]
+    S = torch.zeros((M if save_s else 0, r_max), device=x.device, dtype=torch.float32)
+    if not (n and M and r_max):
+        y = torch.addmm(bias.to(x2.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        return y.reshape(*x.shape[:-1], N), S
+    if not save_s:
+        S = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
+    shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), S, plan, off, scales, seed, pk, r_max,
+           scaled=False, dropout=dropout)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    expand(S, lora_B, (lora_B.stride(1), lora_B.stride(0)), y, None if bias is None else bias.to(x.dtype), plan,
+           off, scales, seed, pk, scaled=True, dropout=False)
+    y.addmm_(x2, w.t())
+    return y.reshape(*x.shape[:-1], N), (S if save_s else S[:0])
 
 
-def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, ids, S, r_max, dropout_p, seed, fan_in_fan_out,
-                   needs_dx, needs_dA, needs_dB, regime="auto"):
+def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, pk, dropout, seed, fan_in_fan_out,
+                   needs_dx, needs_dA, needs_dB):
     """Returns (dx (..., K) or None, dA (R_tot, K) or None, dB (N, R_tot) or None); S from the forward.
 
     dS = s_k·dY·B_k (M, r_max) · dB_k = s_k·dY_kᵀ·S_k · dA_k = dS_kᵀ·drop(x_k)
-    dx = dY·W0 + (dS·A_k) ⊙ keep/(1−p).
+    dx = (dS·A_k) ⊙ keep/(1−p_k) written by the expand kernel, then cuBLAS dx += dY·W0 in place.
     """
     K = x.shape[-1]
     N = dy.shape[-1]
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     M, n = x2.shape[0], off.numel() - 1
-    w = weight.t() if fan_in_fan_out else weight
-    drop = dropout_p > 0
-    dx = (dy2 @ w.to(dy2.dtype)) if needs_dx else None
+    w = (weight.t() if fan_in_fan_out else weight).to(dy2.dtype)
     dA = torch.zeros_like(lora_A) if needs_dA else None
     dB = torch.zeros_like(lora_B) if needs_dB else None
-    if n and M and r_max:
-        regime = choose_regime(M, n, regime)
-        plan = plan_tokens(ids, n, regime, _cfg("shrink", regime)["BLOCK_M"])
-        groups = plan if plan.bounds is not None else plan_tokens(ids, n, "grouped", _cfg("grad", "grouped")["BLOCK_M"])
-        if needs_dx or needs_dA:
-            dS = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
-            shrink(dy2, lora_B, (lora_B.stride(1), lora_B.stride(0)), dS, plan, off, scales, seed, 0.0, r_max,
-                   scaled=True, dropout=False)
-            if needs_dx:
-                expand(dS, lora_A, (lora_A.stride(0), lora_A.stride(1)), dx, plan, off, scales, seed, dropout_p,
-                       scaled=False, dropout=drop, base_dtype=x.dtype)
-            if needs_dA:
-                segment_grad(dS, x2, dA, (dA.stride(0), dA.stride(1)), groups, off, scales, seed, dropout_p, r_max,
-                             scaled=False, dropout=drop, base_dtype=x.dtype)
-        if needs_dB:
-            segment_grad(S, dy2, dB, (dB.stride(1), dB.stride(0)), groups, off, scales, seed, 0.0, r_max,
-                         scaled=True, dropout=False, base_dtype=x.dtype)
+    if not (n and M and r_max):
+        return ((dy2 @ w).reshape(x.shape) if needs_dx else None), dA, dB
+    dx = None
+    if needs_dx or needs_dA:
+        dS = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
+        shrink(dy2, lora_B, (lora_B.stride(1), lora_B.stride(0)), dS, plan, off, scales, seed, pk, r_max,
+               scaled=True, dropout=False)
+        if needs_dx:
+            dx = torch.empty((M, K), device=x.device, dtype=dy2.dtype)
+            expand(dS, lora_A, (lora_A.stride(0), lora_A.stride(1)), dx, None, plan, off, scales, seed, pk,
+                   scaled=False, dropout=dropout)
+            dx.addmm_(dy2, w)
+        if needs_dA:
+            segment_grad(dS, x2, dA, (dA.stride(0), dA.stride(1)), plan, off, scales, seed, pk, r_max,
+                         scaled=False, dropout=dropout, base_dtype=x.dtype)
+    if needs_dB:
+        segment_grad(S, dy2, dB, (dB.stride(1), dB.stride(0)), plan, off, scales, seed, pk, r_max,
+                     scaled=True, dropout=False, base_dtype=x.dtype)
     return (dx.reshape(x.shape) if dx is not None else None), dA, dB
 
 
@@ -393,21 +349,22 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, ids, S, r_max, dr
 
 
 
-# (kernel, role, pointer dtypes ("x": base dtype, "a": adapter dtype), HAS_DROPOUT options, HAS_SCALE, regimes,
-#  typical integer arguments: K = N = 4096, r_max = 64, R_tot = 200; = 1 becomes constexpr as in a real launch)
+# (kernel, role, pointer dtypes ("x": base dtype, "a": adapter dtype), HAS_DROPOUT options, HAS_SCALE, HAS_BIAS
+#  options (expand only), typical integer arguments: K = N = 4096, r_max = 64, R_tot = 200; = 1 becomes
+#  constexpr as in a real launch). Decode and grouped plans launch the same kernels with the same configs.
 _K, _RMAX, _RTOT = 4096, 64, 200
 _LAUNCHES = (
-    ("shrink", "fwd S=x·Aᵀ", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False, True), False, ("decode+grouped",),
+    ("shrink", "fwd S=x·Aᵀ", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False, True), False, (None,),
      dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=_K, stride_wc=1, stride_om=_RMAX, stride_or=1)),
-    ("shrink", "bwd dS=s·dY·B", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False,), True, ("decode+grouped",),
+    ("shrink", "bwd dS=s·dY·B", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False,), True, (None,),
      dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=1, stride_wc=_RTOT, stride_om=_RMAX, stride_or=1)),
-    ("expand", "fwd y+=s·S·Bᵀ", dict(in_ptr="fp32", w_ptr="a", out_ptr="x"), (False,), True, ("decode+grouped",),
-     dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=1, stride_wc=_RTOT, stride_om=_K, stride_oc=1)),
-    ("expand", "bwd dx+=dS·A", dict(in_ptr="fp32", w_ptr="a", out_ptr="x"), (False, True), False, ("decode+grouped",),
-     dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=_K, stride_wc=1, stride_om=_K, stride_oc=1)),
-    ("grad", "bwd dB=s·dYᵀ·S", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False,), True, ("grouped",),
+    ("expand", "fwd y=s·S·Bᵀ+b", dict(in_ptr="fp32", w_ptr="a", out_ptr="x", bias_ptr="x"), (False,), True,
+     (False, True), dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=1, stride_wc=_RTOT, stride_om=_K, stride_oc=1)),
+    ("expand", "bwd dx=dS·A", dict(in_ptr="fp32", w_ptr="a", out_ptr="x", bias_ptr="x"), (False, True), False,
+     (False,), dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=_K, stride_wc=1, stride_om=_K, stride_oc=1)),
+    ("grad", "bwd dB=s·dYᵀ·S", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False,), True, (None,),
      dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=1, stride_gc=_RTOT)),
-    ("grad", "bwd dA=dSᵀ·x", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False, True), False, ("grouped",),
+    ("grad", "bwd dA=dSᵀ·x", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False, True), False, (None,),
      dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=_K, stride_gc=1)),
 )
 _DTYPES = (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
@@ -415,40 +372,42 @@ _INDEX_PTRS = ("rows_ptr", "tile_adapter_ptr", "tile_lo_ptr", "tile_hi_ptr", "of
 
 
 def compile_specs():
-    """Every (kernel, dtype pair, dropout, scale, regime) combination the launchers use, as a CompileSpec."""
+    """Every (kernel, dtype pair, dropout, scale, bias) combination the launchers use, as a CompileSpec."""
     fns = {"shrink": _shrink_kernel, "expand": _expand_kernel, "grad": _grad_kernel}
     specs = []
     for xdt, adt in _DTYPES:
-        for kname, role, ptrs, drops, scaled, regimes, values in _LAUNCHES:
+        for kname, role, ptrs, drops, scaled, biases, values in _LAUNCHES:
             # shrink (S, dS) and grad (dA, dB) feed adapter gradients: tf32x3 for fp32 adapters on a half
             # base (kernels/policy.lora_precision); expand (y, dx) is rounded to the base dtype
             prec = "ieee" if xdt == "fp32" else ("tf32x3" if adt == "fp32" and kname != "expand" else "tf32")
             fn = fns[kname]
             for drop in drops:
-                for regime in regimes:
-                    cfg = dict(_gpu_cfg(kname, regime.split("+")[0], prec))
+                for has_bias in biases:
+                    cfg = dict(_gpu_cfg(kname, prec))
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
+                    if has_bias is not None:
+                        meta["HAS_BIAS"] = has_bias
                     pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
-                    pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64")
-                    sig, consts, attrs = specialize(fn, meta, pointers, values, floats=("p", "inv_keep"))
+                    pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64", p_ptr="fp32")
+                    sig, consts, attrs = specialize(fn, meta, pointers, values)
+                    bias = "" if has_bias is None else f" bias={int(has_bias)}"
                     specs.append(CompileSpec(
-                        f"multi_lora_{kname}[{role}, {regime}] x={xdt} ab={adt}/{prec} drop={int(drop)} "
+                        f"multi_lora_{kname}[{role}] x={xdt} ab={adt}/{prec} drop={int(drop)}{bias} "
                         f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
                         fn, sig, consts, warps, stages, attrs=attrs))
     return specs
 
 
-def _gpu_cfg(kernel, regime, precision):
+def _gpu_cfg(kernel, precision):
     """The GPU config even when the interpreter is on (compile_specs describes the shipped GPU configs)."""
     import os
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return _cfg(kernel, regime, precision)
+        return _cfg(kernel, precision)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
 
 
-__all__ = ["multi_lora_fwd", "multi_lora_bwd", "plan_tokens", "choose_regime", "shrink", "expand",
-           "segment_grad", "compile_specs", "REGIMES"]
+__all__ = ["multi_lora_fwd", "multi_lora_bwd", "shrink", "expand", "segment_grad", "compile_specs"]

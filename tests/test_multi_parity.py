@@ -324,11 +324,33 @@ def test_cpu_segments_forward_parity(case, gathered, monkeypatch):
 
 def test_cpu_cost_model_picks_segments_for_decode_and_dense_when_tiny():
     """32 adapters × 1 token at d 2048 (the issue's CPU case): segments; a 3-adapter toy layer: dense, decided
-    from shapes alone (no host read)."""
-    from fastlora.multi_reference import _cpu_plan
+    from shapes alone (no host read of the plan)."""
+    from fastlora.multi_plan import plan_batch
+    from fastlora.multi_reference import _segments
     bank = make_bank(64, 48, (16,) * 32)
-    ids = torch.arange(32, dtype=torch.int32)
     x = torch.empty(32, 2048)
-    assert _cpu_plan(x, ids, 32, 2048, 2048, 512, bank.offsets) is not None
-    assert _cpu_plan(x[:, :24], ids[:18] % 3, 18, 24, 20, 25, make_bank(24, 20, (1, 8, 16)).offsets) is None
-    assert _cpu_plan(x.to("meta"), ids, 32, 2048, 2048, 512, bank.offsets) is None
+    plan = plan_batch(bank, torch.randperm(32).to(torch.int32), x[:, :64])
+    assert _segments(plan, x, 32, 2048, 2048, 512, bank.offsets) is not None
+    toy = make_bank(24, 20, (1, 8, 16))
+    tiny = plan_batch(toy, torch.arange(18, dtype=torch.int32) % 3, x[:18, :24])
+    assert _segments(tiny, x[:18, :24], 18, 24, 20, 25, toy.offsets) is None
+    assert tiny._host == {}                                  # decided without reading the plan
+    assert _segments(plan, x.to("meta"), 32, 2048, 2048, 512, bank.offsets) is None
+
+
+def test_plan_host_reads_are_shared_by_layers(monkeypatch):
+    """The CPU path reads a plan on the host once, however many layers use it."""
+    from fastlora.multi_plan import BatchPlan, plan_batch
+    import fastlora.multi_reference as mr
+    monkeypatch.setattr(mr, "_SEG_CALL", 0)
+    calls = []
+    orig = BatchPlan.host_runs
+
+    def spy(self):
+        calls.append(bool(self._host))
+        return orig(self)
+    monkeypatch.setattr(BatchPlan, "host_runs", spy)
+    x, W, b, bank = setup(40, 30, (4, 8, 2), torch.float32, torch.float32, (12,))
+    plan = plan_batch(bank, torch.tensor([0, 1, 2, -1] * 3, dtype=torch.int32), x)
+    ys = [multi_lora_linear(x, W, b, bank, plan=plan, backend="torch") for _ in range(3)]
+    assert calls == [False, True, True] and all(torch.equal(y, ys[0]) for y in ys)
