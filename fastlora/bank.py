@@ -3,7 +3,8 @@
 Storage (what the gather kernels read), for adapters k = 0 … n−1 of ranks r_k, R_tot = Σ r_k:
 
     lora_A    (R_tot, K)   rows off[k] … off[k+1]−1 are adapter k's A_k (r_k, K)        nn.Parameter
-    lora_B    (N, R_tot)   columns off[k] … off[k+1]−1 are adapter k's B_k (N, r_k)     nn.Parameter
+    lora_B    (N, R_tot)   columns off[k] … off[k+1]−1 are adapter k's B_k (N, r_k)     nn.Parameter,
+                           stored transposed (strides (1, N)): each B_kᵀ is one contiguous (r_k, N) block
     offsets   (n+1,) int32 off[0] = 0, off[k+1] = off[k] + r_k                         buffer
     scalings  (n,) float32 s_k = alpha_k / r_k, or alpha_k / √r_k (rsLoRA)             buffer (runtime values)
 
@@ -12,6 +13,10 @@ Changing the set of adapters (add / remove / replace) builds new packed tensors:
 adapters shift on remove, and an optimizer holding the old parameters must be rebuilt. Every change
 is validated completely before anything is modified, so a failed call leaves the bank as it was.
 A scaling change (``set_scaling``) is in place: no recompilation, CUDA graphs see the new value.
+
+Why B is stored transposed: every reader walks one adapter's B_k along N (the expand, the dS = dY·B_k pass,
+dB_k); a contiguous B_kᵀ block makes those reads unit-stride (CPU: a per-adapter expand with a contiguous
+(r, N) block measured 0.20 ms against 0.31 ms through the strided view, 32 adapters r 16 at d 2048).
 
 Dtype policy: adapters are stored in the bank's ``dtype`` (float32 by default, PEFT's choice for a
 half base; or the base model's dtype); weights given in another float dtype are cast on entry.
@@ -153,11 +158,11 @@ class AdapterBank(nn.Module):
         """Pack and install (all new tensors are built before any attribute changes)."""
         dev, K, N = self.lora_A.device, self.in_features, self.out_features
         A = torch.cat(As, 0) if As else torch.empty(0, K, dtype=self.dtype, device=dev)
-        B = torch.cat(Bs, 1) if Bs else torch.empty(N, 0, dtype=self.dtype, device=dev)
+        Bt = torch.cat([b.t() for b in Bs], 0) if Bs else torch.empty(0, N, dtype=self.dtype, device=dev)
         off = torch.tensor([0] + list(_cumsum(ranks)), dtype=torch.int32, device=dev)
         sc = torch.tensor(scales, dtype=torch.float32, device=dev)
         grad = self.lora_A.requires_grad
-        new_A, new_B = nn.Parameter(A.contiguous(), grad), nn.Parameter(B.contiguous(), grad)
+        new_A, new_B = nn.Parameter(A.contiguous(), grad), nn.Parameter(Bt.contiguous().t(), grad)
         self.lora_A, self.lora_B = new_A, new_B
         self.offsets, self.scalings = off, sc
         self._names, self._ranks = list(names), list(ranks)

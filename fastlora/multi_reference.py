@@ -18,6 +18,8 @@ S (M, r_max) float32 is what forward saves for backward: S[m, :r_k] = drop(x)[m]
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .dropout import keep_mask
@@ -144,19 +146,57 @@ _SEG_COPY = 16
 
 
 def segment_plan(plan, K, N, R_tot, ranks):
-    """None (use dense masking) or (order, runs): runs [(k, lo, hi)] of one adapter k ≥ 0 each, over the tokens
-    in their own order (order None) or gathered by adapter (order = the plan's sorted_rows), whichever the cost
-    model finds cheapest. Reads the plan on the host (CPU), once per plan."""
+    """None (use dense masking) or (order, runs, sizes): runs [(k, lo, hi)] of one adapter k ≥ 0 each, over the
+    tokens in their own order (order None) or gathered by adapter (order = the plan's sorted_rows), whichever the
+    cost model finds cheapest; ``sizes`` cut the M tokens into the runs and the gaps between them (one
+    ``split`` per tensor instead of a slice per run). Reads the plan on the host (CPU), once per plan."""
     _, unsorted, by_adapter = plan.host_runs()
     M = plan.M
     dense = M * R_tot * (K + N)
     flops = sum((hi - lo) * ranks[k] for k, lo, hi in unsorted) * (K + N)
-    cost, order, runs = flops + _SEG_CALL * len(unsorted), None, unsorted
+    cost, gathered = flops + _SEG_CALL * len(unsorted), False
     if len(unsorted) > 2 * len(by_adapter):              # fragmented: gather tokens by adapter?
         cost_sorted = flops + _SEG_CALL * len(by_adapter) + _SEG_COPY * M * (K + N)
         if cost_sorted < cost:
-            cost, order, runs = cost_sorted, plan.sorted_rows.long(), by_adapter
-    return (order, runs) if cost < dense else None
+            cost, gathered = cost_sorted, True
+    if cost >= dense:
+        return None
+    key = ("cuts", gathered)
+    cuts = plan._host.get(key)
+    if cuts is None:
+        cuts = plan._host[key] = _cuts(by_adapter if gathered else unsorted, M)
+    return (plan.sorted_rows.long() if gathered else None, *cuts)
+
+
+def _cuts(runs, M):
+    """(runs as [(k, piece index)], piece sizes covering 0 … M) for Tensor.split."""
+    sizes, at, prev = [], [], 0
+    for k, lo, hi in runs:
+        if lo > prev:
+            sizes.append(lo - prev)
+        at.append((k, len(sizes)))
+        sizes.append(hi - lo)
+        prev = hi
+    if prev < M:
+        sizes.append(M - prev)
+    return at, sizes
+
+
+_VIEWS: dict = {}    # id(lora_A) -> (weakref(lora_A), weakref(lora_B), offsets, views); dropped with lora_A
+
+
+def _adapter_views(lora_A, lora_B, offsets):
+    """[(A_kᵀ (K, r_k), B_kᵀ (r_k, N))] per adapter: views of the packed (detached) tensors, cached per lora_A
+    (a bank changes its adapters only by installing new tensors), so a call slices nothing."""
+    off = tuple(offsets.tolist())
+    key = id(lora_A)
+    hit = _VIEWS.get(key)
+    if hit is None or hit[0]() is not lora_A or hit[1]() is not lora_B or hit[2] != off:
+        A, B = lora_A.detach(), lora_B.detach()
+        views = [(A[a:b].t(), B[:, a:b].t()) for a, b in zip(off[:-1], off[1:])]
+        hit = _VIEWS[key] = (weakref.ref(lora_A, lambda _, k=key: _VIEWS.pop(k, None)), weakref.ref(lora_B), off,
+                             views)
+    return hit[3]
 
 
 def _gather(t, order):
@@ -167,49 +207,54 @@ def _scatter(t, order):
     return t if order is None else torch.empty_like(t).index_copy_(0, order, t)
 
 
-def _segmented_forward(plan, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s):
+def _segmented_forward(segs, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s):
     """y (M, N) += s_k·(d·A_kᵀ)·B_kᵀ run by run; returns S (M, r_max) float32 (or an empty one)."""
-    order, runs = plan
+    order, at, sizes = segs
     M = d.shape[0]
-    off, sc = offsets.tolist(), scalings.tolist()
-    ds = _gather(d, order)
+    sc, views = scalings.tolist(), _adapter_views(lora_A, lora_B, offsets)
     tgt = y if order is None else y.new_zeros(y.shape)
     Ss = torch.zeros((M if save_s else 0, r_max), dtype=torch.float32)
-    for k, lo, hi in runs:
-        a, b = off[k], off[k + 1]
-        Sk = ds[lo:hi] @ lora_A[a:b].t()
+    dp, tp = _gather(d, order).split(sizes), tgt.split(sizes)
+    sp = Ss.split(sizes) if save_s else None
+    same = tgt.dtype == lora_B.dtype
+    for k, i in at:
+        At, Bt = views[k]
+        Sk = torch.mm(dp[i], At)
         if save_s:
-            Ss[lo:hi, :b - a] = Sk
-        if tgt.dtype == lora_B.dtype:
-            tgt[lo:hi].addmm_(Sk, lora_B[:, a:b].t(), alpha=sc[k])
+            sp[i][:, :At.shape[1]] = Sk
+        if same:
+            tp[i].addmm_(Sk, Bt, alpha=sc[k])
         else:
-            tgt[lo:hi] += ((Sk * sc[k]) @ lora_B[:, a:b].t()).to(tgt.dtype)
+            tp[i].add_(torch.mm(Sk * sc[k], Bt).to(tgt.dtype))
     if order is not None:
         y.index_add_(0, order, tgt)
     return _scatter(Ss, order) if save_s else Ss
 
 
-def _segmented_backward(plan, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x_shape,
+def _segmented_backward(segs, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x_shape,
                         needs_dx, needs_dA, needs_dB):
-    order, runs = plan
+    order, at, sizes = segs
     ad = lora_A.dtype
     off, sc = offsets.tolist(), scalings.tolist()
-    dys = _gather(dy2, order).to(ad)
-    Ss = _gather(S, order).to(ad) if needs_dB else None
+    views = _adapter_views(lora_A, lora_B, offsets)
+    dys = _gather(dy2, order).to(ad).split(sizes)
+    Ss = _gather(S, order).to(ad).split(sizes) if needs_dB else None
     d = x2.to(ad) if ks is None else x2.to(ad) * ks.to(ad)
-    ds = _gather(d, order) if needs_dA else None
+    ds = _gather(d, order).split(sizes) if needs_dA else None
     dA = torch.zeros_like(lora_A) if needs_dA else None
     dBt = lora_B.new_zeros(lora_B.shape[::-1]) if needs_dB else None          # dBᵀ: row slices per adapter
     lxs = torch.zeros(x2.shape, dtype=ad) if needs_dx else None
-    for k, lo, hi in runs:
+    lp = lxs.split(sizes) if needs_dx else None
+    for k, i in at:
         a, b = off[k], off[k + 1]
-        dSk = (dys[lo:hi] @ lora_B[:, a:b]) * sc[k]                  # (len, r_k) = s_k·dY·B_k
+        At, Bt = views[k]
+        dSk = torch.mm(dys[i], Bt.t()) * sc[k]                         # (len, r_k) = s_k·dY·B_k
         if needs_dB:
-            dBt[a:b].addmm_(Ss[lo:hi, :b - a].t(), dys[lo:hi], alpha=sc[k])
+            dBt[a:b].addmm_(Ss[i][:, :b - a].t(), dys[i], alpha=sc[k])
         if needs_dA:
-            dA[a:b].addmm_(dSk.t(), ds[lo:hi])
+            dA[a:b].addmm_(dSk.t(), ds[i])
         if needs_dx:
-            lxs[lo:hi] = dSk @ lora_A[a:b]
+            torch.mm(dSk, At.t(), out=lp[i])
     dx = None
     if needs_dx:
         lx = _scatter(lxs, order)

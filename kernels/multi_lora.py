@@ -57,11 +57,9 @@ def _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOC
 
 
 @triton.jit
-def _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT: tl.constexpr):
+def _dropout(seed_ptr, p_ptr, k):
     """(seed, p_k, 1/(1−p_k)) of adapter k: p_ptr holds (p, 1/(1−p)) per adapter, float32 (n, 2)."""
-    if HAS_DROPOUT:
-        return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)
-    return 0, 0.0, 1.0
+    return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)
 
 
 @triton.jit
@@ -90,7 +88,8 @@ def _shrink_kernel(
     in_ptrs = in_ptr + rows64[:, None] * stride_im + rc[None, :] * stride_ic
     # (BLOCK_C, BLOCK_R) tile of W_kᵀ
     w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr
-    seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
+    if HAS_DROPOUT:
+        seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
     c_end = tl.where(r0 < rank, C, 0)          # a rank block past r_k (or a base-only tile) does no work
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(0, c_end, BLOCK_C):
@@ -146,7 +145,7 @@ def _expand_kernel(
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + k)
     if HAS_DROPOUT:
-        seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
+        seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
         acc = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -185,7 +184,8 @@ def _grad_kernel(
     rm = tl.arange(0, BLOCK_M)
     r_ok = rr < rank
     c_ok = rc < C
-    seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k, HAS_DROPOUT)
+    if HAS_DROPOUT:
+        seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         m_ok = (m0 + rm) < hi
@@ -350,20 +350,21 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, p
 
 
 # (kernel, role, pointer dtypes ("x": base dtype, "a": adapter dtype), HAS_DROPOUT options, HAS_SCALE, HAS_BIAS
-#  options (expand only), typical integer arguments: K = N = 4096, r_max = 64, R_tot = 200; = 1 becomes
-#  constexpr as in a real launch). Decode and grouped plans launch the same kernels with the same configs.
-_K, _RMAX, _RTOT = 4096, 64, 200
+#  options (expand only), typical integer arguments: K = N = 4096, r_max = 64; = 1 becomes
+#  constexpr as in a real launch; the bank stores B transposed, so B_k is read along unit-stride rows of Bᵀ).
+#  Decode and grouped plans launch the same kernels with the same configs.
+_K, _RMAX = 4096, 64
 _LAUNCHES = (
     ("shrink", "fwd S=x·Aᵀ", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False, True), False, (None,),
      dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=_K, stride_wc=1, stride_om=_RMAX, stride_or=1)),
     ("shrink", "bwd dS=s·dY·B", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False,), True, (None,),
-     dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=1, stride_wc=_RTOT, stride_om=_RMAX, stride_or=1)),
+     dict(C=_K, stride_im=_K, stride_ic=1, stride_wr=_K, stride_wc=1, stride_om=_RMAX, stride_or=1)),
     ("expand", "fwd y=s·S·Bᵀ+b", dict(in_ptr="fp32", w_ptr="a", out_ptr="x", bias_ptr="x"), (False,), True,
-     (False, True), dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=1, stride_wc=_RTOT, stride_om=_K, stride_oc=1)),
+     (False, True), dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=_K, stride_wc=1, stride_om=_K, stride_oc=1)),
     ("expand", "bwd dx=dS·A", dict(in_ptr="fp32", w_ptr="a", out_ptr="x", bias_ptr="x"), (False, True), False,
      (False,), dict(C=_K, stride_im=_RMAX, stride_ir=1, stride_wr=_K, stride_wc=1, stride_om=_K, stride_oc=1)),
     ("grad", "bwd dB=s·dYᵀ·S", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False,), True, (None,),
-     dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=1, stride_gc=_RTOT)),
+     dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=_K, stride_gc=1)),
     ("grad", "bwd dA=dSᵀ·x", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False, True), False, (None,),
      dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=_K, stride_gc=1)),
 )
