@@ -46,7 +46,9 @@ triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__ver
 par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${JOBS:-12}")
 export FASTLORA_LIVE_REPORT="$OUT_DIR/gpu_tests_live.txt"
 step tests "${T_TESTS:-200}" python3 -m pytest -q $par -p no:cacheprovider -p tests._live_report -rfE --tb=short \
-    tests/test_gpu.py tests/test_multi_kernels.py::test_cuda_graph_capture tests/test_autocast.py
+    tests/test_gpu.py tests/test_autocast.py tests/test_multi_kernels.py::test_cuda_graph_capture \
+    tests/test_multi_kernels.py::test_cuda_graph_capture_with_a_plan_refilled_in_place \
+    tests/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step
 step tune "${T_TUNE:-120}" python3 -m fastlora.tune --tokens 128 2048 4096 8192 --dims 1024 4096 5120 8192 --ranks 16
 step probe "${T_PROBE:-120}" python3 -m benchmarks.gpu_probe
 step ratios "${T_RATIOS:-90}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"

@@ -268,24 +268,62 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
 # ---------------------------------------------------------------------------
 
 class AdapterCall:
-    """The adapter names of one model call (one per sequence), read by every MultiLoraLinear of that call.
+    """The adapters of one model call, read by every MultiLoraLinear of that call: ``names`` (one per sequence),
+    or ``ids`` (an int tensor on the device, per sequence or per token) indexing the name list ``index``.
 
     The batch plan is built lazily, once per distinct bank layout (names in bank order), token shape, device
     and regime: layers whose banks hold the same adapters in the same order (all of MultiAdapterModel's, as a
-    rule) share one small host-to-device copy of the ids and one plan per call.
+    rule) share one plan per call. With ``ids`` nothing is copied from the host once the per-layout lookup
+    table exists (the first call makes it), so such a call can be captured in a CUDA graph.
     """
 
-    def __init__(self, names: Sequence[str | None]):
-        self.names = _names_list(names, "adapter_names")
+    def __init__(self, names: Sequence[str | None] | None = None, *, ids: Tensor | None = None,
+                 index: Sequence[str] | None = None):
+        if (names is None) == (ids is None):
+            raise ValueError("an AdapterCall takes adapter names or adapter ids, exactly one of them")
+        self.names = _names_list(names, "adapter_names") if names is not None else None
+        self.ids, self.index = ids, (tuple(index) if index is not None else None)
+        if ids is not None:
+            if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"adapter_ids must be an int32/int64 tensor, got "
+                                f"{ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
+            if ids.numel():
+                msg = f"adapter_ids must be in [-1, {len(self.index)}) (indices into {list(self.index)}; -1 = base)"
+                try:
+                    torch._assert_async(((ids >= -1) & (ids < len(self.index))).all(), msg)
+                except RuntimeError as e:
+                    raise ValueError(msg) from e
         self._plans: dict = {}
 
     def plan_for(self, bank: AdapterBank, x: Tensor, regime: str = "auto") -> BatchPlan:
         key = (tuple(bank.names), x.device, tuple(x.shape[:-1]), regime)
         plan = self._plans.get(key)
         if plan is None:
-            ids = bank.ids(self.names, device=x.device, missing="base")
+            if self.ids is None:
+                ids = bank.ids(self.names, device=x.device, missing="base")
+            else:   # model-wide index -> this bank's index (-1 where the bank lacks the adapter), on the device
+                table = _lookup(self.index, key[0], self.ids.device)
+                ids = torch.where(self.ids >= 0, table[self.ids.clamp(min=0).long()], -1).to(torch.int32)
             plan = self._plans[key] = plan_batch(bank, ids, x, regime=regime)
         return plan
+
+
+_LOOKUP: dict = {}
+
+
+def _lookup(index: tuple, bank_names: tuple, device) -> Tensor:
+    """int32 (len(index),): position in ``bank_names`` of each name of ``index`` (−1 if absent); cached per
+    (index, bank layout, device), made by the first call (before any CUDA-graph capture)."""
+    key = (index, bank_names, torch.device(device))
+    t = _LOOKUP.get(key)
+    if t is None:
+        if len(_LOOKUP) > 256:
+            _LOOKUP.clear()
+        pos = {n: i for i, n in enumerate(bank_names)}
+        with torch.inference_mode(False):
+            t = _LOOKUP[key] = torch.tensor([pos.get(n, -1) for n in index] or [-1], dtype=torch.int32,
+                                            device=device)
+    return t
 
 
 _CALL: contextvars.ContextVar[AdapterCall | None] = contextvars.ContextVar("fastlora_adapter_call", default=None)
@@ -304,14 +342,14 @@ def _names_list(names, what: str) -> list:
 
 
 @contextlib.contextmanager
-def using_adapters(names: Sequence[str | None]) -> Iterator[AdapterCall]:
+def using_adapters(names: Sequence[str | None] | AdapterCall) -> Iterator[AdapterCall]:
     """Every MultiLoraLinear called without ``adapter_ids`` inside this block uses ``names`` (one per sequence).
 
     The names live in a ``contextvars.ContextVar`` for the duration of the block, not on the modules: nested
     blocks and calls from other threads each see their own names, and leaving the block (also by an
     exception) restores what was there before. MultiAdapterModel.forward / generate use it.
     """
-    token = _CALL.set(AdapterCall(names))
+    token = _CALL.set(names if isinstance(names, AdapterCall) else AdapterCall(names))
     try:
         yield _CALL.get()
     finally:

@@ -2,13 +2,14 @@
 
     mm = MultiAdapterModel(peft_model)
     mm(input_ids, adapter_names=["math", "__base__", "code"])          one adapter per sequence
+    mm(input_ids, adapter_ids=ids)                                     the same as an int tensor (CUDA graphs)
     mm.generate(input_ids, adapter_names=[...], max_new_tokens=8)       the same for generation
     peft_model(input_ids, adapter_names=[...])                          PEFT's own mixed batch: routed here too
     optimizer = torch.optim.AdamW(mm.parameters()); ...                trains every adapter of a mixed batch
     mm.save_pretrained(path) / mm.sync_to_peft() / mm.restore()        the trained values back in PEFT's Parameters
 
 The adapter names travel with the call (fastlora.multi.using_adapters, a ContextVar), never as state on
-the layers. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
+the layers; each call builds the batch plan once per bank layout (fastlora.multi_plan), shared by every layer. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
 """
 from __future__ import annotations
 
@@ -79,11 +80,32 @@ class MultiAdapterModel(nn.Module):
             raise ValueError(f"unknown adapter name(s) {unknown}; the model holds {sorted(known)} (and {BASE!r})")
         return names
 
-    def forward(self, *args, adapter_names: Sequence[str], **kwargs):
-        names = self._check_names(adapter_names)
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of the wrapped model, in a fixed order: what ``adapter_ids`` index."""
+        seen: dict = {}
+        for _, _, _, layer in self._swapped:
+            seen.update(dict.fromkeys(layer.bank.names))
+        return list(seen)
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_ids: torch.Tensor | None = None,
+                **kwargs):
+        """The wrapped model's forward with one adapter per sequence: ``adapter_names`` (a list, "__base__" = no
+        adapter), or ``adapter_ids``, an int tensor on the model's device of shape (batch,) (or one per token)
+        indexing ``self.adapter_names`` (−1 = no adapter). With ids no host copy is made once a first call has
+        run, so a forward can be captured in a CUDA graph and replayed after ``adapter_ids.copy_(new_ids)``.
+        Each call builds one batch plan per bank layout, shared by every layer."""
+        if (adapter_names is None) == (adapter_ids is None):
+            raise ValueError("give exactly one of adapter_names= (a list, one name per sequence) and adapter_ids= "
+                             "(an int tensor indexing .adapter_names)")
+        if adapter_ids is not None:
+            from .multi import AdapterCall
+            call = AdapterCall(ids=adapter_ids, index=self.adapter_names)
+        else:
+            call = self._check_names(adapter_names)
         if self.model.training:
             self._keep_adapters_for_recompute()
-        with using_adapters(names):
+        with using_adapters(call):
             return self.model(*args, **kwargs)
 
     def _keep_adapters_for_recompute(self):

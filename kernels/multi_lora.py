@@ -211,7 +211,7 @@ def _grad_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _cfg(kernel: str, precision: str = "tf32") -> dict:
+def _cfg(kernel: str, precision: str = "tf32", dropout: bool = False) -> dict:
     """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token).
     tf32x3 dots (lora_precision: fp32 adapters on a half base) take half the shrink's BLOCK_C (no spills)."""
     if interpreting():
@@ -222,8 +222,8 @@ def _cfg(kernel: str, precision: str = "tf32") -> dict:
     # shipped set stays small; shrink and expand share the token plan, hence BLOCK_M.
     if kernel == "shrink":
         return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=64 if precision == "tf32x3" else 128, num_warps=4, num_stages=3)
-    if kernel == "expand":     # 3 stages spill 16 B on sm_80 for fp16 with dropout
-        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=2)
+    if kernel == "expand":     # with dropout (dx) 2 stages spill 16 B on sm_80 for fp16; the rank loop is short
+        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=1 if dropout else 2)
     return dict(BLOCK_M=32, BLOCK_R=16, BLOCK_C=64, num_warps=4, num_stages=2)      # grad
 
 
@@ -259,7 +259,7 @@ def expand(inp, w, w_strides, out, bias, plan, off, scale, seed, pk, *, scaled, 
     """out (M, C) = σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p_k)) (+ bias) on every token (base-only: bias or 0);
     W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
     C = out.shape[1]
-    cfg = _cfg("expand")
+    cfg = _cfg("expand", dropout=dropout)
     grid = (_tiles(plan, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _expand_kernel[grid](inp, w, out, bias if bias is not None else out, plan.rows, plan.tile_adapter, plan.tile_lo,
                          plan.tile_hi, off, scale, seed, pk, C, inp.stride(0), inp.stride(1), w_strides[0],
@@ -384,7 +384,7 @@ def compile_specs():
             fn = fns[kname]
             for drop in drops:
                 for has_bias in biases:
-                    cfg = dict(_gpu_cfg(kname, prec))
+                    cfg = dict(_gpu_cfg(kname, prec, drop))
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                     meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
                     if has_bias is not None:
@@ -400,12 +400,12 @@ def compile_specs():
     return specs
 
 
-def _gpu_cfg(kernel, precision):
+def _gpu_cfg(kernel, precision, dropout):
     """The GPU config even when the interpreter is on (compile_specs describes the shipped GPU configs)."""
     import os
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return _cfg(kernel, precision)
+        return _cfg(kernel, precision, dropout)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved

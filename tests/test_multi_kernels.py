@@ -115,6 +115,68 @@ def test_cuda_graph_capture():
         assert not torch.equal(out, eager) or bool((ids < 0).all())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_with_a_plan_refilled_in_place():
+    """The serving pattern: the plan is built outside the graph, the graph replays after plan.update_(new ids)."""
+    from fastlora.multi_plan import plan_batch
+    K, N = 256, 192
+    layer = MultiLoraLinear(torch.nn.Linear(K, N), _bank(K, N, (4, 16, 64))).cuda().half()
+    layer.bank.requires_grad_(False)
+    x = torch.randn(32, K, device="cuda", dtype=torch.half)
+    plan = plan_batch(layer.bank, torch.randint(-1, 3, (32,), device="cuda"), x)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            layer(x, plan=plan)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = layer(x, plan=plan)
+        for seed in range(3):
+            new = torch.randint(-1, 3, (32,), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            plan.update_(new)
+            g.replay()
+            torch.testing.assert_close(out, layer(x, new), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_captures_a_whole_model_decode_shaped_step():
+    """A tiny Llama's whole forward over 4 sequences × 1 token with mixed adapters (the decode shape; no KV
+    cache) captured in ONE CUDA graph through MultiAdapterModel(adapter_ids=...): replays with new tokens and
+    adapters equal eager calls with the same names, and PEFT's own mixed batch within bf16 rounding."""
+    from fastlora.multi_peft import MultiAdapterModel
+    from tests.test_multi_peft import tiny_llama
+    model = tiny_llama().cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        tok = torch.randint(0, 64, (4, 1), device="cuda")
+        peft_refs = []
+        choices = [["math", "__base__", "code", "math"], ["code", "code", "__base__", "math"]]
+        toks = [torch.randint(0, 64, (4, 1), device="cuda") for _ in choices]
+        for names, t in zip(choices, toks):
+            peft_refs.append(model(t, adapter_names=names, use_cache=False).logits.float())
+        mm = MultiAdapterModel(model)
+        aid = torch.tensor([0, -1, 1, 0], device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                mm(tok, adapter_ids=aid, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = mm(tok, adapter_ids=aid, use_cache=False).logits
+        for names, t, ref in zip(choices, toks, peft_refs):
+            tok.copy_(t)
+            aid.copy_(torch.tensor([mm.adapter_names.index(n) if n != "__base__" else -1 for n in names]))
+            g.replay()
+            eager = mm(t, adapter_names=names, use_cache=False).logits
+            torch.testing.assert_close(out, eager, rtol=0, atol=0)
+            torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 # ---------------------------------------------------------------------------
 # compile for GPU
 # ---------------------------------------------------------------------------

@@ -74,6 +74,7 @@ T_MULTI_TORCH_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grad
 T_MULTI_DW = ("tests/test_multi_parity.py", "-k",
               "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
 T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
+T_MULTI_P = ("tests/test_multi_peft.py", "-k", "test_per_adapter_dropout_matches_peft_adapter_by_adapter and triton")
 T_RSLORA_LOAD = ("tests/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
 T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
@@ -86,12 +87,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "    atomic = not deterministic\n", "    atomic = True\n", T_DET,
            "deterministic=True never reaches the kernels (atomics always on)"),
     Mutant("multi-bwd-fifo", "kernels/multi_lora.py",
-           "    w = weight.t() if fan_in_fan_out else weight\n    drop = dropout_p > 0\n",
-           "    w = weight\n    drop = dropout_p > 0\n", T_MULTI_FIFO,
+           "    w = (weight.t() if fan_in_fan_out else weight).to(dy2.dtype)\n",
+           "    w = weight.to(dy2.dtype)\n", T_MULTI_FIFO,
            "multi-adapter backward (Triton) loses the Conv1D (fan_in_fan_out) transpose"),
     Mutant("multi-torch-bwd-fifo", "fastlora/multi_reference.py",
-           "    w = weight.t() if fan_in_fan_out else weight\n    plan = _cpu_plan(x, ids, x2.shape[0],",
-           "    w = weight\n    plan = _cpu_plan(x, ids, x2.shape[0],", T_MULTI_TORCH_FIFO,
+           "    w = weight.t() if fan_in_fan_out else weight\n    ks = _keep_scale(seed, x2.shape[0], K, plan,",
+           "    w = weight\n    ks = _keep_scale(seed, x2.shape[0], K, plan,", T_MULTI_TORCH_FIFO,
            "multi-adapter backward (torch path) loses the Conv1D (fan_in_fan_out) transpose"),
     Mutant("dW-single", "fastlora/ops.py",
            "        dW = (g.t() if fan_in_fan_out else g).to(weight.dtype)\n",
@@ -127,6 +128,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("multi-offsets", "kernels/multi_lora.py",
            "    off = tl.load(off_ptr + k_safe)\n", "    off = tl.load(off_ptr + k_safe) + 1\n", T_MULTI_FWD,
            "multi-adapter packed-bank offsets off by one"),
+    Mutant("multi-dropout-p", "kernels/multi_lora.py",
+           "    return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)\n",
+           "    return tl.load(seed_ptr), tl.load(p_ptr), tl.load(p_ptr + 1)\n", T_MULTI_P,
+           "multi-adapter kernels apply adapter 0's dropout p to every adapter"),
     Mutant("merge-precision", "fastlora/modules.py",
            "        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32\n"
            "        delta = self.delta_weight(hi)\n",
