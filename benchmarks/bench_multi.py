@@ -6,8 +6,11 @@
 
 Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = the token's adapter, eval mode):
     base       F.linear(x, W0, bias): the floor, no LoRA at all
-    fastlora   fastlora.multi.MultiLoraLinear over an AdapterBank packed without padding (CUDA: the gather
-               kernels; CPU without TRITON_INTERPRET: the dense-masked pure-torch path)
+    fastlora   fastlora.multi.MultiLoraLinear over an AdapterBank packed without padding, given the batch plan
+               (CUDA: the gather kernels; CPU without TRITON_INTERPRET: the pure-torch path, per-adapter
+               segments or dense masking by its cost model)
+    plan       fastlora.plan_batch alone: built once per model forward and shared by every layer, so a
+               model pays it once, not per layer
     peft       peft.tuners.lora.Linear holding every adapter, PEFT's mixed batch: layer(x, adapter_names=[...])
     padded     the same MultiLoraLinear over a bank whose adapters are zero-padded to r_max, as vLLM / Punica
                store them: identical maths, so the gap to "fastlora" is what packing saves
@@ -16,11 +19,18 @@ Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = t
 Scenarios: decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
 or mixed {8, 16, 64, 128} (cycled over adapters); tokens of different adapters interleaved (unsorted).
 Shapes: CPU d = 2048 float32; CUDA (only when available) d = 4096 bfloat16 (adapters bf16).
-The ids tensor is built once per batch (outside the timing), as a server would.
+The ids tensor and the plan are built once per batch (outside the layer's timing, as a server / MultiAdapterModel
+does once per forward for all layers; the "plan" row times it).
+
+test_multi_model_decode: a whole model instead of one layer — a 2-layer Llama (CPU d 1024, CUDA d 4096), 32
+adapters r 16 on q_proj/k_proj/v_proj/o_proj, 32 sequences × 1 token (the decode shape, no KV cache), eval:
+base (PEFT's disable_adapter), peft (PEFT's mixed batch, adapter_names=), fastlora (MultiAdapterModel, the
+same names: one plan per forward).
 FASTLORA_BENCH_THREADS=n sets torch's CPU threads (the CSV's device column records the count).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 import fastlora
 from fastlora.bank import AdapterBank
 from fastlora.multi import MultiLoraLinear
+from fastlora.multi_plan import plan_batch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -39,7 +50,7 @@ SCENARIOS = {"decode": (32, 1), "prefill": (8, 512)}                 # (adapters
 RANKS = {"uniform16": (16,), "mixed8-128": (8, 16, 64, 128)}
 ROUNDS = {"decode": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30)),
           "prefill": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 50 if CUDA else 5))}
-PROVIDERS = ["base", "fastlora", "peft", "padded", "loop"]
+PROVIDERS = ["base", "fastlora", "plan", "peft", "padded", "loop"]
 if "FASTLORA_BENCH_THREADS" in os.environ:     # e.g. 1 on a shared, loaded CPU: steadier timings
     torch.set_num_threads(int(os.environ["FASTLORA_BENCH_THREADS"]))
 
@@ -82,15 +93,19 @@ class MultiLayer:
         self.x = torch.randn(M, D, generator=g).to(DEVICE, DTYPE)
         self.fast = MultiLoraLinear(self.base, self.bank)
         self.padded = MultiLoraLinear(self.base, self.padded_bank)
+        self.plan = plan_batch(self.bank, self.ids, self.x)
+        self.padded_plan = plan_batch(self.padded_bank, self.ids, self.x)
 
     def call(self, provider):
         x = self.x
         if provider == "base":
             return F.linear(x, self.base.weight, self.base.bias)
         if provider == "fastlora":
-            return self.fast(x, self.ids)
+            return self.fast(x, plan=self.plan)
+        if provider == "plan":
+            return plan_batch(self.bank, self.ids, x)
         if provider == "padded":
-            return self.padded(x, self.ids)
+            return self.padded(x, plan=self.padded_plan)
         if provider == "peft":
             return self.peft(x, adapter_names=self.names)
         if provider == "loop":
@@ -128,7 +143,7 @@ def layer_for(scenario, ranks):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_multi_forward(benchmark, record, scenario, ranks, provider):
     layer = layer_for(scenario, ranks)
-    if provider != "base":                     # every provider computes the same layer
+    if provider not in ("base", "plan"):       # every provider computes the same layer
         with torch.no_grad():
             y = layer.call(provider).double()
         ref = layer.reference64()
@@ -145,3 +160,72 @@ def test_multi_forward(benchmark, record, scenario, ranks, provider):
     n, per = SCENARIOS[scenario]
     record(benchmark, kernel="multi_lora", provider=provider, mode="fwd",
            shape=f"{scenario} n{n}x{per} d{D} r={ranks}", dtype=DTYPE, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------
+# a whole model's decode-shaped step
+# ---------------------------------------------------------------------------
+
+MODEL_PROVIDERS = ["base", "fastlora", "peft"]
+_models: dict = {}
+
+
+def model_for():
+    """PEFT Llama with 32 adapters, input ids, one adapter name per sequence, PEFT's own output; built once."""
+    if not _models:
+        import peft
+        import transformers
+        d = 4096 if CUDA else 1024
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=d, intermediate_size=d * 11 // 4,
+                                       num_hidden_layers=2, num_attention_heads=d // 128,
+                                       num_key_value_heads=d // 128, max_position_embeddings=64)
+        base = transformers.LlamaForCausalLM(cfg).to(DEVICE, DTYPE).eval()
+        lcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        model = peft.get_peft_model(base, lcfg, adapter_name="a0")
+        for i in range(1, 32):
+            model.add_adapter(f"a{i}", lcfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.02)
+            model.eval()
+            names = [f"a{k}" for k in torch.randperm(32, generator=torch.Generator().manual_seed(1)).tolist()]
+            ids = torch.randint(0, 1000, (32, 1), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+            out = model(ids, adapter_names=names, use_cache=False).logits
+        _models.update(model=model, ids=ids, names=names, peft_out=out)
+    return _models
+
+
+@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
+def test_multi_model_decode(benchmark, record, provider):
+    from fastlora.multi_peft import MultiAdapterModel
+    m = model_for()
+    model, ids, names = m["model"], m["ids"], m["names"]
+    mm = MultiAdapterModel(model) if provider == "fastlora" else None
+    try:
+        if provider == "fastlora":
+            fn = lambda: mm(ids, adapter_names=names, use_cache=False)                 # noqa: E731
+            with torch.no_grad():
+                out, ref = fn().logits, m["peft_out"]
+            tol = 1e-4 if DTYPE == torch.float32 else 3e-2     # relative to max|logits|: rounding of K-sums
+            assert (out - ref).abs().max() <= tol * ref.abs().max()
+        elif provider == "peft":
+            fn = lambda: model(ids, adapter_names=names, use_cache=False)              # noqa: E731
+        else:   # adapters off for the whole timing (entering disable_adapter walks every module: not timed)
+            fn = lambda: model(ids, use_cache=False)                                   # noqa: E731
+
+        def run():
+            with torch.no_grad():
+                fn()
+            if CUDA:
+                torch.cuda.synchronize()
+
+        with model.disable_adapter() if provider == "base" else contextlib.nullcontext():
+            benchmark.pedantic(run, rounds=ROUNDS["decode"], warmup_rounds=2, iterations=1)
+    finally:
+        if mm is not None:
+            mm.restore()
+    record(benchmark, kernel="multi_lora_model", provider=provider, mode="fwd",
+           shape=f"llama 2 layers d{4096 if CUDA else 1024}, 32 adapters r16 on qkvo, 32 x 1 tokens",
+           dtype=DTYPE, device=DEVICE)

@@ -194,6 +194,8 @@ _PK: dict = {}
 def _dropout_table(ps: tuple, device) -> Tensor:
     """float32 (n, 2) of (p_k, 1/(1−p_k)) on ``device``; cached per (ps, device) (never written, so a bank's
     fixed dropout costs no copy per call and a captured graph keeps reading the same tensor)."""
+    if torch.compiler.is_compiling():      # a constant of the graph (a cache would be guarded on, recompiling)
+        return torch.tensor([[q, 1.0 / (1.0 - q)] for q in ps] or [[0.0, 1.0]], dtype=torch.float32, device=device)
     key = (ps, torch.device(device))
     t = _PK.get(key)
     if t is None:
@@ -314,12 +316,14 @@ _LOOKUP: dict = {}
 def _lookup(index: tuple, bank_names: tuple, device) -> Tensor:
     """int32 (len(index),): position in ``bank_names`` of each name of ``index`` (−1 if absent); cached per
     (index, bank layout, device), made by the first call (before any CUDA-graph capture)."""
+    pos = {n: i for i, n in enumerate(bank_names)}
+    if torch.compiler.is_compiling():
+        return torch.tensor([pos.get(n, -1) for n in index] or [-1], dtype=torch.int32, device=device)
     key = (index, bank_names, torch.device(device))
     t = _LOOKUP.get(key)
     if t is None:
         if len(_LOOKUP) > 256:
             _LOOKUP.clear()
-        pos = {n: i for i, n in enumerate(bank_names)}
         with torch.inference_mode(False):
             t = _LOOKUP[key] = torch.tensor([pos.get(n, -1) for n in index] or [-1], dtype=torch.int32,
                                             device=device)
@@ -327,6 +331,16 @@ def _lookup(index: tuple, bank_names: tuple, device) -> Tensor:
 
 
 _CALL: contextvars.ContextVar[AdapterCall | None] = contextvars.ContextVar("fastlora_adapter_call", default=None)
+# While torch.compile traces a call (Dynamo cannot read a ContextVar), the call lives on this stack instead: the
+# trace pushes and pops it inside the traced frame, so the compiled graph keeps no state between calls.
+_TRACED: list[AdapterCall] = []
+
+
+def current_adapter_call() -> AdapterCall | None:
+    """The AdapterCall of the innermost ``using_adapters`` block of this context (None outside any)."""
+    if torch.compiler.is_compiling() and _TRACED:
+        return _TRACED[-1]
+    return _CALL.get()          # under torch.compile of an inner module: a graph break, read eagerly
 
 
 def _names_list(names, what: str) -> list:
@@ -385,11 +399,6 @@ def keep_adapters_for_recompute(checkpoint_func):
     return wrapped
 
 
-def current_adapter_call() -> AdapterCall | None:
-    """The AdapterCall of the innermost ``using_adapters`` block of this context (None outside any)."""
-    return _CALL.get()
-
-
 class MultiLoraLinear(nn.Module):
     """A frozen base linear layer plus an AdapterBank; ``forward(x, adapter_ids)`` picks adapters per token.
 
@@ -428,7 +437,7 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: Tensor, adapter_ids=None, *, plan: BatchPlan | None = None,
                 seed: int | Tensor | None = None) -> Tensor:
         if adapter_ids is None and plan is None:
-            call = _CALL.get()
+            call = current_adapter_call()
             if call is None:
                 raise ValueError("MultiLoraLinear needs adapter_ids (a tensor of adapter indices, or a list of "
                                  "adapter names) or plan= (fastlora.plan_batch); none given and the call is not "

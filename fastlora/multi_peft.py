@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .bank import BASE, AdapterBank
-from .multi import MultiLoraLinear, _names_list, keep_adapters_for_recompute, using_adapters
+from .multi import (_TRACED, AdapterCall, MultiLoraLinear, _names_list, keep_adapters_for_recompute,
+                    using_adapters)
 
 # PEFT methods that read or change the LoRA layers, which are swapped out while wrapped
 _NEEDS_PEFT_LAYERS = ("merge_and_unload", "merge_adapter", "unmerge_adapter", "unload", "set_adapter",
@@ -99,10 +100,16 @@ class MultiAdapterModel(nn.Module):
             raise ValueError("give exactly one of adapter_names= (a list, one name per sequence) and adapter_ids= "
                              "(an int tensor indexing .adapter_names)")
         if adapter_ids is not None:
-            from .multi import AdapterCall
             call = AdapterCall(ids=adapter_ids, index=self.adapter_names)
         else:
             call = self._check_names(adapter_names)
+        if torch.compiler.is_compiling():       # traced whole (fullgraph): the call on a stack, not a ContextVar
+            call = call if isinstance(call, AdapterCall) else AdapterCall(call)
+            _TRACED.append(call)
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                _TRACED.pop()
         if self.model.training:
             self._keep_adapters_for_recompute()
         with using_adapters(call):

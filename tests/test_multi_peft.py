@@ -491,11 +491,40 @@ def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
     assert wrapped.sync_to_peft() == 5                 # every adapter of q changed
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_wrapper_compiles_fullgraph_and_trains(backend):
+    """torch.compile(MultiAdapterModel, fullgraph=True) (aot_eager: Dynamo + AOTAutograd, cheap): the call is
+    traced whole (while tracing it lives on a stack inside the traced frame, not in the ContextVar Dynamo cannot
+    read); new adapter_ids reuse the same graph; outputs and every bank gradient equal the eager ones."""
+    from torch._dynamo.utils import counters
+    model = peft_model(torch.float32)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    x = torch.randn(4, 3, 48)
+    mm = MultiAdapterModel(model, backend=backend).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(mm, fullgraph=True, backend="aot_eager")
+    try:
+        for ids in (torch.tensor([0, -1, 2, 4]), torch.tensor([3, 3, 1, -1]), torch.tensor([-1, 4, 4, 0])):
+            got = []
+            for fn in (compiled, mm):
+                mm.zero_grad()
+                y = fn(x, adapter_ids=ids)
+                y.square().sum().backward()
+                got.append([y.detach()] + [p.grad.clone() for p in mm.parameters() if p.requires_grad])
+            for c, e in zip(*got):
+                torch.testing.assert_close(c, e, rtol=0, atol=0)
+        assert counters["stats"]["unique_graphs"] == 1            # ids are data: no recompilation
+    finally:
+        torch._dynamo.reset()
+        mm.restore()
+
+
 def test_names_are_not_baked_into_a_compiled_model():
-    """torch.compile of the wrapped PEFT model (dynamo; "eager" backend to keep it cheap): the layers read the
-    names from the ContextVar at a graph break, so a second call with other names gets its own adapters.
-    (fullgraph=True cannot trace ContextVar.get; layers given explicit id tensors compile fullgraph, see
-    tests/test_multi_kernels.py.)"""
+    """torch.compile of the wrapped PEFT model's inner model (dynamo; "eager" backend to keep it cheap): the layers
+    read the names from the ContextVar at a graph break, so a second call with other names gets its own adapters.
+    (Compiling the wrapper itself traces the whole call: test_wrapper_compiles_fullgraph_and_trains.)"""
     model = peft_model(torch.float32)
     n1, n2 = ["r8", "__base__", "r1", "r64"], ["r16"] * 4
     x = torch.randn(4, 3, 48)
