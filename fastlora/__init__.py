@@ -9,6 +9,7 @@ Public API:
     patch, unpatch, is_patched      route PEFT / loralib LoRA layers through the fused op
     load_peft_adapter, save_peft_adapter   PEFT's checkpoint format, PEFT not required
     AdapterBank, MultiLoraLinear, MultiAdapterModel, multi_lora_linear   many adapters in one batch
+    plan_batch, BatchPlan           a multi-adapter batch's plan, built once per forward, shared by layers
     select_backend                  which backend a tensor's op will run on
     tune                            time the kernels' shipped tile configs on this GPU, cache the fastest
     qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
@@ -22,6 +23,7 @@ from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
 from .multi import MultiLoraLinear, multi_lora_linear
 from .multi_peft import MultiAdapterModel
+from .multi_plan import BatchPlan, plan_batch
 from .patching import PatchReport, is_patched, patch, unpatch
 from .qlora import QLoraLinear, qlora_linear
 from .reference import lora_linear_reference
@@ -31,5 +33,6 @@ __version__ = "0.1.0"
 __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",
            "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
+           "plan_batch", "BatchPlan",
            "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear",
            "__version__"]
