@@ -16,6 +16,7 @@ Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = t
                store them: identical maths, so the gap to "fastlora" is what packing saves
     loop       a Python loop over adapters: fastlora.lora_linear on each adapter's tokens (index lists
                built per call from the host-side ids, as PEFT does with names)
+    base_graph, fastlora_graph   (CUDA only) base / fastlora captured once in a CUDA graph, timed as replays
 Scenarios: decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
 or mixed {8, 16, 64, 128} (cycled over adapters); tokens of different adapters interleaved (unsorted).
 Shapes: CPU d = 2048 float32; CUDA (only when available) d = 4096 bfloat16 (adapters bf16).
@@ -50,7 +51,7 @@ SCENARIOS = {"decode": (32, 1), "prefill": (8, 512)}                 # (adapters
 RANKS = {"uniform16": (16,), "mixed8-128": (8, 16, 64, 128)}
 ROUNDS = {"decode": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30)),
           "prefill": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 50 if CUDA else 5))}
-PROVIDERS = ["base", "fastlora", "plan", "peft", "padded", "loop"]
+PROVIDERS = ["base", "fastlora", "plan", "peft", "padded", "loop"] + (["base_graph", "fastlora_graph"] if CUDA else [])
 if "FASTLORA_BENCH_THREADS" in os.environ:     # e.g. 1 on a shared, loaded CPU: steadier timings
     torch.set_num_threads(int(os.environ["FASTLORA_BENCH_THREADS"]))
 
@@ -129,6 +130,21 @@ class MultiLayer:
 _layers: dict = {}
 
 
+def capture(call):
+    """A CUDA graph of ``call`` (warmed up on a side stream first, as torch.cuda.graphs requires)."""
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+    return g
+
+
 def layer_for(scenario, ranks):
     key = (scenario, ranks)
     if key not in _layers:
@@ -143,18 +159,25 @@ def layer_for(scenario, ranks):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_multi_forward(benchmark, record, scenario, ranks, provider):
     layer = layer_for(scenario, ranks)
-    if provider not in ("base", "plan"):       # every provider computes the same layer
+    if provider not in ("base", "plan", "base_graph", "fastlora_graph"):   # every provider: the same layer
         with torch.no_grad():
             y = layer.call(provider).double()
         ref = layer.reference64()
         tol = 1e-4 if DTYPE == torch.float32 else 3e-2          # relative to max|y|: rounding of a K-sum
         assert (y - ref).abs().max() <= tol * ref.abs().max(), provider
 
-    def fn():
-        with torch.no_grad():
-            layer.call(provider)
-        if CUDA:
+    if provider.endswith("_graph"):          # the same call captured once in a CUDA graph, timed as replays
+        graph = capture(lambda: layer.call(provider[:-len("_graph")]))
+
+        def fn():
+            graph.replay()
             torch.cuda.synchronize()
+    else:
+        def fn():
+            with torch.no_grad():
+                layer.call(provider)
+            if CUDA:
+                torch.cuda.synchronize()
 
     benchmark.pedantic(fn, rounds=ROUNDS[scenario], warmup_rounds=2, iterations=1)
     n, per = SCENARIOS[scenario]

@@ -3,8 +3,8 @@
 # `pip install -e ".[test,bench]"`):
 #
 #     bash benchmarks/run_gpu.sh [OUT_DIR]                      # every step; OUT_DIR default benchmarks/out/gpu
-#     STEPS="tests tune probe" bash benchmarks/run_gpu.sh OUT   # some steps (a 10-minute command limit:
-#     STEPS="ratios train train4bit multi paper micro memory" bash ...   #   run these two halves as two calls)
+#     STEPS="tests tune probe multi" bash benchmarks/run_gpu.sh OUT   # some steps (a 10-minute command limit:
+#     STEPS="ratios train train4bit paper micro memory" bash ...       #   run these two halves as two calls)
 #
 # tests   the GPU tests (tests/test_gpu.py: compiled kernels vs float64 and PEFT; CUDA-graph capture), with a
 #         line per test in OUT_DIR/gpu_tests_live.txt as it ends (a run cut off by its limit still tells),
@@ -14,7 +14,8 @@
 # ratios  paired ratios vs the base layer and PEFT (python -m benchmarks.bench_linear),
 # train   one AdamW step of a Llama-3.2-1B-sized LoRA model, PEFT vs PEFT + fastlora.patch (benchmarks.train_step),
 # train4bit  the same over a 4-bit NF4 base (QLoRA: benchmarks.train_step --qlora),
-# multi   bench_multi (pytest-benchmark, CSV + PNG),
+# multi   bench_multi (pytest-benchmark, CSV + PNG): one layer eager and as CUDA-graph replays, the batch plan,
+#         a whole Llama decode-shaped step vs PEFT,
 # paper   the paper's Table 1 (python -m benchmarks.paper_table, all columns, 100 trials),
 # micro   bench_linear and bench_merge (pytest-benchmark, CSV + PNG),
 # memory  saved-for-backward memory (python -m benchmarks.memory).
@@ -25,7 +26,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=$(realpath -m "${1:-benchmarks/out/gpu}")
-STEPS=" ${STEPS:-tests tune probe ratios train train4bit multi paper micro memory} "
+STEPS=" ${STEPS:-tests tune probe multi ratios train train4bit paper micro memory} "
 mkdir -p "$OUT_DIR"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 FASTLORA_BENCH_OUT="$OUT_DIR" FASTLORA_TUNE_CACHE="$OUT_DIR/tune.json"
 failed=0
@@ -51,10 +52,10 @@ step tests "${T_TESTS:-200}" python3 -m pytest -q $par -p no:cacheprovider -p te
     tests/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step
 step tune "${T_TUNE:-120}" python3 -m fastlora.tune --tokens 128 2048 4096 8192 --dims 1024 4096 5120 8192 --ranks 16
 step probe "${T_PROBE:-120}" python3 -m benchmarks.gpu_probe
+step multi "${T_MULTI:-100}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
 step ratios "${T_RATIOS:-90}" python3 -m benchmarks.bench_linear --rounds "${ROUNDS:-30}"
 step train "${T_TRAIN:-150}" python3 -m benchmarks.train_step
 step train4bit "${T_TRAIN:-150}" python3 -m benchmarks.train_step --qlora
-step multi "${T_MULTI:-70}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
 step paper "${T_PAPER:-120}" python3 -m benchmarks.paper_table --device cuda --out-dir "$OUT_DIR" --no-progress
 step micro "${T_MICRO:-90}" python3 -m pytest -q -p no:cacheprovider benchmarks/bench_linear.py \
     benchmarks/bench_merge.py --benchmark-only

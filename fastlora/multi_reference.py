@@ -188,13 +188,15 @@ _VIEWS: dict = {}    # id(lora_A) -> (weakref(lora_A), weakref(lora_B), offsets,
 def _adapter_views(lora_A, lora_B, offsets):
     """[(A_kᵀ (K, r_k), B_kᵀ (r_k, N))] per adapter: views of the packed (detached) tensors, cached per lora_A
     (a bank changes its adapters only by installing new tensors), so a call slices nothing."""
-    off = tuple(offsets.tolist())
+    # the storages too: Module.to() / param.data = ... give the same Parameter new storage (the cached views keep
+    # the old one alive, so its address cannot be reused meanwhile)
+    sig = (tuple(offsets.tolist()), lora_A.data_ptr(), lora_B.data_ptr(), lora_A.dtype, lora_B.dtype)
     key = id(lora_A)
     hit = _VIEWS.get(key)
-    if hit is None or hit[0]() is not lora_A or hit[1]() is not lora_B or hit[2] != off:
-        A, B = lora_A.detach(), lora_B.detach()
+    if hit is None or hit[0]() is not lora_A or hit[1]() is not lora_B or hit[2] != sig:
+        A, B, off = lora_A.detach(), lora_B.detach(), sig[0]
         views = [(A[a:b].t(), B[:, a:b].t()) for a, b in zip(off[:-1], off[1:])]
-        hit = _VIEWS[key] = (weakref.ref(lora_A, lambda _, k=key: _VIEWS.pop(k, None)), weakref.ref(lora_B), off,
+        hit = _VIEWS[key] = (weakref.ref(lora_A, lambda _, k=key: _VIEWS.pop(k, None)), weakref.ref(lora_B), sig,
                              views)
     return hit[3]
 

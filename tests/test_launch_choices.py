@@ -44,10 +44,14 @@ def test_rank_block_is_capped_for_tf32x3():
 
 
 def test_multi_shrink_block_for_tf32x3(monkeypatch):
+    from fastlora.multi_plan import TILE_M
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert multi_lora._cfg("shrink", "grouped", "tf32x3")["BLOCK_C"] < multi_lora._cfg("shrink", "grouped")["BLOCK_C"]
-    for kernel in ("shrink", "expand", "grad"):          # the token plan's BLOCK_M never depends on precision
-        assert multi_lora._cfg(kernel, "decode", "tf32x3")["BLOCK_M"] == multi_lora._cfg(kernel, "decode")["BLOCK_M"]
+    assert multi_lora._cfg("shrink", "tf32x3")["BLOCK_C"] < multi_lora._cfg("shrink")["BLOCK_C"]
+    for kernel in ("shrink", "expand"):          # the plan's tile size never depends on precision or dropout
+        for prec in ("tf32", "tf32x3", "ieee"):
+            for drop in (False, True):
+                assert multi_lora._cfg(kernel, prec, drop)["BLOCK_M"] == TILE_M
+    assert multi_lora._cfg("expand", dropout=True)["num_stages"] == 1       # 2 stages spill on sm_80 (fp16, dx)
 
 
 # ---------------------------------------------------------------------------

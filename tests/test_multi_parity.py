@@ -354,3 +354,25 @@ def test_plan_host_reads_are_shared_by_layers(monkeypatch):
     plan = plan_batch(bank, torch.tensor([0, 1, 2, -1] * 3, dtype=torch.int32), x)
     ys = [multi_lora_linear(x, W, b, bank, plan=plan, backend="torch") for _ in range(3)]
     assert calls == [False, True, True] and all(torch.equal(y, ys[0]) for y in ys)
+
+
+def test_cpu_segments_follow_a_bank_moved_in_place(monkeypatch):
+    """The per-adapter views the CPU path caches follow the bank's storage: after bank.to(float64) (same
+    Parameter objects, new storage) and an in-place update, the layer computes with the new values."""
+    force_segments(monkeypatch, gathered=False)
+    x, W, b, bank = setup(40, 30, (4, 8, 2), torch.float32, torch.float32, (12,))
+    ids = torch.tensor([0, 1, 2, -1] * 3, dtype=torch.int32)
+    first = multi_lora_linear(x, W, b, bank, ids, backend="torch")
+    A_param = bank.lora_A
+    bank.to(torch.float16)
+    assert bank.lora_A is A_param
+    with torch.no_grad():
+        bank.lora_B.mul_(2)
+    second = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch")
+    ref = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch", dropout_p=0.0)
+    import fastlora.multi_reference as mr
+    monkeypatch.setattr(mr, "segments_enabled", False)
+    dense = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch")
+    assert second.dtype == torch.float16 and torch.equal(second, ref)
+    torch.testing.assert_close(second, dense, rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(second.float(), first, rtol=1e-2, atol=1e-2)
