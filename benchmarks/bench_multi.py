@@ -1,6 +1,7 @@
 """Microbenchmark: one linear layer with many LoRA adapters in one batch (each token its own adapter).
 
     python -m pytest benchmarks/bench_multi.py --benchmark-only -q     # CSV + PNG in benchmarks/out/
+    python -m benchmarks.bench_multi [--rounds 60] [--threads 1]       # paired speed-ups over PEFT, 95% intervals
 
 (the output folder: $FASTLORA_BENCH_OUT if set, else benchmarks/out/, git-ignored; benchmarks.common.output_dir)
 
@@ -252,3 +253,87 @@ def test_multi_model_decode(benchmark, record, provider):
     record(benchmark, kernel="multi_lora_model", provider=provider, mode="fwd",
            shape=f"llama 2 layers d{4096 if CUDA else 1024}, 32 adapters r16 on qkvo, 32 x 1 tokens",
            dtype=DTYPE, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------
+# paired ratios: python -m benchmarks.bench_multi [--rounds N] [--threads T]
+# ---------------------------------------------------------------------------
+# The targets are speed-ups over PEFT, and a shared CPU drifts by tens of percent over a run: here each round
+# times the providers back to back (rotating order) and the ratio is taken per round (a slow spell hits both);
+# the geometric mean and its 95% interval are reported (benchmarks.common.ratio_interval).
+
+def paired(calls: dict, rounds: int) -> dict:
+    """{name: [per-round time / time of the first provider]} for the callables in ``calls`` (no grad)."""
+    import time
+    names = list(calls)
+
+    def once(name):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            calls[name]()
+        if CUDA:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for n in names:
+        once(n), once(n)
+    ratios = {n: [] for n in names[1:]}
+    for i in range(rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        t = {n: once(n) for n in order}
+        for n in names[1:]:
+            ratios[n].append(t[n] / t[names[0]])
+    return ratios
+
+
+def main(argv=None) -> int:
+    import argparse
+    from benchmarks import common
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_multi",
+                                 description="paired speed-ups of the multi-adapter layer and model over PEFT")
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-model", action="store_true", help="skip the whole-model decode step")
+    common.add_out_dir_option(ap)
+    a = ap.parse_args(argv)
+    if a.rounds < 2:
+        ap.error(f"--rounds must be >= 2, got {a.rounds}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = common.device_name(DEVICE)
+    print(f"paired ratios on {dev}, {DTYPE}, {a.rounds} rounds (time of X / time of fastlora: > 1 = fastlora faster)")
+    rows = []
+
+    def report(label, shape, ratios):
+        for name, rs in ratios.items():
+            gm, lo, hi = common.ratio_interval(rs)
+            print(f"  {label:<28} {name:>6} / fastlora = {gm:.3f} (95% {lo:.3f}-{hi:.3f})")
+            rows.append(dict(kernel="multi_lora_ratio", provider=f"{name}/fastlora", mode="fwd", shape=shape,
+                             median_ms=f"{gm:.4f}", p20_ms=f"{lo:.4f}", p80_ms=f"{hi:.4f}", rounds=a.rounds,
+                             device=dev, dtype=str(DTYPE).replace("torch.", ""), versions=common.versions(),
+                             timestamp=common.timestamp()))
+
+    for scenario in SCENARIOS:
+        for ranks in RANKS:
+            layer = layer_for(scenario, ranks)
+            calls = {p: (lambda p=p: layer.call(p)) for p in ("fastlora", "peft", "base")}   # base/fastlora < 1
+            n, per = SCENARIOS[scenario]
+            report(f"layer {scenario} {ranks}", f"{scenario} n{n}x{per} d{D} r={ranks}", paired(calls, a.rounds))
+    if not a.no_model:                     # a wrapped copy, so that PEFT's own layers stay in the original
+        import copy
+        from fastlora.multi_peft import MultiAdapterModel
+        m = model_for()
+        model, ids, names = m["model"], m["ids"], m["names"]
+        mm = MultiAdapterModel(copy.deepcopy(model))
+        calls = {"fastlora": lambda: mm(ids, adapter_names=names, use_cache=False),
+                 "peft": lambda: model(ids, adapter_names=names, use_cache=False)}
+        report("model decode 32x1", "llama 2 layers, 32 adapters r16 qkvo, 32 x 1", paired(calls, a.rounds))
+    path = common.write_csv(f"{common.output_dir(a.out_dir)}/multi_lora_ratios_{common.device_tag(DEVICE)}.csv",
+                            common.MICRO_COLUMNS, rows)
+    print(f"wrote {path} (the *_ms columns hold the ratio and its 95% interval)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -214,22 +214,21 @@ def _segmented_forward(segs, y, d, lora_A, lora_B, offsets, scalings, r_max, sav
     order, at, sizes = segs
     M = d.shape[0]
     sc, views = scalings.tolist(), _adapter_views(lora_A, lora_B, offsets)
-    tgt = y if order is None else y.new_zeros(y.shape)
     Ss = torch.zeros((M if save_s else 0, r_max), dtype=torch.float32)
-    dp, tp = _gather(d, order).split(sizes), tgt.split(sizes)
-    sp = Ss.split(sizes) if save_s else None
-    same = tgt.dtype == lora_B.dtype
+    dp, sp = _gather(d, order).split(sizes), (Ss.split(sizes) if save_s else None)
+    tp = y.split(sizes) if order is None else order.split(sizes)      # rows of y, or their indices
+    same = y.dtype == lora_B.dtype
     for k, i in at:
         At, Bt = views[k]
         Sk = torch.mm(dp[i], At)
         if save_s:
             sp[i][:, :At.shape[1]] = Sk
-        if same:
+        if order is not None:       # gathered tokens: their LoRA term is added back at their rows
+            y.index_add_(0, tp[i], torch.mm(Sk, Bt).to(y.dtype), alpha=sc[k])
+        elif same:
             tp[i].addmm_(Sk, Bt, alpha=sc[k])
         else:
-            tp[i].add_(torch.mm(Sk * sc[k], Bt).to(tgt.dtype))
-    if order is not None:
-        y.index_add_(0, order, tgt)
+            tp[i].add_(torch.mm(Sk * sc[k], Bt).to(y.dtype))
     return _scatter(Ss, order) if save_s else Ss
 
 

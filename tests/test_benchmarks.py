@@ -313,6 +313,25 @@ def test_ratio_interval_says_when_a_row_is_indistinguishable():
         paper_table.ratio_to_merged([1.0, 2.0], [1.0])
 
 
+def test_bench_multi_pairs_each_round(monkeypatch):
+    """python -m benchmarks.bench_multi: every round times each provider once (rotating the order) and each ratio
+    is that round's time over fastlora's; a fake clock that the calls advance makes the expected ratios exact."""
+    import time
+    from benchmarks import bench_multi
+    clock, seen = [0.0], []
+
+    def cost(name, dt):
+        def call():
+            seen.append(name)
+            clock[0] += dt
+        return call
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    r = bench_multi.paired({"fastlora": cost("f", 1.0), "peft": cost("p", 1.25), "base": cost("b", 0.8)}, rounds=6)
+    assert r["peft"] == pytest.approx([1.25] * 6) and r["base"] == pytest.approx([0.8] * 6) and "fastlora" not in r
+    rounds = [seen[6 + 3 * i: 9 + 3 * i] for i in range(6)]                   # after two warm-up calls each
+    assert all(sorted(o) == ["b", "f", "p"] for o in rounds) and len({tuple(o) for o in rounds}) == 3
+
+
 def test_t_quantiles_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 29, 30, 31, 45, 100, 1000):
