@@ -6,7 +6,7 @@ Shapes. x (M, K) · W0 (N, K), or (K, N) with fan_in_fan_out · bias (N,) · ids
 adapter bank packed WITHOUT padding along the rank: A (R_tot, K) rows off[k] … off[k+1]−1 are A_k (r_k, K),
 B (N, R_tot) columns off[k] … off[k+1]−1 are B_k (N, r_k), R_tot = Σ r_k · off (n+1,) int32 ·
 scales (n,) float32 (runtime values, never constexpr) · pk (n, 2) float32 (p_k, 1/(1−p_k)) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
-(zero elsewhere) · seed: 0-d int64 tensor (dropout keep-mask: kernels/_common._keep, the single-adapter op's mask of x
+(other entries unset: never read) · seed: 0-d int64 tensor (dropout keep-mask: kernels/_common._keep, the single-adapter op's mask of x
 seen as (M, K), = fastlora.dropout.keep_mask; regenerated in backward, never stored).
 
 Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
@@ -281,6 +281,14 @@ def segment_grad(L, R, g, g_strides, plan, off, scale, seed, pk, r_max, *, scale
     return g
 
 
+def _scratch(shape, device, dtype=torch.float32, like=None):
+    """An uninitialised buffer that the kernels fill wherever it is ever read (S, dS: j < r_k of each token's
+    adapter; dA, dB: every row). Under the interpreter (the tests) it is filled with NaN instead, so that a
+    kernel reading or returning an unwritten element shows up in every parity check."""
+    t = torch.empty_like(like) if like is not None else torch.empty(shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if interpreting() else t
+
+
 def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, plan, r_max, pk, dropout, seed, fan_in_fan_out,
                    save_s):
     """Returns (y (..., N) in x's dtype, S (M, r_max) float32 — (0, r_max) when not ``save_s``).
@@ -293,12 +301,12 @@ def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, plan, r_max, pk
     M, n = x2.shape[0], off.numel() - 1
     w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
     N = w.shape[0]
-    S = torch.zeros((M if save_s else 0, r_max), device=x.device, dtype=torch.float32)
+    S = _scratch((M if save_s else 0, r_max), x.device)
     if not (n and M and r_max):
         y = torch.addmm(bias.to(x2.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         return y.reshape(*x.shape[:-1], N), S
     if not save_s:
-        S = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
+        S = _scratch((M, r_max), x.device)
     shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), S, plan, off, scales, seed, pk, r_max,
            scaled=False, dropout=dropout)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -320,13 +328,15 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, p
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     M, n = x2.shape[0], off.numel() - 1
     w = (weight.t() if fan_in_fan_out else weight).to(dy2.dtype)
-    dA = torch.zeros_like(lora_A) if needs_dA else None
-    dB = torch.zeros_like(lora_B) if needs_dB else None
     if not (n and M and r_max):
-        return ((dy2 @ w).reshape(x.shape) if needs_dx else None), dA, dB
+        return ((dy2 @ w).reshape(x.shape) if needs_dx else None), (torch.zeros_like(lora_A) if needs_dA else None), \
+            (torch.zeros_like(lora_B) if needs_dB else None)
+    # every row of dA / dB is written by the gradient kernel (zeros for adapters absent from the batch)
+    dA = _scratch(lora_A.shape, x.device, lora_A.dtype, like=lora_A) if needs_dA else None
+    dB = _scratch(lora_B.shape, x.device, lora_B.dtype, like=lora_B) if needs_dB else None
     dx = None
     if needs_dx or needs_dA:
-        dS = torch.zeros((M, r_max), device=x.device, dtype=torch.float32)
+        dS = _scratch((M, r_max), x.device)
         shrink(dy2, lora_B, (lora_B.stride(1), lora_B.stride(0)), dS, plan, off, scales, seed, pk, r_max,
                scaled=True, dropout=False)
         if needs_dx:
