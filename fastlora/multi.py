@@ -445,8 +445,8 @@ class MultiLoraLinear(nn.Module):
             plan = call.plan_for(self.bank, x, self.regime)
         elif adapter_ids is not None and not isinstance(adapter_ids, Tensor):
             adapter_ids = _names_list(adapter_ids, "adapter_ids")
-        p = ([self.adapter_dropout.get(n, self.dropout_p) for n in self.bank.names] if self.adapter_dropout
-             else self.dropout_p)
+        p = ([self.adapter_dropout.get(n, self.dropout_p) for n in self.bank.names]
+             if self.adapter_dropout and self.training else self.dropout_p)     # (eval: no dropout at all)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, adapter_ids, p,
                                  self.training, self.fan_in_fan_out, plan=plan, seed=seed, regime=self.regime,
                                  backend=self.backend)
