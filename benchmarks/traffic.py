@@ -321,6 +321,16 @@ def main(argv=None) -> int:
         print(f"    {'packed' if packed else 'padded':<8} bank {wbytes / 2**20:7.1f} MiB, "
               f"{t['bytes'] / 2**20:7.1f} MiB moved, {t['flops'] / 1e9:7.2f} GFLOP, "
               f"{t['model_time_us']:7.1f} µs on H100 SXM (model)")
+    print("\n[model] multi-adapter decode, 32 adapters r 16 x 1 token each, d 4096, bf16, H200 SXM: why the decode plan")
+    print("        runs the same shrink/expand kernels (one token per 16-row tl.dot tile) instead of a BGMV kernel:")
+    ks, _ = multi_adapter(32, 4096, 4096, [16] * 32)
+    g = GPUS["H200 SXM"]
+    for k in ks:
+        mma = 16 * k.flops                 # the 16-row tile computes 16 rows for the 1 token it holds
+        print(f"    {k.name:<28}{k.bytes / 2**20:7.2f} MiB -> {k.bytes / g['bw'] * 1e6:6.2f} µs at peak bandwidth; "
+              f"tile MMAs incl. 15 idle rows {mma / g['flops'] * 1e6:6.3f} µs at peak BF16 (model)")
+    print(f"    base GEMM 32 x 4096 x 4096: {2 * 4096 * 4096 / g['bw'] * 1e6:6.2f} µs at peak bandwidth (model); "
+          f"launch overhead assumed {LAUNCH_US} µs each")
     path = common.write_csv(common.output_dir(a.out_dir) / "traffic_model.csv", CSV_COLUMNS, rows)
     print(f"\nwrote {path}")
     return 0
