@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
 from .dropout import keep_mask, pack_mask, unpack_mask
-from .functional import check_inputs, op_scalars
+from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -422,7 +422,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, fan_in_
     """‖W0 + s·B·A‖ per output row, (N,) float32 (float64 for float64), detached — without the N×K matrix."""
     sdt = _acc(weight.dtype)
     scale = scaling.detach().reshape(()).to(weight.device, sdt) if isinstance(scaling, Tensor) else \
-        torch.full((), float(scaling), dtype=sdt, device=weight.device)
+        _constant(float(scaling), sdt, weight.device)
     with torch.no_grad():
         n, _ = norm_forward(weight.detach(), lora_A.detach(), lora_B.detach(), scale, fan_in_fan_out, None,
                             resolve_backend_choice(backend))

@@ -86,19 +86,26 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
 _CONSTANTS: dict = {}
 
 
-def _constant(value, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A cached 0-d tensor (never written): a float scaling or the unused seed costs no allocation or fill
-    per call. Made outside inference mode, so a training call may save it for backward."""
+def cached_tensor(key: tuple, make) -> Tensor:
+    """``make()``'s tensor, made once per ``key`` and never written: a float scaling, the unused seed, a
+    multi-adapter dropout or lookup table cost no allocation or host-to-device copy per call (and a captured CUDA
+    graph keeps reading the same tensor). Made outside inference mode, so a training call may save it for
+    backward. While torch.compile traces, made inline (a graph constant: a cache would be guarded on)."""
     if torch.compiler.is_compiling():
-        return torch.full((), value, dtype=dtype, device=device)
-    key = (value, dtype, device)
+        return make()
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) > 256:
             _CONSTANTS.clear()
         with torch.inference_mode(False):
-            t = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+            t = _CONSTANTS[key] = make()
     return t
+
+
+def _constant(value, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor of ``value`` (see cached_tensor)."""
+    return cached_tensor(("scalar", value, dtype, torch.device(device)),
+                         lambda: torch.full((), value, dtype=dtype, device=device))
 
 
 def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dtype: torch.dtype | None = None):

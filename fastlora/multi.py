@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .backend import resolve_backend_choice, select_backend
 from .bank import BASE, AdapterBank
 from .dropout import new_seed
-from .functional import _constant
+from .functional import _constant, cached_tensor
 from .multi_plan import BatchPlan, choose_regime, expand_ids, plan_batch
 from .multi_reference import multi_torch_backward, multi_torch_forward
 
@@ -188,23 +188,10 @@ def _per_adapter_p(dropout_p, n: int) -> list[float] | float:
     return [float(q) for q in dropout_p]
 
 
-_PK: dict = {}
-
-
 def _dropout_table(ps: tuple, device) -> Tensor:
-    """float32 (n, 2) of (p_k, 1/(1−p_k)) on ``device``; cached per (ps, device) (never written, so a bank's
-    fixed dropout costs no copy per call and a captured graph keeps reading the same tensor)."""
-    if torch.compiler.is_compiling():      # a constant of the graph (a cache would be guarded on, recompiling)
-        return torch.tensor([[q, 1.0 / (1.0 - q)] for q in ps] or [[0.0, 1.0]], dtype=torch.float32, device=device)
-    key = (ps, torch.device(device))
-    t = _PK.get(key)
-    if t is None:
-        if len(_PK) > 256:
-            _PK.clear()
-        with torch.inference_mode(False):
-            t = _PK[key] = torch.tensor([[q, 1.0 / (1.0 - q)] for q in ps] or [[0.0, 1.0]], dtype=torch.float32,
-                                        device=device)
-    return t
+    """float32 (n, 2) of (p_k, 1/(1−p_k)) on ``device``, cached per (ps, device) (functional.cached_tensor)."""
+    return cached_tensor(("multi_dropout", ps, torch.device(device)), lambda: torch.tensor(
+        [[q, 1.0 / (1.0 - q)] for q in ps] or [[0.0, 1.0]], dtype=torch.float32, device=device))
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: AdapterBank,
@@ -310,24 +297,12 @@ class AdapterCall:
         return plan
 
 
-_LOOKUP: dict = {}
-
-
 def _lookup(index: tuple, bank_names: tuple, device) -> Tensor:
     """int32 (len(index),): position in ``bank_names`` of each name of ``index`` (−1 if absent); cached per
-    (index, bank layout, device), made by the first call (before any CUDA-graph capture)."""
+    (index, bank layout, device) (functional.cached_tensor), made by the first call, before any graph capture."""
     pos = {n: i for i, n in enumerate(bank_names)}
-    if torch.compiler.is_compiling():
-        return torch.tensor([pos.get(n, -1) for n in index] or [-1], dtype=torch.int32, device=device)
-    key = (index, bank_names, torch.device(device))
-    t = _LOOKUP.get(key)
-    if t is None:
-        if len(_LOOKUP) > 256:
-            _LOOKUP.clear()
-        with torch.inference_mode(False):
-            t = _LOOKUP[key] = torch.tensor([pos.get(n, -1) for n in index] or [-1], dtype=torch.int32,
-                                            device=device)
-    return t
+    return cached_tensor(("multi_lookup", index, bank_names, torch.device(device)), lambda: torch.tensor(
+        [pos.get(n, -1) for n in index] or [-1], dtype=torch.int32, device=device))
 
 
 _CALL: contextvars.ContextVar[AdapterCall | None] = contextvars.ContextVar("fastlora_adapter_call", default=None)
