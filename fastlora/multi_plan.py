@@ -57,22 +57,27 @@ def expand_ids(ids: Tensor, x: Tensor, n: int) -> Tensor:
     Range [−1, n) is asserted on the device (torch._assert_async): immediate ValueError on CPU, a device-side
     assert on CUDA — never a host read, so the launch path stays capturable.
     """
+    return _token_ids(ids, tuple(x.shape), x.device, n)
+
+
+def _token_ids(ids: Tensor, x_shape: tuple, device, n: int) -> Tensor:
+    """expand_ids for activations of shape ``x_shape`` on ``device`` (no tensor of that shape needed)."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor of int32/int64 (or a list of adapter names), "
                         f"got {type(ids).__name__}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
-    if ids.device != x.device:
-        raise ValueError(f"adapter_ids must be on x's device {x.device}, got {ids.device}")
-    lead = tuple(x.shape[:-1])
+    if ids.device != device:
+        raise ValueError(f"adapter_ids must be on x's device {device}, got {ids.device}")
+    lead = x_shape[:-1]
     if tuple(ids.shape) == lead:
         tok = ids.reshape(-1)
-    elif x.dim() >= 3 and tuple(ids.shape) == lead[:1]:
+    elif len(x_shape) >= 3 and tuple(ids.shape) == lead[:1]:
         tok = ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
     else:
-        per_seq = f" or {lead[:1]} (one per sequence)" if x.dim() >= 3 else ""
+        per_seq = f" or {lead[:1]} (one per sequence)" if len(x_shape) >= 3 else ""
         raise ValueError(f"adapter_ids must have shape {lead} (one per token){per_seq} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(ids.shape)}")
+                         f"{x_shape}, got {tuple(ids.shape)}")
     tok = tok.to(torch.int32)
     if tok.numel():
         msg = f"adapter_ids must be in [-1, {n}) (-1 = base model only; the bank holds {n} adapters)"
@@ -167,8 +172,8 @@ class BatchPlan:
     def update_(self, adapter_ids: Tensor) -> "BatchPlan":
         """Refill this plan in place for a new batch of the same shape (ids as ``plan_batch`` takes them, as a
         tensor on the plan's device): what a CUDA graph captured with this plan replays with."""
-        probe = torch.empty((*self.lead, 1), device=self.device)
-        self.data.copy_(torch.cat(_pieces(expand_ids(adapter_ids, probe, self.n), self.n, self.regime)))
+        ids = _token_ids(adapter_ids, (*self.lead, 1), self.device, self.n)
+        self.data.copy_(torch.cat(_pieces(ids, self.n, self.regime)))
         self._host.clear()
         return self
 

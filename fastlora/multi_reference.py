@@ -26,10 +26,10 @@ from .dropout import keep_mask
 
 
 def _column_masks(offsets, scalings, ids, R_tot):
-    """((M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0; column -> adapter)."""
+    """(M, R_tot) float32: s_k where packed column j belongs to token m's adapter k, else 0."""
     ranks = offsets[1:] - offsets[:-1]
     col = torch.repeat_interleave(torch.arange(ranks.numel(), device=ids.device), ranks, output_size=R_tot)
-    return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :], col
+    return (ids.long()[:, None] == col[None, :]) * scalings[col][None, :]
 
 
 segments_enabled = True   # False: always dense (benchmarks, tests of the dense path)
@@ -71,7 +71,7 @@ def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan
         return y.reshape(*x.shape[:-1], w.shape[0]), S
     ids = plan.ids
     S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
-    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
+    colscale = _column_masks(offsets, scalings, ids, R_tot)
     Sm = S_all * colscale.to(S_all.dtype)                          # other adapters' columns -> 0, times s_k
     if lora_B.dtype == y.dtype:
         y.addmm_(Sm, lora_B.t())
@@ -114,7 +114,7 @@ def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, plan,
         return _segmented_backward(segs, dy2, x2, w, lora_A, lora_B, offsets, scalings, S, ks, x.shape,
                                    needs_dx, needs_dA, needs_dB)
     ids = plan.ids
-    colscale, _ = _column_masks(offsets, scalings, ids, R_tot)
+    colscale = _column_masks(offsets, scalings, ids, R_tot)
     colscale = colscale.to(ad)
     dyl = dy2.to(ad)
     dS = (dyl @ lora_B) * colscale                                 # (M, R_tot) = s_k·dY·B_k on token m's columns
