@@ -30,14 +30,11 @@ class Tiny(nn.Module):
         return self.v(torch.relu(self.q(x)))
 
 
-def peft_model(dtype, seed=0):
-    """PEFT model with five adapters of mixed ranks; random (nonzero) B; adapter "r64" targets only q."""
-    torch.manual_seed(seed)
-    base = Tiny().to(dtype)
+def with_adapters(base, configs: dict):
+    """PEFT model over ``base`` holding one adapter per (name, LoraConfig) of ``configs``, every LoRA weight random
+    (nonzero B; A ~ N(0, 1/K), B ~ N(0, 1/r): O(1) outputs)."""
     model = None
-    for i, (name, r) in enumerate(RANKS.items()):
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["q"] if name == "r64" else ["q", "v"],
-                              use_rslora=i % 2 == 1)
+    for name, cfg in configs.items():
         if model is None:
             model = peft.get_peft_model(base, cfg, adapter_name=name)
         else:
@@ -46,7 +43,16 @@ def peft_model(dtype, seed=0):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model.eval()
+    return model
+
+
+def peft_model(dtype, seed=0):
+    """PEFT model with five adapters of mixed ranks; random (nonzero) B; adapter "r64" targets only q."""
+    torch.manual_seed(seed)
+    return with_adapters(Tiny().to(dtype), {
+        name: peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["q"] if name == "r64" else ["q", "v"],
+                              use_rslora=i % 2 == 1)
+        for i, (name, r) in enumerate(RANKS.items())}).eval()
 
 
 def oracle64(model, x, names):
@@ -269,65 +275,20 @@ def tiny_llama(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
-                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                                adapter_name="math")
-    model.add_adapter("code", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model.eval()
-
-
-def test_generate_with_mixed_adapters_and_peft_methods_while_wrapped():
-    import copy
-    model = tiny_llama()
-    names = ["math", "__base__", "code"]
-    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
-    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        ref = copy.deepcopy(model).double()(ids, adapter_names=names).logits
-        base = model(ids, adapter_names=names).logits
-        want = model.generate(input_ids=ids, adapter_names=names, **gen)
-        want_beams = model.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen)
-        mm = MultiAdapterModel(model, backend="torch")
-        assert_close("logits", mm(ids, adapter_names=names).logits, ref, base)
-        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, **gen), want)
-        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen), want_beams)
-        # PEFT's own mixed-batch entry points run through the banks while wrapped
-        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
-        assert_close("PEFT forward while wrapped", model(ids, adapter_names=names).logits, ref, base)
-        layers = [m for m in model.modules() if type(m).__name__ == "MultiLoraLinear"]
-        assert len(layers) == 4
-    # attributes fall through; methods needing PEFT's layers say so
-    assert mm.config is model.config and mm.peft_config is model.peft_config
-    with pytest.raises(AttributeError, match=r"restore\(\) first"):
-        mm.merge_and_unload()
-    with pytest.raises(AttributeError, match="no_such_thing"):
-        mm.no_such_thing
-    with pytest.raises(ValueError, match="unknown adapter"):
-        model(ids, adapter_names=["math", "math", "zz"])
-    assert mm.restore() is model and "_enable_peft_forward_hooks" not in vars(model.base_model)
-    with torch.no_grad():
-        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
+    return with_adapters(transformers.LlamaForCausalLM(cfg), {
+        "math": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "code": peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"])}).eval()
 
 
 def peft_dropout_model(dtype=torch.float32):
     """Tiny with adapters of per-adapter lora_dropout 0.3 / 0 / 0.1 (PEFT's nn.Dropout / nn.Identity)."""
     torch.manual_seed(0)
-    model = None
-    for name, r, p in (("d3", 4, 0.3), ("d0", 8, 0.0), ("d1", 2, 0.1)):
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["q", "v"])
-        if model is None:
-            model = peft.get_peft_model(Tiny().to(dtype), cfg, adapter_name=name)
-        else:
-            model.add_adapter(name, cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-                p.requires_grad_(True)
+    model = with_adapters(Tiny().to(dtype), {
+        name: peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["q", "v"])
+        for name, r, p in (("d3", 4, 0.3), ("d0", 8, 0.0), ("d1", 2, 0.1))})
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
     return model
 
 
