@@ -115,21 +115,26 @@ def test_patched_loralib_under_cpu_autocast(spy):
     compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
 
 
+class _Chain(nn.Module):
+    """fc(tanh(c_attn(x))): the two layers of make_loralib, without the rest."""
+
+    def __init__(self, c_attn, fc):
+        super().__init__()
+        self.c_attn, self.fc = c_attn, fc
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c_attn(x)))
+
+
 def test_fastlora_modules_under_cpu_autocast(spy):
     """LoraLinear / MergedLoraLinear vs loralib's maths (the same layers unpatched) under autocast."""
     model = make_loralib(0.0)
-    fast = nn.Module()
-    fast.c_attn = fastlora.MergedLoraLinear.from_linear(
-        Conv1D(48, 16), r=2, lora_alpha=4, enable_lora=[True, False, True])
-    fast.fc = fastlora.LoraLinear.from_linear(nn.Linear(48, 24), r=4, lora_alpha=8)
+    fast = _Chain(fastlora.MergedLoraLinear.from_linear(Conv1D(48, 16), r=2, lora_alpha=4,
+                                                        enable_lora=[True, False, True]),
+                  fastlora.LoraLinear.from_linear(nn.Linear(48, 24), r=4, lora_alpha=8))
     fast.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("c_attn", "fc")})
-    fast.forward = lambda x: fast.fc(torch.tanh(fast.c_attn(x)))
-    ref = nn.Module()
-    ref.c_attn, ref.fc = copy.deepcopy(model.c_attn), copy.deepcopy(model.fc)
-    ref.forward = lambda x: ref.fc(torch.tanh(ref.c_attn(x)))
-    o64 = copy.deepcopy(ref)
-    o64.c_attn, o64.fc = oracle(ref.c_attn, BF16), oracle(ref.fc, BF16)
-    o64.forward = lambda x: o64.fc(torch.tanh(o64.c_attn(x)))
+    ref = _Chain(copy.deepcopy(model.c_attn), copy.deepcopy(model.fc))
+    o64 = _Chain(oracle(ref.c_attn, BF16), oracle(ref.fc, BF16))
     for m in (fast, ref, o64):
         for n, p in m.named_parameters():
             p.requires_grad_("lora_" in n)
