@@ -52,6 +52,14 @@ def step(model, x, g, amp, device="cpu", seed=7):
     return y.detach(), x.grad, grads
 
 
+def check_bf16(model, ref, o64, x, g, spy, layers):
+    """``model`` (fused) under CPU bf16 autocast: ``layers`` fused calls, all in bf16 (the spy), and its step
+    vs ``ref`` (PEFT / loralib under the same autocast) and the float64 oracle ``o64``."""
+    got = step(model, x, g, BF16)
+    assert spy == [BF16] * layers
+    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+
+
 def compare(got, ref, o64, amp, sane=True):
     """got / ref: step() of the fused model / PEFT under autocast; o64: step() of the oracle."""
     (y, dx, gr), (ry, rdx, rgr), (oy, odx, ogr) = got, ref, o64
@@ -88,9 +96,7 @@ def test_patched_peft_fp32_model_under_cpu_autocast(spy, dropout):
     ref, o64 = replay_dropout(copy.deepcopy(pm)), replay_dropout(oracle(pm, BF16))
     assert len(fp.patch(pm).patched) == 3
     x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
-    got = step(pm, x, g, BF16)
-    assert spy == [BF16] * 3                      # every LoRA layer fused, on bf16 operands
-    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+    check_bf16(pm, ref, o64, x, g, spy, 3)       # every LoRA layer fused, on bf16 operands
     for n, p in pm.named_parameters():            # fp32 adapters get fp32 gradients, as under autocast
         assert p.grad is None or p.grad.dtype == torch.float32, n
 
@@ -100,9 +106,7 @@ def test_patched_peft_bf16_base_fp32_adapters_under_cpu_autocast(spy):
     ref, o64 = copy.deepcopy(pm), oracle(pm, BF16)
     fp.patch(pm)
     x, g = torch.randn(3, 24), torch.randn(3, 16)  # fp32 input into a bf16 model: autocast casts it
-    got = step(pm, x, g, BF16)
-    assert spy == [BF16] * 3
-    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+    check_bf16(pm, ref, o64, x, g, spy, 3)
 
 
 def test_patched_loralib_under_cpu_autocast(spy):
@@ -110,9 +114,7 @@ def test_patched_loralib_under_cpu_autocast(spy):
     ref, o64 = replay_dropout(copy.deepcopy(model)), replay_dropout(oracle(model, BF16))
     fp.patch(model, warn=False)
     x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
-    got = step(model, x, g, BF16)
-    assert spy == [BF16] * 2
-    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+    check_bf16(model, ref, o64, x, g, spy, 2)
 
 
 class _Chain(nn.Module):
@@ -139,9 +141,7 @@ def test_fastlora_modules_under_cpu_autocast(spy):
         for n, p in m.named_parameters():
             p.requires_grad_("lora_" in n)
     x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 24)
-    got = step(fast, x, g, BF16)
-    assert spy == [BF16] * 2
-    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+    check_bf16(fast, ref, o64, x, g, spy, 2)
 
 
 def test_compiled_patched_peft_under_cpu_autocast(spy):
@@ -152,9 +152,7 @@ def test_compiled_patched_peft_under_cpu_autocast(spy):
     torch._dynamo.reset()
     cm = torch.compile(pm, fullgraph=True, backend="aot_eager")
     x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
-    got = step(cm, x, g, BF16)
-    assert spy == [BF16] * 3
-    compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
+    check_bf16(cm, ref, o64, x, g, spy, 3)
 
 
 def test_unservable_autocast_is_handed_back(spy):
