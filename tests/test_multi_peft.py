@@ -280,6 +280,39 @@ def tiny_llama(seed=0):
         "code": peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"])}).eval()
 
 
+def test_generate_with_mixed_adapters_and_peft_methods_while_wrapped():
+    import copy
+    model = tiny_llama()
+    names = ["math", "__base__", "code"]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(ids, adapter_names=names).logits
+        base = model(ids, adapter_names=names).logits
+        want = model.generate(input_ids=ids, adapter_names=names, **gen)
+        want_beams = model.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen)
+        mm = MultiAdapterModel(model, backend="torch")
+        assert_close("logits", mm(ids, adapter_names=names).logits, ref, base)
+        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, **gen), want)
+        assert torch.equal(mm.generate(input_ids=ids, adapter_names=names, num_beams=2, **gen), want_beams)
+        # PEFT's own mixed-batch entry points run through the banks while wrapped
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
+        assert_close("PEFT forward while wrapped", model(ids, adapter_names=names).logits, ref, base)
+        layers = [m for m in model.modules() if type(m).__name__ == "MultiLoraLinear"]
+        assert len(layers) == 4
+    # attributes fall through; methods needing PEFT's layers say so
+    assert mm.config is model.config and mm.peft_config is model.peft_config
+    with pytest.raises(AttributeError, match=r"restore\(\) first"):
+        mm.merge_and_unload()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        mm.no_such_thing
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(ids, adapter_names=["math", "math", "zz"])
+    assert mm.restore() is model and "_enable_peft_forward_hooks" not in vars(model.base_model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen), want)
+
+
 def peft_dropout_model(dtype=torch.float32):
     """Tiny with adapters of per-adapter lora_dropout 0.3 / 0 / 0.1 (PEFT's nn.Dropout / nn.Identity)."""
     torch.manual_seed(0)
