@@ -29,8 +29,8 @@ from .dropout import keep_mask, pack_mask, unpack_mask
 
 
 def _kernels():
-    from . import kernels  # imported lazily: fastlora.kernels is Triton-only
-    return kernels
+    from .kernels import linear_bwd, linear_fwd   # imported lazily: fastlora.kernels is Triton-only
+    return linear_fwd, linear_bwd
 
 
 def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend, keep=None):
@@ -38,7 +38,7 @@ def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_
     (inference, and LoraFunction in training) call it directly, skipping the op's dispatcher layers
     (fastlora.functional). ``keep``: the dropout mask, when the torch backend's caller drew it already."""
     if select_backend(x.device, backend) == "triton":
-        return _kernels().lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
+        return _kernels()[0].lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
     return reference.torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s, keep)
@@ -48,7 +48,7 @@ def backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
              needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, deterministic, backend, keep=None):
     """(dx, dA, dB, dbias, dW) on the selected backend, None where not needed."""
     if select_backend(x.device, backend) == "triton":
-        dx, dA, dB, dbias = _kernels().lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
+        dx, dA, dB, dbias = _kernels()[1].lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
                                                 fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias,
                                                 deterministic)
     else:

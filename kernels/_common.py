@@ -43,3 +43,8 @@ def _mma(a, b, acc, FP32_PRECISION: tl.constexpr):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if interpreting():   # bf16 dots are wrong in the stock interpreter (every kernel module imports this one)
+    from ._interpreter import patch_bf16_dot
+    patch_bf16_dot()

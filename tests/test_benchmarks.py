@@ -18,7 +18,7 @@ from benchmarks import adapters as adp
 from benchmarks import common, paper_table, plot, traffic
 # Imported here, at collection, while conftest's TRITON_INTERPRET=1 holds: Triton fixes a kernel's mode when
 # its module is imported, and the torch_backend fixture below sets TRITON_INTERPRET=0 for model-level tests.
-import fastlora.kernels  # noqa: E402,F401  (the kernel modules, imported in interpreter mode)
+from fastlora.kernels import dora_norm, linear_bwd, linear_fwd, multi_lora  # noqa: E402,F401  (interpreter mode)
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--bottleneck", "3", "--no-progress"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastlora.kernels
+from fastlora.kernels import linear_fwd
 import fastlora.reference
 from fastlora import lora_linear
 from fastlora.backend import select_backend
@@ -159,7 +159,7 @@ def spies(monkeypatch):
             calls[name] += 1
             return fn(*a, **k)
         return wrapped
-    monkeypatch.setattr(fastlora.kernels, "lora_fwd", spy("triton", fastlora.kernels.lora_fwd))
+    monkeypatch.setattr(linear_fwd, "lora_fwd", spy("triton", linear_fwd.lora_fwd))
     monkeypatch.setattr(fastlora.reference, "torch_forward", spy("torch", fastlora.reference.torch_forward))
     return calls
 

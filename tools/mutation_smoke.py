@@ -206,7 +206,9 @@ def copy_tree(dest: Path, rev: str | None) -> None:
 
 SITECUSTOMIZE = '''\
 # written by tools/mutation_smoke.py: import the packages of pyproject's package-dir from the copy
+import importlib.machinery
 import importlib.util
+import os
 import sys
 
 _MAP = {mapping!r}
@@ -218,7 +220,11 @@ class _CopyFinder:
         d = _MAP.get(name)
         if d is None:
             return None
-        return importlib.util.spec_from_file_location(name, d + "/__init__.py", submodule_search_locations=[d])
+        if os.path.isfile(d + "/__init__.py"):
+            return importlib.util.spec_from_file_location(name, d + "/__init__.py", submodule_search_locations=[d])
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)   # a plain folder (kernels/)
+        spec.submodule_search_locations = [d]
+        return spec
 
 
 sys.meta_path.insert(0, _CopyFinder)
@@ -256,7 +262,8 @@ def check_resolution(copy: Path, env: dict, mapping: dict[str, str]) -> str | No
     """None when every mapped package (and fastlora.kernels' modules) is imported from the copy."""
     code = ("import importlib, json, sys\n"
             f"names = {sorted(mapping)!r}\n"
-            "mods = {n: importlib.import_module(n).__file__ for n in names}\n"
+            "mods = {n: importlib.import_module(n) for n in names}\n"
+            "mods = {n: m.__file__ or list(m.__path__)[0] for n, m in mods.items()}\n"
             "import fastlora.kernels.linear_bwd as b\n"
             "mods['fastlora.kernels.linear_bwd'] = b.__file__\n"
             "print(json.dumps(mods))\n")
