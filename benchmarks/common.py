@@ -28,6 +28,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"      # committed refer
 OUT_DIR = Path(__file__).resolve().parent / "out"              # default output folder, git-ignored
 OUT_ENV = "FASTLORA_BENCH_OUT"
 
+# FASTLORA_BENCH_TINY=1: toy sizes on the CPU, for `bash benchmarks/run_gpu.sh --dry-run` (the same code paths as
+# the GPU run, in seconds; no timing claims). Read by the pytest-benchmark files, whose sizes are module constants.
+TINY = os.environ.get("FASTLORA_BENCH_TINY", "") not in ("", "0")
+
 # Columns of the microbenchmark CSVs (Liger-Kernel's layout, plus provenance).
 MICRO_COLUMNS = ("kernel", "provider", "mode", "shape", "median_ms", "p20_ms", "p80_ms",
                  "rounds", "device", "dtype", "versions", "timestamp")
