@@ -134,21 +134,6 @@ class MultiLayer:
 _layers: dict = {}
 
 
-def capture(call):
-    """A CUDA graph of ``call`` (warmed up on a side stream first, as torch.cuda.graphs requires)."""
-    with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            call()
-    return g
-
-
 def layer_for(scenario, ranks):
     key = (scenario, ranks)
     if key not in _layers:
@@ -171,7 +156,7 @@ def test_multi_forward(benchmark, record, scenario, ranks, provider):
         assert (y - ref).abs().max() <= tol * ref.abs().max(), provider
 
     if provider.endswith("_graph"):          # the same call captured once in a CUDA graph, timed as replays
-        graph = capture(lambda: layer.call(provider[:-len("_graph")]))
+        graph = common.cuda_graph(lambda: layer.call(provider[:-len("_graph")]))
 
         def fn():
             graph.replay()

@@ -102,6 +102,22 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, trials: int, w
     return times
 
 
+def cuda_graph(call: Callable[[], object], grad: bool = False) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``call`` (warmed up on a side stream first, as torch.cuda.graphs requires); ``grad``:
+    capture with autograd on (a forward+backward), else under no_grad."""
+    with torch.set_grad_enabled(grad):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+    return g
+
+
 def quantile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated quantile (numpy's default), without needing numpy."""
     v = sorted(values)

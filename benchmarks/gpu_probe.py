@@ -43,15 +43,7 @@ def graph_ms(fn, device: torch.device) -> tuple[float, str]:
     if device.type != "cuda":
         return math.nan, "no CUDA graphs on CPU"
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = common.cuda_graph(fn, grad=True)     # grad on: the forward+backward cases are captured whole
     except Exception as e:                    # noqa: BLE001 - a case that cannot be captured is reported, not fatal
         torch.cuda.synchronize()
         return math.nan, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
