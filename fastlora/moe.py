@@ -222,11 +222,15 @@ def _base_grads(dy, x, plan, E, transposed, needs_dW, needs_dbias, weight):
 
 def _grouped(a: Tensor, w3: Tensor, plan: BatchPlan) -> Tensor:
     """a (S, k) · w3[e] (k, n) for each expert segment -> (S, n): torch's grouped GEMM (cuBLAS-backed on CUDA,
-    bf16 there; any float dtype on CPU); on CUDA for other dtypes, per expert segment (reads the bounds: one
-    host sync per call — grouped_mm's CUDA kernels take bf16 only)."""
+    bf16 there; fp32 / fp16 / bf16 on CPU; strides of 16 bytes, as every real model's widths give); otherwise
+    (other dtypes on CUDA, float64, odd widths) per expert segment, reading the bounds (on CUDA one host sync per
+    call: grouped_mm's CUDA kernels take bf16 only)."""
     if a.shape[0] == 0:
         return a.new_empty((0, w3.shape[2]))
-    if a.device.type == "cuda" and a.dtype != torch.bfloat16:
+    align = 16 // a.element_size()
+    aligned = all(st % align == 0 for t in (a, w3) for st in t.stride() if st != 1) and \
+        a.data_ptr() % 16 == 0 and w3.data_ptr() % 16 == 0
+    if not aligned or (a.dtype != torch.bfloat16 and (a.device.type == "cuda" or a.dtype == torch.float64)):
         y = a.new_empty((a.shape[0], w3.shape[2]))
         for e, lo, hi in host_segments(plan):
             torch.mm(a[lo:hi], w3[e], out=y[lo:hi])
