@@ -360,3 +360,20 @@ def test_no_experts_sized_tensor_under_patch():
     assert biggest() >= limit_bytes                 # PEFT's parametrization
     fastlora.patch(pm)
     assert biggest() < limit_bytes
+
+
+# ---------------------------------------------------------------------------
+# the benchmark runs (toy sizes) and writes its CSV
+# ---------------------------------------------------------------------------
+
+def test_bench_moe_toy_run_writes_paired_ratios(tmp_path, one_thread):
+    from benchmarks import bench_moe, common
+    assert bench_moe.main(["--tiny", "--rounds", "2", "--out-dir", str(tmp_path)]) == 0
+    rows = common.read_csv(tmp_path / "moe_lora_cpu.csv")
+    got = {(r["case"], r["provider"], r["metric"]) for r in rows}
+    for case in ("layer", "model"):
+        for p in bench_moe.PROVIDERS:
+            assert {(case, p, "median_ms"), (case, p, "saved_for_backward_MiB")} <= got
+        assert {(case, "peft/fastlora", "time_ratio"), (case, "fastlora/attn_only", "time_ratio")} <= got
+    saved = {(r["case"], r["provider"]): float(r["value"]) for r in rows if r["metric"] == "saved_for_backward_MiB"}
+    assert saved[("layer", "fastlora")] < saved[("layer", "peft")]     # PEFT keeps W + ΔW for backward
