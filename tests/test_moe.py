@@ -433,3 +433,28 @@ def test_bad_inputs_are_named():
         lora_experts(*args, gate_up_lora=ExpertLora(prob.A1, prob.B1, 1.0, 1.5))
     with pytest.raises(ValueError, match="gate must map"):
         lora_experts(*args[:5], lambda h: h, **ok)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile: the custom ops trace without graph breaks
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """fullgraph=True (no graph break: plan, gather, both custom ops, the gate, the weighting); aot_eager keeps the
+    test fast (Inductor on the torch backend was checked by hand: equal to 2.4e-7, 20 s to compile)."""
+    prob = Problem()
+
+    def f(x, w, A1, B1, A2, B2):
+        return lora_experts(x, prob.idx, w, prob.W1, prob.W2, swiglu, gate_up_lora=ExpertLora(A1, B1, prob.s1),
+                            down_lora=ExpertLora(A2, B2, prob.s2), backend=backend)
+    torch._dynamo.reset()
+    leaves, eager_leaves = prob.leaves(), prob.leaves()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    y_eager = f(*eager_leaves)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_eager.backward(g)
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
