@@ -19,6 +19,9 @@ runs on operands cast to the autocast dtype, as F.linear and PEFT's adapter matm
 hooked base layers…) are left alone and listed in the report with the reason. PEFT's bitsandbytes
 layers (lora.bnb.Linear4bit / Linear8bitLt) run fastlora.qlora.qlora_linear (outside autocast).
 PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; inside, PEFT's own).
+PEFT's LoRA on MoE experts (``target_parameters``: nested lora.ParamWrappers) runs fastlora.moe through the
+outermost wrapper of each experts module (fastlora.moe_peft); the inner ones are served through it and are not
+listed on their own.
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
