@@ -20,8 +20,9 @@ Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V2/V3, PhiMoE, ... and gpt-oss, transposed w
 interleaved ``_apply_gate``), wrappers on gate_up_proj (or up_proj) and / or down_proj, one active adapter.
 Not served (patch report, with the reason): anything else (e.g. Llama4's undecorated experts), hooks inside
 the chain (accelerate offload would be bypassed), expert parallelism, fp8 weights. Per call, handed back to
-PEFT's own forward: adapters disabled or merged, ``adapter_names`` (PEFT refuses mixed batches itself), several
-active adapters, a parametrization already on the experts (warned once per layer and reason for the last two).
+PEFT's own forward: adapters disabled or merged, ``adapter_names`` (PEFT refuses mixed batches itself); and, warned
+once per layer and reason, several active adapters, hooks or a parametrization added inside the chain after
+patching, expert parallelism switched on.
 """
 from __future__ import annotations
 
@@ -108,6 +109,19 @@ def _adapter_reason(wrappers, experts) -> str | None:
     return None
 
 
+def _state_reason(wrappers, experts) -> str | None:
+    """What can change after patching and stop a call from being served (None if it can be): checked at patch
+    time and on every call."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism (sentinel expert ids) is not served"
+    for m in wrappers[1:] + [experts]:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{type(m).__name__} inside the chain has forward hooks (fastlora's forward would bypass them)"
+    if torch.nn.utils.parametrize.is_parametrized(experts):
+        return "the experts module carries a parametrization"
+    return _adapter_reason(wrappers, experts)
+
+
 def chain_reason(outer: nn.Module) -> str | None:
     """Why fastlora.patch cannot serve this chain of ParamWrappers (None if it can)."""
     wrappers, experts = chain(outer)
@@ -120,16 +134,9 @@ def chain_reason(outer: nn.Module) -> str | None:
         return f"ParamWrappers on {names}: fastlora serves LoRA on {first} and down_proj"
     if any(w._did_swap_in_out_features == bool(experts.is_transposed) for w in wrappers):
         return "PEFT's in/out orientation disagrees with the experts' is_transposed"
-    if getattr(experts, "_is_expert_parallel", False):
-        return "expert parallelism (sentinel expert ids) is not served"
-    for m in wrappers[1:] + [experts]:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return f"{type(m).__name__} inside the chain has forward hooks (fastlora's forward would bypass them)"
-    if torch.nn.utils.parametrize.is_parametrized(experts):
-        return "the experts module carries a parametrization"
     if _routing_names(experts) is None:
         return f"{type(experts).__name__}.forward does not take (hidden_states, indices, weights)"
-    return _adapter_reason(wrappers, experts)
+    return _state_reason(wrappers, experts)
 
 
 class ChainState:
@@ -168,9 +175,7 @@ def peft_experts_forward(self, hidden_states, *args, **kwargs):
     wrappers, experts = chain(self)
     bound = _bind(st, args, kwargs)
     quiet = bound is None or any(w.disable_adapters or w.merged for w in wrappers)
-    why = None if quiet else _adapter_reason(wrappers, experts)
-    if why is None and not quiet and torch.nn.utils.parametrize.is_parametrized(experts):
-        why = "the experts module carries a parametrization"
+    why = None if quiet else _state_reason(wrappers, experts)
     if why is None and not quiet and not isinstance(hidden_states, torch.Tensor):
         why = f"hidden_states is {type(hidden_states).__name__}"
     if quiet or why is not None:

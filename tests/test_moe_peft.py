@@ -333,6 +333,51 @@ def test_unservable_chains_are_reported_and_keep_peft():
     assert report.patched["base_model.model.model.layers.1.mlp.experts"].startswith(moe_peft.KIND)
 
 
+def test_hook_added_after_patching_hands_the_call_back(peft_spy):
+    """accelerate-style hooks inside the chain, added after patch: PEFT's forward runs them (warned once)."""
+    pm = build("qwen3_moe")
+    fastlora.patch(pm)
+    blk = _experts_block(pm)
+    seen = []
+    blk.experts.get_base_layer().register_forward_pre_hook(lambda *a: seen.append(1))
+    x = torch.randn(5, H)
+    with pytest.warns(UserWarning, match="has forward hooks"):
+        _call(blk, x)
+    assert seen and "activate" in peft_spy
+
+
+def test_deepcopy_stays_patched(peft_spy):
+    pm = build("qwen3_moe")
+    fastlora.patch(pm)
+    twin = copy.deepcopy(pm)
+    assert fastlora.is_patched(twin.base_model.model.model.layers[0].mlp.experts)
+    peft_spy.clear()
+    x = torch.randn(5, H)
+    torch.testing.assert_close(_call(_experts_block(twin), x), _call(_experts_block(pm), x), rtol=0, atol=0)
+    assert peft_spy == []
+
+
+def test_under_cpu_autocast(peft_spy):
+    """An fp32 model under torch.autocast(bf16): the experts compute in their own dtype (transformers' grouped_mm
+    casts x to the weights' dtype; so does fastlora), attention's LoRA under autocast as the patched lora.Linear."""
+    pm = build("qwen3_moe")
+    ref, o64 = copy.deepcopy(pm), oracle64(pm)
+    fastlora.patch(pm)
+    ids = torch.randint(0, 64, (2, 7))
+    choices: list = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pinned_routing(ref, choices):
+            want = ref(input_ids=ids).logits
+        peft_spy.clear()
+        with pinned_routing(pm, choices):
+            got = pm(input_ids=ids).logits
+    assert peft_spy == []
+    with pinned_routing(o64, choices):
+        exact = o64(input_ids=ids).logits
+    assert got.dtype == want.dtype
+    assert_close("logits under autocast", got, exact, want)
+
+
 def test_multi_adapter_model_refuses_expert_lora():
     """MultiAdapterModel swaps lora.Linear layers for banks; expert LoRA would silently run PEFT's active adapter
     for every sequence, so it refuses (README: per-sequence adapters do not compose with experts yet)."""
