@@ -357,14 +357,13 @@ def lora_grads(model):
 
 
 def bank_grads(wrapped):
-    """The bank's packed gradients cut into PEFT's per-adapter shapes (same keys as lora_grads)."""
+    """The banks' per-adapter gradients (same keys as lora_grads)."""
     out = {}
     for mod in ("q", "v"):
         bank = getattr(wrapped.model.get_base_model(), mod).bank
-        off = [0] + torch.tensor(bank.ranks).cumsum(0).tolist()
-        for k, name in enumerate(bank.names):
-            out[f"{mod}.lora_A.{name}"] = bank.lora_A.grad[off[k]:off[k + 1]]
-            out[f"{mod}.lora_B.{name}"] = bank.lora_B.grad[:, off[k]:off[k + 1]]
+        for name in bank.names:
+            A, B, _ = bank.adapter(name)
+            out[f"{mod}.lora_A.{name}"], out[f"{mod}.lora_B.{name}"] = A.grad, B.grad
     return out
 
 
@@ -428,7 +427,8 @@ def test_sgd_steps_train_peft_adapters(backend, tmp_path):
     wrapped = MultiAdapterModel(model, backend=backend).train()
     opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
     assert {n for n, p in wrapped.named_parameters() if p.requires_grad} == {
-        f"model.base_model.model.{m}.bank.lora_{ab}" for m in ("q", "v") for ab in "AB"}
+        f"model.base_model.model.{m}.bank.lora_{ab}_params.{name}" for m in ("q", "v") for ab in "AB"
+        for name in ("d3", "d0", "d1")}
     for step, (x, dy) in enumerate(batches):
         opt.zero_grad()
         torch.manual_seed(100 + step)
@@ -471,18 +471,23 @@ def test_sgd_steps_train_peft_adapters(backend, tmp_path):
 
 def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
     model = peft_model(torch.float32)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    layers = peft_layers(model)
+    before = peft_weights(layers)
     wrapped = MultiAdapterModel(model, dtype=torch.bfloat16, backend="torch")
     assert wrapped.sync_to_peft() == 0                 # nothing trained: PEFT's fp32 values stay exact
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    assert all(torch.equal(w, before[k]) for k, w in peft_weights(layers).items())
     q = wrapped.model.get_base_model().q
     q.bank.add("extra", torch.randn(2, 48), torch.randn(40, 2))
     with pytest.raises(ValueError, match="'extra'.*not in the PEFT layer"):
         wrapped.sync_to_peft()
     q.bank.remove("extra")
     with torch.no_grad():
-        q.bank.lora_A.add_(1.0)
-    assert wrapped.sync_to_peft() == 5                 # every adapter of q changed
+        q.bank.lora_A.add_(1.0)                        # by hand: every adapter of q moves (the packed storage)
+    # only r1 trains (PEFT froze the adapters added after it): it is written, the frozen ones are not, and said so
+    with pytest.warns(UserWarning, match="not written back.*: 'r4' at 'q', 'r8' at 'q', 'r16' at 'q', 'r64' at 'q'$"):
+        assert wrapped.sync_to_peft() == 1
+    after = peft_weights(layers)
+    assert {k for k in before if not torch.equal(after[k], before[k])} == {"q.lora_A.r1"}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
