@@ -167,8 +167,9 @@ class AdapterBank(nn.Module):
         A, B = self.lora_A, self.lora_B
         if not torch.is_grad_enabled():
             return A, B
-        return (_to_params(A, 0, self._ranks, [self.lora_A_params[n] for n in self._names]),
-                _to_params(B, 1, self._ranks, [self.lora_B_params[n] for n in self._names]))
+        pa, pb = self.lora_A_params._parameters, self.lora_B_params._parameters   # (ParameterDict[name]: ~2 µs)
+        return (_to_params(A, 0, self._ranks, [pa[n] for n in self._names]),
+                _to_params(B, 1, self._ranks, [pb[n] for n in self._names]))
 
     # ------------------------------------------------------------------ keeping the Parameters on the buffers
     def _reattach(self) -> None:
@@ -334,8 +335,9 @@ class AdapterBank(nn.Module):
 
 
 class _ToParams(torch.autograd.Function):
-    """packed -> a view of it (no copy) whose gradient goes, cut into blocks along ``dim``, to ``params`` (the
-    Parameters viewing those blocks): how the op's packed gradient reaches the trainable adapters only."""
+    """packed -> a view of it (no copy) whose gradient goes, cut along ``dim`` into the blocks ``bounds`` (lo, r),
+    to ``params``, the Parameters viewing those blocks: how the op's packed gradient reaches the trainable
+    adapters only."""
 
     @staticmethod
     def forward(ctx, packed, dim, bounds, *params):
@@ -344,20 +346,19 @@ class _ToParams(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        blocks = [grad[lo:hi] if ctx.dim == 0 else grad[:, lo:hi] for lo, hi in ctx.bounds]
-        return (None, None, None, *blocks)
+        return (None, None, None, *(grad.narrow(ctx.dim, lo, r) for lo, r in ctx.bounds))
 
 
-def _to_params(packed: Tensor, dim: int, ranks: Sequence[int], params: Iterable[nn.Parameter]) -> Tensor:
+def _to_params(packed: Tensor, dim: int, ranks: list[int], params: list[nn.Parameter]) -> Tensor:
     """``packed`` itself when no Parameter of ``params`` (one per adapter, in bank order) requires grad; else its
     _ToParams view, differentiable in those that do."""
     bounds, train, lo = [], [], 0
     for r, p in zip(ranks, params):
         if p.requires_grad:
-            bounds.append((lo, lo + r))
+            bounds.append((lo, r))
             train.append(p)
         lo += r
-    return _ToParams.apply(packed, dim, tuple(bounds), *train) if train else packed
+    return _ToParams.apply(packed, dim, bounds, *train) if train else packed
 
 
 def _same_view(p: Tensor, view: Tensor) -> bool:

@@ -469,6 +469,64 @@ def test_sgd_steps_train_peft_adapters(backend, tmp_path):
         assert_close("wrapped model", y_wrapped, ref, y_peft)
 
 
+def issue_recipe_model(seed=0):
+    """get_peft_model(..., adapter_name="math"), then add_adapter("code"), add_adapter("chat") (chat on q only):
+    PEFT trains math and leaves the two added adapters frozen. Random nonzero weights; math has dropout 0.1."""
+    torch.manual_seed(seed)
+    return with_adapters(Tiny(), {
+        "math": peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q", "v"]),
+        "code": peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q", "v"]),
+        "chat": peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q"])})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_adamw_leaves_adapters_peft_froze_bitwise_unchanged(backend):
+    """Five AdamW(weight_decay=0.1) steps over mm.parameters() on a mixed batch using all three adapters, then
+    restore(): every tensor of the adapters PEFT froze is bitwise unchanged (no gradient is even accumulated for
+    them), and the trained one equals PEFT's AdamW steps taken adapter by adapter with the same masks (float64
+    oracle, PEFT fp32 baseline). (Before: 8 of 12 code and 12 of 28 chat tensors moved, by weight decay.)"""
+    import copy
+    model = issue_recipe_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.{m}.lora_{ab}.math.weight" for m in "qv" for ab in "AB"}
+    oracle_model, baseline_model = copy.deepcopy(model).double(), copy.deepcopy(model)
+    layers = peft_layers(model)
+    before = peft_weights(layers)
+    names = ["code", "math", "chat", "__base__", "math", "chat"]
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 3, 48, generator=g), torch.randn(6, 3, 56, generator=g)) for _ in range(5)]
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    mm = MultiAdapterModel(model, backend=backend).train()
+    opt = torch.optim.AdamW(mm.parameters(), **hyper)
+    frozen = [p for n, p in mm.named_parameters() if ".code" in n or ".chat" in n]
+    assert len(frozen) == 6 and not any(p.requires_grad for p in frozen)
+    opts = [(m, torch.optim.AdamW([p for n, p in m.named_parameters() if n in trainable], **hyper))
+            for m in (oracle_model, baseline_model)]
+    for step, (x, dy) in enumerate(batches):
+        opt.zero_grad()
+        torch.manual_seed(100 + step)
+        (mm(x, adapter_names=names) * dy).sum().backward()
+        assert all(p.grad is None for p in frozen)
+        opt.step()
+        for m, o in opts:
+            xx, dd = (x.double(), dy.double()) if m is oracle_model else (x, dy)
+            m.train()
+            m.zero_grad()
+            peft_by_adapter(m, xx, names, dd, seed=100 + step)
+            o.step()
+    assert mm.sync_to_peft() == 2                                          # math on q and on v
+    mm.restore()
+    after = peft_weights(layers)
+    want, base = peft_weights(peft_layers(oracle_model)), peft_weights(peft_layers(baseline_model))
+    assert len(before) == 10
+    for key in before:
+        if key.endswith(".math"):
+            assert (want[key] - before[key].double()).abs().max() > 1e-2, f"{key} did not train"
+            assert_close(key, after[key], want[key], base[key])
+        else:
+            assert torch.equal(after[key], before[key]), f"{key}: PEFT froze it, it changed"
+
+
 def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
     model = peft_model(torch.float32)
     layers = peft_layers(model)
@@ -494,11 +552,12 @@ def test_sync_leaves_untrained_adapters_exact_and_refuses_foreign_ones():
 def test_wrapper_compiles_fullgraph_and_trains(backend):
     """torch.compile(MultiAdapterModel, fullgraph=True) (aot_eager: Dynamo + AOTAutograd, cheap): the call is
     traced whole (while tracing it lives on a stack inside the traced frame, not in the ContextVar Dynamo cannot
-    read); new adapter_ids reuse the same graph; outputs and every bank gradient equal the eager ones."""
+    read); new adapter_ids reuse the same graph; outputs and every bank gradient equal the eager ones; a frozen
+    adapter gets no gradient there either."""
     from torch._dynamo.utils import counters
     model = peft_model(torch.float32)
     for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
+        p.requires_grad_("lora_" in n and ".r4." not in n)                  # r4 frozen, in the batch
     x = torch.randn(4, 3, 48)
     mm = MultiAdapterModel(model, backend=backend).train()
     torch._dynamo.reset()
@@ -512,6 +571,7 @@ def test_wrapper_compiles_fullgraph_and_trains(backend):
                 y = fn(x, adapter_ids=ids)
                 y.square().sum().backward()
                 got.append([y.detach()] + [p.grad.clone() for p in mm.parameters() if p.requires_grad])
+                assert all(p.grad is None for n, p in mm.named_parameters() if ".r4" in n)
             for c, e in zip(*got):
                 torch.testing.assert_close(c, e, rtol=0, atol=0)
         assert counters["stats"]["unique_graphs"] == 1            # ids are data: no recompilation
