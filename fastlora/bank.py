@@ -17,7 +17,8 @@ the kernels still read one packed A and one packed B per layer. With grad enable
 the packed buffers as views that carry autograd back to the trainable adapters' Parameters only (the packed
 gradient is computed once per layer, then cut into their blocks). Module.to() / half() / cuda(),
 load_state_dict (also assign=True), deepcopy and pickling keep the Parameters attached to the packed
-buffers; assigning a Parameter's ``.data`` by hand does not (then the kernels no longer see it).
+buffers; a Parameter replaced behind the bank's back (its ``.data`` assigned by hand, torch.func.functional_call)
+is not what the kernels read, and training through it is a RuntimeError.
 
 Adapter k is addressed by its index k (position in ``names``); −1 means "base model only".
 Changing the set of adapters (add / remove / replace) builds new packed tensors: indices of later
@@ -163,13 +164,15 @@ class AdapterBank(nn.Module):
     def packed(self) -> tuple[Tensor, Tensor]:
         """(A (R_tot, K), B (N, R_tot)): the packed tensors the op reads. With grad enabled they are views that
         carry the op's packed gradients back to the trainable adapters' Parameters, each its own block (no
-        copy); frozen adapters get none. Without grad (inference, decode): the buffers themselves."""
+        copy); frozen adapters get none. Without grad (inference, decode): the buffers themselves. With grad, in
+        eager mode, a Parameter that no longer views its block (replaced behind the bank's back, e.g. by
+        torch.func.functional_call, whose tensors the kernels would never read) is a RuntimeError."""
         A, B = self.lora_A, self.lora_B
         if not torch.is_grad_enabled():
             return A, B
         pa, pb = self.lora_A_params._parameters, self.lora_B_params._parameters   # (ParameterDict[name]: ~2 µs)
-        return (_to_params(A, 0, self._ranks, [pa[n] for n in self._names]),
-                _to_params(B, 1, self._ranks, [pb[n] for n in self._names]))
+        return (_to_params(A, 0, self._names, self._ranks, [pa[n] for n in self._names]),
+                _to_params(B, 1, self._names, self._ranks, [pb[n] for n in self._names]))
 
     # ------------------------------------------------------------------ keeping the Parameters on the buffers
     def _reattach(self) -> None:
@@ -349,11 +352,19 @@ class _ToParams(torch.autograd.Function):
         return (None, None, None, *(grad.narrow(ctx.dim, lo, r) for lo, r in ctx.bounds))
 
 
-def _to_params(packed: Tensor, dim: int, ranks: list[int], params: list[nn.Parameter]) -> Tensor:
+def _to_params(packed: Tensor, dim: int, names: list[str], ranks: list[int], params: list[nn.Parameter]) -> Tensor:
     """``packed`` itself when no Parameter of ``params`` (one per adapter, in bank order) requires grad; else its
-    _ToParams view, differentiable in those that do."""
+    _ToParams view, differentiable in those that do. Eager: each Parameter must view its block of ``packed``."""
+    # (not while tracing: data_ptr does not trace, and fake tensors have none; a traced bank is ours)
+    check = type(packed) is Tensor and not torch.compiler.is_compiling()
+    at, step = (packed.data_ptr(), packed.stride(dim) * packed.element_size()) if check else (0, 0)
     bounds, train, lo = [], [], 0
-    for r, p in zip(ranks, params):
+    for name, r, p in zip(names, ranks, params):
+        if check and p.data_ptr() != at + lo * step:
+            raise RuntimeError(f"adapter {name!r}: its {'lora_B' if dim else 'lora_A'} Parameter is not a view of the "
+                               f"bank's packed buffer, which is what the kernels read (the Parameter or its .data was "
+                               f"replaced, e.g. by torch.func.functional_call); change adapters through the bank "
+                               f"(add / replace / load_state_dict)")
         if p.requires_grad:
             bounds.append((lo, r))
             train.append(p)

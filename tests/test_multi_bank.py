@@ -304,3 +304,13 @@ def test_no_gradient_computed_for_frozen_tensors(monkeypatch):
     multi_lora_linear(x, W, None, bank, ids, backend="torch").sum().backward()
     assert seen == [(True, False, False), (True, True, False)]
     assert [n for n, p in bank.named_parameters() if p.grad is not None] == ["lora_A_params.c"]
+
+
+def test_a_parameter_replaced_behind_the_banks_back_is_an_error():
+    """torch.func.functional_call swaps a Parameter for another tensor, which the kernels (reading the packed buffer)
+    would never see: in training that is a clear error, not a silently ignored substitution."""
+    layer = MultiLoraLinear(torch.nn.Linear(K, N), filled())
+    x, ids = rand(4, K), torch.tensor([0, 1, 2, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="adapter 'b': its lora_B Parameter is not a view of the bank's packed"):
+        torch.func.functional_call(layer, {"bank.lora_B_params.b": rand(N, 1, seed=9)}, (x, ids))
+    layer(x, ids).sum().backward()                                         # the bank itself is fine
