@@ -75,6 +75,7 @@ T_MULTI_DW = ("tests/test_multi_parity.py", "-k",
               "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
 T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
 T_MULTI_P = ("tests/test_multi_peft.py", "-k", "test_per_adapter_dropout_matches_peft_adapter_by_adapter and triton")
+T_MULTI_FROZEN = ("tests/test_multi_peft.py", "-k", "test_adamw_leaves_adapters_peft_froze_bitwise_unchanged and torch")
 T_RSLORA_LOAD = ("tests/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
 T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
@@ -140,6 +141,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "    return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)\n",
            "    return tl.load(seed_ptr), tl.load(p_ptr), tl.load(p_ptr + 1)\n", T_MULTI_P,
            "multi-adapter kernels apply adapter 0's dropout p to every adapter"),
+    Mutant("multi-frozen-trains", "fastlora/bank.py",
+           "            bank.lora_A_params[n].requires_grad_(A.requires_grad)\n",
+           "            bank.lora_A_params[n].requires_grad_(True)\n", T_MULTI_FROZEN,
+           "a bank built from a PEFT layer trains the lora_A of adapters PEFT froze"),
     Mutant("merge-precision", "fastlora/modules.py",
            "        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32\n"
            "        delta = self.delta_weight(hi)\n",
