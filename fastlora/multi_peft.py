@@ -58,6 +58,13 @@ class MultiAdapterModel(nn.Module):
                  backend: str | None = None):
         super().__init__()
         from peft.tuners.lora import Linear as PeftLoraLinear
+
+        from .moe_peft import param_wrapper_cls
+        pw = param_wrapper_cls()
+        experts = [n for n, m in peft_model.named_modules() if pw is not None and isinstance(m, pw)]
+        if experts:   # they would run PEFT's active adapter for every sequence: refuse rather than mislead
+            raise ValueError(f"MultiAdapterModel does not serve LoRA on MoE experts (PEFT target_parameters, e.g. "
+                             f"{experts[0]}): per-sequence adapters would not reach the experts")
         self.model = peft_model
         self._swapped: list[tuple[nn.Module, str, nn.Module, MultiLoraLinear]] = []
         for name, module in list(peft_model.named_modules()):

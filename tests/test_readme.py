@@ -86,6 +86,17 @@ def multi(tmp):
                 adapter_ids=torch.tensor([0, 1]), peft_model=peft_model, input_ids=ids(3, 6), dev="cpu")
 
 
+def moe(tmp):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    def tiny_moe():
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+            num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64))
+    return dict(moe_model=tiny_moe(), other_moe_model=tiny_moe())
+
+
 # (a line that identifies the block, the context that block runs in)
 CONTEXTS = [
     ('print(fastlora.patch(model))        # which LoRA layers', quickstart),
@@ -94,6 +105,7 @@ CONTEXTS = [
     ("use_dora=True", dora),
     ("BitsAndBytesConfig(", qlora),
     ("mm = MultiAdapterModel(peft_model)", multi),
+    ('target_parameters=["mlp.experts.gate_up_proj"', moe),
 ]
 
 

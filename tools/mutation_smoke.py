@@ -81,6 +81,10 @@ T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_pe
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
 T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
 T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+T_MOE = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-torch")
+T_MOE_TRITON = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-triton")
+T_MOE_MODEL = ("tests/test_moe_peft.py", "-k", "test_qwen3_moe_matches_peft_and_float64 and torch")
+T_MOE_DROP = ("tests/test_moe.py", "-k", "test_dropout_matches_the_oracle_with_the_same_mask and torch")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
@@ -146,6 +150,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "        delta = self.delta_weight(hi)\n",
            "        hi = w.dtype\n        delta = self.delta_weight(hi)\n", T_MERGE,
            "merge forms s·B·A and W0 + ΔW in W0's precision (rounded twice)"),
+    # --- LoRA on MoE experts (issue 22) ---
+    Mutant("moe-B-layout", "fastlora/moe.py",
+           "    return lora_B.reshape(out, er // num_experts, num_experts).transpose(1, 2).reshape(out, er)\n",
+           "    return lora_B.reshape(out, er)\n", T_MOE,
+           "PEFT's rank-major expert B (column j·E + e) read as expert-major (the B-layout trap)"),
+    Mutant("moe-router-grad", "fastlora/moe.py",
+           "    weighted = y * w[:, None]", "    weighted = y * w.detach()[:, None]", T_MOE_MODEL,
+           "the routing weights lose their gradient (the router and earlier layers stop learning from the experts)"),
+    Mutant("moe-accumulate", "fastlora/moe.py",
+           "              dropout=False, accumulate=True)\n    return y, (Sv",
+           "              dropout=False, accumulate=False)\n    return y, (Sv", T_MOE_TRITON,
+           "the expand kernel overwrites the grouped GEMM's output instead of adding the LoRA term onto it"),
+    Mutant("moe-dropout-seed", "fastlora/moe.py",
+           "None if seed is None else int(seed) + 1", "seed", T_MOE_DROP,
+           "down_proj's dropout reuses gate_up's seed (correlated masks, not the documented draw)"),
 )
 
 
