@@ -14,6 +14,7 @@ Public API:
     tune                            time the kernels' shipped tile configs on this GPU, cache the fastest
     qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
     dora_linear, DoraLinear         DoRA (PEFT use_dora) without the N×K matrix W0 + s·B·A
+    trace, FallbackWarning          what ran fused and what fell back (and why); the warning a fall-back raises
 """
 from .backend import select_backend
 from .bank import AdapterBank
@@ -27,6 +28,7 @@ from .multi_plan import BatchPlan, plan_batch
 from .patching import PatchReport, is_patched, patch, unpatch
 from .qlora import QLoraLinear, qlora_linear
 from .reference import lora_linear_reference
+from .tracing import FallbackWarning, trace
 from .tune import tune
 
 __version__ = "0.1.0"
@@ -35,4 +37,4 @@ __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
            "plan_batch", "BatchPlan",
            "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear",
-           "__version__"]
+           "trace", "FallbackWarning", "__version__"]

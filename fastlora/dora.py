@@ -38,10 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _amp
+from . import tracing as _tracing
 from .backend import resolve_backend_choice, select_backend
 from .dropout import keep_mask, pack_mask, unpack_mask
 from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
+from .tracing import ACTIVE as _TRACING
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -179,23 +182,27 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
         n, got = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend)
         new_w2 = got if w2 is None else None
     c = magnitude.to(n.dtype) / n                                 # (N,) m/n, fp32
+    out = x.new_empty((*x.shape[:-1], N))                         # the output in its final shape: never a view
+    y = out.view(-1, N)
     if dropout_p > 0:
-        y = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()
+        torch.addmm(bias.to(x.dtype), x2, W.t(), out=y) if bias is not None else torch.mm(x2, W.t(), out=y)
         t = (S * s) @ lora_B.t()                                  # (M, N) adapter dtype
         t.mul_(c).addcmul_(v, (c - 1).to(t.dtype))
         y.add_(t)
     else:
         if cdt == x.dtype:
-            y = torch.addmm(v, S * s, lora_B.t()) if save_v else v.addmm_(S * s, lora_B.t())
+            z = torch.addmm(v, S * s, lora_B.t(), out=y)
         else:                                                     # fp32 adapters on a half base: sum in fp32
-            y = ((S * s) @ lora_B.t()).add_(v)
-        y = torch.addcmul(bias, y, c, out=y) if bias is not None and bias.dtype == y.dtype else y.mul_(c)
-        if bias is not None and bias.dtype != y.dtype:
-            y.add_(bias)
-        y = y.to(x.dtype)
+            z = ((S * s) @ lora_B.t()).add_(v)
+        z = torch.addcmul(bias, z, c, out=z) if bias is not None and bias.dtype == z.dtype else z.mul_(c)
+        if bias is not None and bias.dtype != z.dtype:
+            z.add_(bias)
+        if z is not y:
+            y.copy_(z)                                            # (cast to x's dtype where z is fp32)
+        del z
     v = v if save_v else v.new_empty((0, N))
     S = S if save_s else S.new_empty((0, S.shape[1]))
-    return y.reshape(*x.shape[:-1], N), v, S, n, new_w2
+    return out, v, S, n, new_w2
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
@@ -221,9 +228,11 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
         v = (_times_w0t(D, W) if dropout_p > 0 else x2 @ W.t()) if v.shape[0] != M else v
         del D
     if needs_dB or needs_dm:
-        T = dy2.to(cdt).t() @ S                                   # (N, r)
-        if needs_dB:
-            dB = (T.to(acc) * (c * s)[:, None]).to(cdt)
+        T = dy2.to(cdt).t() @ S if needs_dm or cdt == acc else None   # (N, r)
+        if needs_dB and cdt == acc:
+            dB = (T * (c * s)[:, None]).to(cdt)
+        elif needs_dB:                                            # half adapters: dY⊙c·s formed in fp32, rounded
+            dB = (dy2 * (c * s)).to(cdt).t() @ S                  # once, then the GEMM (PEFT's order)
         if needs_dm:
             dv = (dy2 * v).sum(0) if dy2.dtype == v.dtype == acc else (dy2.to(acc) * v.to(acc)).sum(0)
             dm = ((dv + s * (lora_B.to(acc) * T.to(acc)).sum(1)) / norm).to(magnitude.dtype)
@@ -512,10 +521,13 @@ class DoraLinear(LoraLinear):
             self.lora_magnitude_vector = nn.Parameter(m)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _TRACING:
+            _tracing.record(self, _tracing.MERGED if self.merged else None)
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-        return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                           self.scale_arg(), self.lora_dropout, self.training, self.fan_in_fan_out)
+        return _amp.call(dora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A, self.lora_B,
+                         self.lora_magnitude_vector, self.scale_arg(), self.lora_dropout, self.training,
+                         self.fan_in_fan_out)
 
     def _versions(self):
         return super()._versions() + (self.lora_magnitude_vector._version,)
@@ -588,17 +600,21 @@ def peft_dora_args(layer, adapter: str):
     return w, base.bias, A, B, m
 
 
-def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float) -> Tensor | None:
+def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float, amp=None) -> Tensor | None:
     """PEFT's lora.Linear forward for one active DoRA adapter, through ``dora_linear``; None if it cannot serve.
+    ``amp``: the dtype of the torch.autocast region the call runs in (None outside): x, W0, bias, A and B are cast
+    to it as F.linear and PEFT's lora_A / lora_B would be (fastlora._amp); the magnitude stays as it is (PEFT
+    divides it by the norm elementwise, which autocast does not cast).
 
     Dropout as PEFT's DoraLinearVariant: applied only when the layer and its dropout module are training."""
     args = peft_dora_args(layer, adapter)
-    if args is None or not isinstance(x, Tensor) or x.dtype != args[0].dtype:
+    if args is None or not isinstance(x, Tensor) or (amp is None and x.dtype != args[0].dtype):
         return None
     w, bias, A, B, m = args
     drop = layer.lora_dropout[adapter]
     training = bool(layer.training and getattr(drop, "training", False))
-    return dora_linear(x, w, bias, A, B, m, scale, dropout_p, training, layer.fan_in_fan_out)
+    return _amp.call(dora_linear, amp, x, w, bias, A, B, m, scale, dropout_p if training else 0.0, training,
+                     layer.fan_in_fan_out)
 
 
 __all__ = ["dora_linear", "dora_linear_reference", "DoraLinear", "weight_norm", "clear_norm_cache",

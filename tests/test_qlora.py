@@ -8,6 +8,8 @@
 * the dequantized weight is never saved for backward and at most one is alive at a time.
 * state-dict keys, PEFT save/load round trip, unpatch; LoraLinear.from_linear over Linear4bit.
 """
+import copy
+import itertools
 import types
 import weakref
 
@@ -185,8 +187,8 @@ def test_patch_unpatch_and_failed_patch_leave_quantized_model_bit_identical(tiny
     monkeypatch.undo()
     unpatched_and_unchanged()
 
-    prints = iter([{"a": 1}, {"a": 2}])
-    monkeypatch.setattr(fp, "_fingerprint", lambda model: next(prints))
+    prints = itertools.count()                       # every fingerprint differs from the one before
+    monkeypatch.setattr(fp, "_fingerprint", lambda layer: {"a": next(prints)})
     with pytest.raises(RuntimeError, match="patch undone"):
         fastlora.patch(pm)
     monkeypatch.undo()
@@ -375,17 +377,25 @@ def test_model_never_holds_two_dequantized_weights(tiny_dir, spy):
 
 def test_runtime_fallbacks_hand_back_to_peft(tiny_dir, spy):
     pm, lay = _layer_case("4bit", torch.bfloat16)
-    fastlora.patch(pm)
-    x = torch.randn(2, 64)                                   # fp32 input on a bf16 compute layer: PEFT's LoRA
-    with torch.no_grad():                                    # branch sees x unrounded, so hand it back
-        pm(x)
-    assert len(spy.calls) == 0
-    with torch.no_grad(), pm.disable_adapter():
+    ref = copy.deepcopy(pm)
+    rep = fastlora.patch(pm)
+    assert not rep.fallbacks or all("eval forward without grad" in w for w in rep.fallbacks.values())
+    x = torch.randn(2, 64)                                   # fp32 x, bf16 compute, fp32 adapters: the QLoRA
+    with torch.no_grad(), fastlora.trace() as t:             # recipe, fused
+        pm.train()(x)
+        with pm.disable_adapter():
+            pm(x.bfloat16())
         pm(x.bfloat16())
-    assert len(spy.calls) == 0
-    with torch.no_grad():
-        pm(x.bfloat16())
-    assert len(spy.calls) == 1
+    assert len(spy.calls) == 2 and t.fused == 2 and t.fallbacks == {"adapters disabled": 1}
+    for m in (pm, ref):                                      # bf16 adapters: PEFT rounds x to them for the
+        m.base_model.model.lin.lora_A["default"].to(torch.bfloat16)   # adapter branch, its base to bf16 too:
+        m.base_model.model.lin.lora_B["default"].to(torch.bfloat16)   # handed back, warned once
+    with torch.no_grad(), pytest.warns(fastlora.FallbackWarning, match=r"float32 x into a torch.bfloat16-compute"):
+        for _ in range(2):
+            assert torch.equal(pm(x), ref(x))
+    assert len(spy.calls) == 2
+    rep = fastlora.patch(copy.deepcopy(ref))
+    assert all("float32 x outside torch.autocast" in w for w in rep.fallbacks.values()) and rep.fallbacks
 
 
 def test_save_load_round_trip_and_state_dict_keys(tiny_dir, tmp_path):
