@@ -44,6 +44,7 @@ from .backend import resolve_backend_choice, select_backend
 from .dropout import keep_mask, pack_mask, unpack_mask
 from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
+from .ops import own_output
 from .tracing import ACTIVE as _TRACING
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -182,27 +183,23 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
         n, got = norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend)
         new_w2 = got if w2 is None else None
     c = magnitude.to(n.dtype) / n                                 # (N,) m/n, fp32
-    out = x.new_empty((*x.shape[:-1], N))                         # the output in its final shape: never a view
-    y = out.view(-1, N)
     if dropout_p > 0:
-        torch.addmm(bias.to(x.dtype), x2, W.t(), out=y) if bias is not None else torch.mm(x2, W.t(), out=y)
+        y = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()
         t = (S * s) @ lora_B.t()                                  # (M, N) adapter dtype
         t.mul_(c).addcmul_(v, (c - 1).to(t.dtype))
         y.add_(t)
     else:
         if cdt == x.dtype:
-            z = torch.addmm(v, S * s, lora_B.t(), out=y)
+            y = torch.addmm(v, S * s, lora_B.t()) if save_v else v.addmm_(S * s, lora_B.t())
         else:                                                     # fp32 adapters on a half base: sum in fp32
-            z = ((S * s) @ lora_B.t()).add_(v)
-        z = torch.addcmul(bias, z, c, out=z) if bias is not None and bias.dtype == z.dtype else z.mul_(c)
-        if bias is not None and bias.dtype != z.dtype:
-            z.add_(bias)
-        if z is not y:
-            y.copy_(z)                                            # (cast to x's dtype where z is fp32)
-        del z
+            y = ((S * s) @ lora_B.t()).add_(v)
+        y = torch.addcmul(bias, y, c, out=y) if bias is not None and bias.dtype == y.dtype else y.mul_(c)
+        if bias is not None and bias.dtype != y.dtype:
+            y.add_(bias)
+        y = y.to(x.dtype)
     v = v if save_v else v.new_empty((0, N))
     S = S if save_s else S.new_empty((0, S.shape[1]))
-    return out, v, S, n, new_w2
+    return y.reshape(*x.shape[:-1], N), v, S, n, new_w2
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
@@ -228,11 +225,9 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
         v = (_times_w0t(D, W) if dropout_p > 0 else x2 @ W.t()) if v.shape[0] != M else v
         del D
     if needs_dB or needs_dm:
-        T = dy2.to(cdt).t() @ S if needs_dm or cdt == acc else None   # (N, r)
-        if needs_dB and cdt == acc:
-            dB = (T * (c * s)[:, None]).to(cdt)
-        elif needs_dB:                                            # half adapters: dY⊙c·s formed in fp32, rounded
-            dB = (dy2 * (c * s)).to(cdt).t() @ S                  # once, then the GEMM (PEFT's order)
+        T = dy2.to(cdt).t() @ S                                   # (N, r)
+        if needs_dB:
+            dB = (T.to(acc) * (c * s)[:, None]).to(cdt)
         if needs_dm:
             dv = (dy2 * v).sum(0) if dy2.dtype == v.dtype == acc else (dy2.to(acc) * v.to(acc)).sum(0)
             dm = ((dv + s * (lora_B.to(acc) * T.to(acc)).sum(1)) / norm).to(magnitude.dtype)
@@ -365,7 +360,7 @@ class DoraFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         new_w2 = new_w2 if new_w2 is not None else n.new_empty(0)
         ctx.mark_non_differentiable(new_w2)
-        return y, new_w2
+        return own_output(y), new_w2
 
     @staticmethod
     def backward(ctx, dy, _dw2):

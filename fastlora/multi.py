@@ -42,6 +42,7 @@ from .dropout import new_seed
 from .functional import _constant, cached_tensor
 from .multi_plan import BatchPlan, choose_regime, expand_ids, plan_batch
 from .multi_reference import multi_torch_backward, multi_torch_forward
+from .ops import own_output
 from .tracing import ACTIVE as _TRACING
 
 
@@ -95,7 +96,7 @@ class MultiLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, S, pk, seed)
         ctx.plan, ctx.meta = plan, (r_max, dropout, fan_in_fan_out, backend)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, dy):

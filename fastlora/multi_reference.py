@@ -62,15 +62,13 @@ def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     w = weight.t() if fan_in_fan_out else weight
-    out = x.new_empty((*x.shape[:-1], w.shape[0]))                 # the output in its final shape: never a view
-    y = out.view(M, w.shape[0])
-    torch.addmm(bias.to(x.dtype), x2, w.t(), out=y) if bias is not None else torch.mm(x2, w.t(), out=y)
+    y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
     ks = _keep_scale(seed, M, K, plan, pk, dropout, x.device)
     d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
     segs = _segments(plan, x, M, K, y.shape[1], R_tot, offsets)
     if segs is not None:
         S = _segmented_forward(segs, y, d, lora_A, lora_B, offsets, scalings, r_max, save_s)
-        return out, S
+        return y.reshape(*x.shape[:-1], w.shape[0]), S
     ids = plan.ids
     S_all = d @ lora_A.t()                                         # (M, R_tot): every adapter, every token
     colscale = _column_masks(offsets, scalings, ids, R_tot)
@@ -80,7 +78,7 @@ def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan
     else:
         y.add_((Sm @ lora_B.t()).to(y.dtype))
     S = _pack_S(S_all, offsets, ids, r_max) if save_s else x.new_zeros((0, r_max), dtype=torch.float32)
-    return out, S
+    return y.reshape(*x.shape[:-1], w.shape[0]), S
 
 
 def _gather_index(offsets, ids, r_max, R_tot):

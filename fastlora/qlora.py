@@ -143,7 +143,7 @@ class _QLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, lora_A, lora_B, S, scale, seed, bits)
         ctx.layer, ctx.dtype, ctx.p, ctx.deterministic, ctx.backend = layer, dtype, p, deterministic, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return ops.own_output(y)
 
     @staticmethod
     def backward(ctx, dy):

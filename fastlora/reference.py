@@ -22,8 +22,7 @@ s = scaling · D = dropout(x) = x ⊙ keep / (1 − p) · S = D·Aᵀ (M, r)
 A base weight in another dtype than x (only fastlora.qlora passes one: float32 activations into a
 half-compute quantized layer, the usual QLoRA recipe) runs the base GEMM and bias in the weight's dtype on x
 cast to it, as bitsandbytes computes, the LoRA branch in x's dtype on x itself, and y in x's dtype; dx's
-base term is dY cast to the weight's dtype times W. The op's output is allocated in its final shape (never a
-view: autograd lets users modify a custom Function's output in place only then).
+base term is dY cast to the weight's dtype times W.
 """
 from __future__ import annotations
 
@@ -55,12 +54,6 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 # pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
 # ---------------------------------------------------------------------------
 
-def output_of(x, N: int, dtype=None):
-    """(y, y2): an op's output (..., N) in its final shape (so no view; ``dtype`` default x's) and its (M, N) view."""
-    y = x.new_empty((*x.shape[:-1], N), dtype=dtype or x.dtype)
-    return y, y.view(-1, N)
-
-
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
     """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved).
     ``keep``: the (M, K) keep-mask for ``seed`` if the caller already has it (else drawn here). ``weight`` may
@@ -74,22 +67,20 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
     S = d @ lora_A.t()                                   # (M, r), adapter dtype
     if dropout_p > 0:
         S = S * (1.0 / (1.0 - dropout_p))
-    y, y2 = output_of(x, w.shape[0])
     Ss = S * scale.to(S.dtype)                           # scale the (M, r) side: no (M, N) temp
     if w.dtype != x.dtype:                               # float32 x, half base (QLoRA recipe): base as bnb, in
         xb = x2.to(w.dtype)                              # W's dtype on x cast to it; the LoRA branch on x itself
-        torch.mm(Ss, lora_B.t(), out=y2)
-        y2.add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
+        y = (Ss @ lora_B.t()).add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
         del xb
     else:
-        torch.addmm(bias.to(x.dtype), x2, w.t(), out=y2) if bias is not None else torch.mm(x2, w.t(), out=y2)
+        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         if lora_B.dtype == y.dtype:
-            y2.addmm_(Ss, lora_B.t())                    # fused: y += s·S·Bᵀ in place
+            y.addmm_(Ss, lora_B.t())                     # fused: y += s·S·Bᵀ in place
         else:                                            # fp32 adapters on a half base, like PEFT
-            y2.add_((Ss @ lora_B.t()).to(y.dtype))
+            y.add_((Ss @ lora_B.t()).to(y.dtype))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     S_saved = S.to(acc) if save_s else S.new_empty((0, S.shape[1]), dtype=acc)
-    return y, S_saved
+    return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
@@ -123,5 +114,5 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         if w.dtype != dy2.dtype:                           # the QLoRA recipe: dx's base term as bnb's, in W's dtype
             dx = lora_dx.to(dy2.dtype).add_(dy2.to(w.dtype) @ w).reshape(x.shape)
         else:
-            dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w).reshape(x.shape)
+            dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
     return dx, dA, dB, dbias

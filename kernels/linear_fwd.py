@@ -14,7 +14,7 @@ fp32 (saved for backward). Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ +
 (_common._keep, = fastlora.dropout.keep_mask); p = 0 draws nothing.
 A half W0 under float32 x (fastlora.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
 layer): the expand writes s·S·Bᵀ in fp32, then torch adds the base GEMM + bias computed in W0's dtype on x cast
-to it (bitsandbytes' maths). y is allocated in its final shape (..., N), never returned as a view.
+to it (bitsandbytes' maths).
 Why not one fused GEMM: on an H200 our Triton GEMM reached ~490 TFLOP/s where cuBLAS reached ~770
 (benchmarks/results/h200_2026-11-26); the LoRA work is memory-bound and fits around cuBLAS instead.
 """
@@ -162,8 +162,7 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
     x2 = x.reshape(-1, K)                      # a view whenever x's strides allow it
     M = x2.shape[0]
     acc = policy.acc_dtype(x.dtype)
-    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-    y2 = y.view(M, N)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     S = torch.empty((M, R), device=x.device, dtype=acc)
     if M:
         p = float(dropout_p)
@@ -171,13 +170,13 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
         mixed = w.dtype != x.dtype             # a half W0 under fp32 x: the base GEMM runs in W0's dtype
         # S feeds dB when saved: gradient-grade precision then (fp32 adapters on a half base: tf32x3)
         shrink(x2, lora_A, S, seed, p, policy.lora_precision(x.dtype, lora_A.dtype) if save_s else prec)
-        expand(S, lora_B, None if mixed else bias, y2, scale, prec)
+        expand(S, lora_B, None if mixed else bias, y, scale, prec)
         if mixed:
             xb = x2.to(w.dtype)
-            y2.add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
+            y.add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
         else:
-            y2.addmm_(x2, w.t())               # cuBLAS: y = y0 + x·W0ᵀ (beta = 1)
-    return y, (S if save_s else S[:0])
+            y.addmm_(x2, w.t())                # cuBLAS: y = y0 + x·W0ᵀ (beta = 1)
+    return y.reshape(*x.shape[:-1], N), (S if save_s else S[:0])
 
 
 # ---------------------------------------------------------------------------

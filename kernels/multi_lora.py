@@ -302,19 +302,18 @@ def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, plan, r_max, pk
     w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
     N = w.shape[0]
     S = _scratch((M if save_s else 0, r_max), x.device)
-    out = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)   # final shape: never a view
-    y = out.view(M, N)
     if not (n and M and r_max):
-        torch.addmm(bias.to(x2.dtype), x2, w.t(), out=y) if bias is not None else torch.mm(x2, w.t(), out=y)
-        return out, S
+        y = torch.addmm(bias.to(x2.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        return y.reshape(*x.shape[:-1], N), S
     if not save_s:
         S = _scratch((M, r_max), x.device)
     shrink(x2, lora_A, (lora_A.stride(0), lora_A.stride(1)), S, plan, off, scales, seed, pk, r_max,
            scaled=False, dropout=dropout)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     expand(S, lora_B, (lora_B.stride(1), lora_B.stride(0)), y, None if bias is None else bias.to(x.dtype), plan,
            off, scales, seed, pk, scaled=True, dropout=False)
     y.addmm_(x2, w.t())
-    return out, (S if save_s else S[:0])
+    return y.reshape(*x.shape[:-1], N), (S if save_s else S[:0])
 
 
 def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, pk, dropout, seed, fan_in_fan_out,

@@ -80,6 +80,11 @@ T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_pe
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
 T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
 T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+T_RECIPE = ("tests/test_qlora.py", "-k", "test_recipe_layer_float32_x_into_half_compute and 0.0-compute0-torch")
+T_INPLACE = ("tests/test_outputs_inplace.py", "-k", "lora-3d-torch")
+T_MHA = ("tests/test_patch_kinds.py", "-k", "test_multihead_attention_is_skipped")
+T_TUNER = ("tests/test_patch_kinds.py", "-k", "test_lora_on_a_tuner_layer_is_not_served and loha")
+T_WARN_ONCE = ("tests/test_trace.py", "-k", "test_mixed_batch_adapter_names_are_fallbacks")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
@@ -141,6 +146,22 @@ MUTANTS: tuple[Mutant, ...] = (
            "        delta = self.delta_weight(hi)\n",
            "        hi = w.dtype\n        delta = self.delta_weight(hi)\n", T_MERGE,
            "merge forms s·B·A and W0 + ΔW in W0's precision (rounded twice)"),
+    # --- issue 19: what runs is what the user is told ---
+    Mutant("qlora-recipe-rounds-x", "fastlora/qlora.py",
+           "    if recipe(x, cd, lora_A):", "    if False:", T_RECIPE,
+           "the QLoRA recipe's float32 x is rounded to the compute dtype for the LoRA branch too (and kept)"),
+    Mutant("output-view", "fastlora/ops.py",
+           "    return y if y._base is None else y.detach()\n", "    return y\n", T_INPLACE,
+           "the autograd Function returns a view: in-place ops on the output fail in training"),
+    Mutant("fingerprint-by-id", "fastlora/patching.py",
+           "    return {k: (v.data_ptr(), tuple(v.shape),", "    return {k: (id(v), tuple(v.shape),", T_MHA,
+           "patch's integrity check compares Python ids: PEFT's MultiheadAttention makes it undo every patch"),
+    Mutant("tuner-base-served", "fastlora/patching.py",
+           "        why = tuner_base_reason(m)\n", "        why = None\n", T_TUNER,
+           "LoRA on a LoHa / LoKr layer computed from the innermost weight (the inner adapter dropped)"),
+    Mutant("fallback-warns-every-call", "fastlora/tracing.py",
+           "    warned.add(reason)\n", "    pass\n", T_WARN_ONCE,
+           "a fall-back warns on every call instead of once per layer and reason"),
 )
 
 
