@@ -302,8 +302,8 @@ def _peft_forward(self, x, *args, **kwargs):
     amp = _amp.autocast_dtype(x)
     why, a = peft_call_reason(self, args, kwargs)
     if why is None:
-        why = runtime_reason(x, _peft_base(self).weight, self.lora_A[a].weight, self.lora_B[a].weight,
-                             self.lora_dropout[a], amp)
+        base = _peft_base(self)
+        why = runtime_reason(x, base.weight, self.lora_A[a].weight, self.lora_B[a].weight, self.lora_dropout[a], amp)
     if why is not None:
         return hand_back(self, why, x, args, kwargs)
     drop = self.lora_dropout[a]
@@ -314,7 +314,6 @@ def _peft_forward(self, x, *args, **kwargs):
             return hand_back(self, "DoRA tensors' dtypes (weight, lora_A, lora_B, magnitude) not served", x, args,
                              kwargs)
     else:
-        base = _peft_base(self)
         y = _amp.call(lora_linear, amp, x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                       st.scale(self.scaling[a], x.device), p, drop.training, self.fan_in_fan_out)
     if _TRACING:
@@ -348,7 +347,7 @@ def _predicted_fallbacks(m, kind) -> str | None:
     whens = []
     drop = m.lora_dropout if kind.startswith("loralib") else m.lora_dropout[_peft_active(m)[0]]
     if _dropout_p(drop)[0] >= 1.0:
-        whens.append("training calls (" + DROPOUT_1 + ")")
+        whens.append("training calls: " + DROPOUT_1)
     if kind.startswith("peft.bnb."):
         from . import qlora                             # lazy: qlora imports this module
         whens += qlora.predicted_fallbacks(m)
@@ -403,7 +402,10 @@ def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> Patch
                 from .qlora import peft_forward as fn
             else:
                 fn = _peft_forward if kind == "peft.Linear" else _loralib_forward
-            when = _predicted_fallbacks(m, kind)
+            try:
+                when = _predicted_fallbacks(m, kind)
+            except Exception:  # noqa: BLE001 - a prediction only: the run-time checks still hold
+                when = None
             st = _State(kind)
             st.name = path
             object.__setattr__(m, _ATTR, st)
