@@ -18,6 +18,11 @@ s = scaling · D = dropout(x) = x ⊙ keep / (1 − p) · S = D·Aᵀ (M, r)
     dx     = dY·W + (dS·A) ⊙ keep / (1 − p)
     dA     = dSᵀ·D                         (r, K)
     dbias  = Σ_m dY
+
+A base weight in another dtype than x (only fastlora.qlora passes one: float32 activations into a
+half-compute quantized layer, the usual QLoRA recipe) runs the base GEMM and bias in the weight's dtype on x
+cast to it, as bitsandbytes computes, the LoRA branch in x's dtype on x itself, and y in x's dtype; dx's
+base term is dY cast to the weight's dtype times W.
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
     """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved).
-    ``keep``: the (M, K) keep-mask for ``seed`` if the caller already has it (else drawn here)."""
+    ``keep``: the (M, K) keep-mask for ``seed`` if the caller already has it (else drawn here). ``weight`` may
+    be in a half dtype under float32 x (the module docstring: the QLoRA recipe)."""
     K = x.shape[-1]
     w = _weight_nk(weight, fan_in_fan_out)
     x2 = x.reshape(-1, K)
@@ -61,12 +67,17 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
     S = d @ lora_A.t()                                   # (M, r), adapter dtype
     if dropout_p > 0:
         S = S * (1.0 / (1.0 - dropout_p))
-    y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
     Ss = S * scale.to(S.dtype)                           # scale the (M, r) side: no (M, N) temp
-    if lora_B.dtype == y.dtype:
-        y.addmm_(Ss, lora_B.t())                         # fused: y += s·S·Bᵀ in place
-    else:                                                # fp32 adapters on a half base, like PEFT
-        y.add_((Ss @ lora_B.t()).to(y.dtype))
+    if w.dtype != x.dtype:                               # float32 x, half base (QLoRA recipe): base as bnb, in
+        xb = x2.to(w.dtype)                              # W's dtype on x cast to it; the LoRA branch on x itself
+        y = (Ss @ lora_B.t()).add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
+        del xb
+    else:
+        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        if lora_B.dtype == y.dtype:
+            y.addmm_(Ss, lora_B.t())                     # fused: y += s·S·Bᵀ in place
+        else:                                            # fp32 adapters on a half base, like PEFT
+            y.add_((Ss @ lora_B.t()).to(y.dtype))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     S_saved = S.to(acc) if save_s else S.new_empty((0, S.shape[1]), dtype=acc)
     return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
@@ -100,5 +111,8 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         lora_dx = dS @ lora_A                              # (M, K)
         if keep is not None:
             lora_dx = lora_dx * keep * inv_keep
-        dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
+        if w.dtype != dy2.dtype:                           # the QLoRA recipe: dx's base term as bnb's, in W's dtype
+            dx = lora_dx.to(dy2.dtype).add_(dy2.to(w.dtype) @ w).reshape(x.shape)
+        else:
+            dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
     return dx, dA, dB, dbias
