@@ -47,26 +47,27 @@ def _shrink_tile(acc, x_ptrs, a_ptrs, stride_xk, stride_ak, rows, m_ok, r_ok, k_
 
 
 @triton.jit
-def _expand_tile(s_ptrs, w_ptrs, stride_sr, stride_wr, m_ok, c_ok, rank, scale, bias_ptrs,
+def _expand_tile(s_ptr, s_rows, stride_sr, w_ptr, w_cols, stride_wr, m_ok, c_ok, rank, scale, bias_ptrs,
                  ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """(σ·S[rows, 0:rank])·W[0:rank, cols] (+ bias[cols]) as an ACC (BLOCK_M, BLOCK_N) tile; the rank is walked in
     chunks of BLOCK_R, so the output tile never shares registers with a wide S.
 
-    s_ptrs (BLOCK_M, BLOCK_R): S[rows, 0:BLOCK_R] · w_ptrs (BLOCK_R, BLOCK_N): W[0:BLOCK_R, cols] · m_ok, c_ok: the
-    rows' and columns' masks; ranks ≥ rank are never read (S past a token's rank may be unset) · σ = scale,
-    applied to S (the (M, r) side) when HAS_SCALE · bias_ptrs (BLOCK_N,): bias[cols], read when HAS_BIAS."""
+    s_ptr: S[·, 0] · s_rows (BLOCK_M,): the rows' offsets in S (rows·stride_sm) · w_ptr: W[0, ·] · w_cols (BLOCK_N,):
+    the columns' offsets in W (cols·stride_wc) · m_ok, c_ok: the rows' and columns' masks; ranks ≥ rank are never
+    read (S past a token's rank may be unset) · σ = scale, applied to S (the (M, r) side) when HAS_SCALE ·
+    bias_ptrs (BLOCK_N,): bias[cols], read when HAS_BIAS. Addresses are formed per chunk from the 1-D offsets (no
+    2-D pointer block lives across the loop: fewer registers)."""
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for j0 in range(0, rank, BLOCK_R):
-        j_ok = (j0 + rr) < rank
-        s = tl.load(s_ptrs, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=j_ok[:, None] & c_ok[None, :], other=0.0)
+        j = j0 + rr
+        j_ok = j < rank
+        s = tl.load(s_ptr + s_rows[:, None] + j[None, :] * stride_sr, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + j[:, None] * stride_wr + w_cols[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
         if HAS_SCALE:
             s = s * scale
         acc = _mma(s, w, acc, FP32_PRECISION)
-        s_ptrs += BLOCK_R * stride_sr
-        w_ptrs += BLOCK_R * stride_wr
     if HAS_BIAS:
         acc += tl.load(bias_ptrs, mask=c_ok, other=0.0).to(ACC)[None, :]
     return acc

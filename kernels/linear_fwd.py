@@ -80,13 +80,12 @@ def _lora_expand_kernel(
     chunks of BLOCK_R. Grid (M / BLOCK_M, N / BLOCK_N)."""
     rm, m_ok = _span(tl.program_id(0), BLOCK_M, M)
     rn, n_ok = _span(tl.program_id(1), BLOCK_N, N)
-    rr = tl.arange(0, BLOCK_R)
-    s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr          # (BLOCK_M, BLOCK_R)
-    b_ptrs = b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn          # (BLOCK_R, BLOCK_N) of Bᵀ
 
     ACC = s_ptr.dtype.element_ty                                                # fp32 (fp64 for fp64 inputs)
-    acc = _expand_tile(s_ptrs, b_ptrs, stride_sr, stride_br, m_ok, n_ok, R, tl.load(scale_ptr).to(ACC),
-                       bias_ptr + rn, ACC, True, HAS_BIAS, FP32_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    # S[rows, :] and Bᵀ[:, cols] (B[cols, j] at cols·stride_bn + j·stride_br)
+    acc = _expand_tile(s_ptr, rm * stride_sm, stride_sr, b_ptr, rn * stride_bn, stride_br, m_ok, n_ok, R,
+                       tl.load(scale_ptr).to(ACC), bias_ptr + rn, ACC, True, HAS_BIAS, FP32_PRECISION,
+                       BLOCK_M, BLOCK_N, BLOCK_R)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

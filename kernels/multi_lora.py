@@ -129,13 +129,12 @@ def _expand_kernel(
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
     pid_c = tl.program_id(1)
     rc, c_ok = _span(pid_c, BLOCK_C, C)
-    rr = tl.arange(0, BLOCK_R)
     rows64 = rows.to(tl.int64)
-    in_ptrs = in_ptr + rows64[:, None] * stride_im + rr[None, :] * stride_ir                 # (BLOCK_M, BLOCK_R)
-    w_ptrs = w_ptr + (off + rr).to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc  # (BLOCK_R, BLOCK_C)
     scale = tl.load(scale_ptr + k) if HAS_SCALE else 1.0
-    acc = _expand_tile(in_ptrs, w_ptrs, stride_ir, stride_wr, m_ok, c_ok, rank, scale, bias_ptr + rc,
-                       tl.float32, HAS_SCALE, HAS_BIAS, FP32_PRECISION, BLOCK_M, BLOCK_C, BLOCK_R)
+    # in[rows, :] and W_k = W[off_k:, cols]
+    acc = _expand_tile(in_ptr, rows64 * stride_im, stride_ir, w_ptr + off.to(tl.int64) * stride_wr, rc * stride_wc,
+                       stride_wr, m_ok, c_ok, rank, scale, bias_ptr + rc, tl.float32, HAS_SCALE, HAS_BIAS,
+                       FP32_PRECISION, BLOCK_M, BLOCK_C, BLOCK_R)
     if HAS_DROPOUT:
         seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
         acc = tl.where(_keep(seed, rows, pid_c * BLOCK_C, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
