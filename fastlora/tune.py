@@ -1,6 +1,10 @@
-"""python -m fastlora.tune — time every shipped tile config of the LoRA kernels on this GPU and write the fastest
-per shape to the tune cache that later runs read (fastlora.kernels.policy). Nothing is ever timed inside a user's
-forward or backward: without a cache entry the kernels launch the policy's fixed rule.
+"""python -m fastlora.tune — time every shipped tile config of the single-adapter LoRA kernels on this GPU and write
+the fastest per shape to the tune cache that later runs read (fastlora.kernels.policy). Nothing is ever timed inside
+a user's forward or backward: without a cache entry the kernels launch the policy's fixed rule.
+
+Only the single-adapter kernels (shrink, expand, dsdb, dx: policy.TUNED) are tuned. The multi-adapter kernels ship
+one config per tier (their tiles are the batch plan's) and the DoRA norm kernel follows the policy's fixed rule;
+their configs live in the same policy tables and compile check.
 
     python -m fastlora.tune --tokens 4096 --dims 4096 8192 --ranks 16 --dtype bf16
     fastlora.tune(tokens=[4096], dims=[(4096, 4096)], ranks=[16], dtype=torch.bfloat16)
@@ -84,7 +88,7 @@ def tune(tokens: Iterable[int], dims: Iterable[tuple[int, int]], ranks: Iterable
                                                                  True, True, False, False, False)),
                 }
                 for kernel, (width, p_, run) in runs.items():
-                    tier_ = policy.tier(dtype, p_)
+                    tier_ = policy.tier(kernel, dtype, p_)
                     cfg, ms = _candidates_timed(kernel, tier_, run, timer)
                     key = policy.cache_key(kernel, tier_, M, width, r)
                     entries[key] = cfg

@@ -4,10 +4,36 @@ A spec describes a *typical real launch*, specialised the way Triton's JIT speci
 arguments equal to 1 become constexprs (unit strides), integers and pointers divisible by 16 carry
 ``tt.divisibility = 16``. Compiling without that information gives code no real launch would run
 (unvectorised loads, per-element 64-bit address math, spurious register spills).
+
+The configs come from the launch policy's tables (``shipped``: kernels/policy.py, the lists the launches choose
+from), so the check compiles exactly what a GPU may run; the dtype pairs are the ones the ops accept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
+
+from . import policy
+
+# (x dtype, adapter dtype, fp32 dot precision (policy.fp32_precision), precision of the gradient-feeding dots
+# (policy.lora_precision)): half bases with half or fp32 adapters (tf32x3 there), fp32 with torch's default (ieee)
+# and with tf32 allowed. tests/test_launch_choices.py checks these are the policy's answers.
+SPEC_DTYPES = (("bf16", "bf16", "tf32", "tf32"), ("bf16", "fp32", "tf32", "tf32x3"), ("fp16", "fp16", "tf32", "tf32"),
+               ("fp16", "fp32", "tf32", "tf32x3"), ("fp32", "fp32", "ieee", "ieee"), ("fp32", "fp32", "tf32", "tf32"))
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def shipped(kernel: str, xdt: str, precision: str, dropout: bool = False) -> list[dict]:
+    """The GPU configs a launch of ``kernel`` on ``xdt`` data with ``precision`` dots may use (never the
+    interpreter's): policy.CANDIDATES at policy.tier."""
+    return policy.CANDIDATES[kernel][policy.tier(kernel, TORCH_DTYPES[xdt], precision, dropout)]
+
+
+def cfg_name(cfg: dict) -> str:
+    """'64x128 w4 s2': a config's block sizes (in the table's order), warps and stages."""
+    blocks = "x".join(str(v) for k, v in cfg.items() if k.startswith("BLOCK_"))
+    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 @dataclass(frozen=True)

@@ -29,42 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _mma, interpreting
-from ._specs import CompileSpec, specialize
-from .policy import acc_dtype, fp32_precision
-
-# ---------------------------------------------------------------------------
-# configs (every one compiles for sm_80 and sm_90 without spills: python -m fastlora.inspect --only dora)
-# ---------------------------------------------------------------------------
-
-MAX_BLOCK_R = 64
-
-
-def block_r(r: int) -> int:
-    """Rank chunk: a tl.dot-legal power of two >= 16, at most MAX_BLOCK_R."""
-    return max(16, min(triton.next_power_of_2(max(r, 1)), MAX_BLOCK_R))
-
-
-def norm_configs(fp32: bool) -> list[dict]:
-    """Tile candidates (first = default). Few rows per program: at d 4096 a 32-row block is 128 programs, about
-    one per SM on an H100/H200, each streaming its rows of W0 through a pipelined K-loop. Small K tiles: the
-    kernel is memory-bound, and the A tile (BLOCK_K, BLOCK_R) is re-read from L2 by every program."""
-    if interpreting():
-        return [dict(BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)]
-    if fp32:
-        # the only fp32 tile found spill-free for ieee dots on sm_80 and sm_90 at every rank block (32x32 with 4 or
-        # 8 warps, 16x32 with 4 stages and 64x32 each spilled 8-16 bytes somewhere)
-        return [dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3)]
-    return [dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
-            dict(BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=4)]
-
-
-def norm_precision(w_dtype: torch.dtype) -> str:
-    """input_precision of the W0·Aᵀ dot: on an fp32 W0 torch's CUDA matmul setting (ieee by default, tf32 when
-    allowed; fastlora.kernels.policy.fp32_precision). Half W0 dots are native half MMAs (exact products, fp32
-    accumulation: the flag is not used)."""
-    return fp32_precision(w_dtype)
-
+from . import policy
+from ._common import _mma
+from ._specs import CompileSpec, cfg_name, shipped, specialize
+from ._tiles import _span
 
 # ---------------------------------------------------------------------------
 # kernel
@@ -86,11 +54,9 @@ def _dora_norm_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """n[rows] for one block of BLOCK_N rows of W0 (and w2[rows] when COMPUTE_W2). Grid (cdiv(N, BLOCK_N),)."""
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = _span(tl.program_id(0), BLOCK_N, N)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    n_ok = rn < N
 
     ACC = n_ptr.dtype.element_ty                            # fp32 (fp64 for fp64 inputs)
     scale = tl.load(scale_ptr).to(ACC)
@@ -130,22 +96,15 @@ def _dora_norm_kernel(
 
 
 # ---------------------------------------------------------------------------
-# launcher
+# launcher (tile config: kernels/policy.py, kernel "dora_norm")
 # ---------------------------------------------------------------------------
 
-_forced: dict = {}   # tests may pin a config here (benchmarks/tests only; never set by the library)
 
-
-def _config(N: int, fp32: bool, device: torch.device) -> dict:
-    """The default candidate; a smaller row block when the default leaves SMs idle (programs counted, not timed)."""
-    if "norm" in _forced:
-        return _forced["norm"]
-    cands = norm_configs(fp32)
-    if device.type != "cuda" or interpreting():
-        return cands[0]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    ok = [c for c in cands if triton.cdiv(N, c["BLOCK_N"]) >= sms]
-    return ok[0] if ok else min(cands, key=lambda c: c["BLOCK_N"])
+def norm_precision(w_dtype: torch.dtype) -> str:
+    """input_precision of the W0·Aᵀ dot: on an fp32 W0 torch's CUDA matmul setting (ieee by default, tf32 when
+    allowed; policy.fp32_precision). Half W0 dots are native half MMAs (exact products, fp32 accumulation: the
+    flag is not used)."""
+    return policy.fp32_precision(w_dtype)
 
 
 def split_hi_lo(lora_A: torch.Tensor, lora_B: torch.Tensor, dtype: torch.dtype):
@@ -164,7 +123,7 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     ``scale``: 0-d tensor on the device (a runtime value). Inputs are not differentiated (n is detached in DoRA)."""
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if fan_in_fan_out else weight.stride()
-    acc = acc_dtype(weight.dtype)
+    acc = policy.acc_dtype(weight.dtype)
     a, b = lora_A.detach().to(acc), lora_B.detach().to(acc)
     quad = ((b @ (a @ a.t())) * b).sum(1)                          # B_i·G·B_iᵀ: r²·K + N·r² flops
     A, B = lora_A.detach(), lora_B.detach()
@@ -177,14 +136,13 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         w2 = torch.empty(N, device=weight.device, dtype=acc)
     if N == 0:
         return n, w2
-    cfg = _config(N, weight.dtype in (torch.float32, torch.float64), weight.device)
-    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    _dora_norm_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+    prec = norm_precision(weight.dtype)
+    meta, opts = policy.launch_options(policy.config("dora_norm", weight.dtype, prec, N, K, R, weight.device))
+    _dora_norm_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
         weight, A, B, quad, w2, n, scale.to(acc),
         N, K, R,
         stride_wn, stride_wk, A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-        COMPUTE_W2=compute, FP32_PRECISION=norm_precision(weight.dtype), BLOCK_R=block_r(R),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **meta)
+        COMPUTE_W2=compute, FP32_PRECISION=prec, BLOCK_R=policy.block_r(R), **meta, **opts)
     return n, w2
 
 
@@ -206,17 +164,17 @@ def compile_specs():
             values = dict(N=SPEC_N, K=SPEC_K, R=br, stride_wn=SPEC_K, stride_wk=1, stride_ar=SPEC_K,
                           stride_ak=1, stride_bn=br, stride_br=1)
             for w2 in (True, False):
-                for cfg in norm_configs(wdt == "fp32"):
-                    meta = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=br, COMPUTE_W2=w2,
-                                FP32_PRECISION=prec)
+                for cfg in shipped("dora_norm", wdt, prec):
+                    meta, opts = policy.launch_options(cfg)
+                    meta.update(BLOCK_R=br, COMPUTE_W2=w2, FP32_PRECISION=prec)
                     sig, consts, attrs = specialize(_dora_norm_kernel, meta, {
                         "w_ptr": wdt, "a_ptr": adt, "b_ptr": bdt, "q_ptr": "fp32", "w2_ptr": "fp32",
                         "n_ptr": "fp32", "scale_ptr": "fp32"}, values)
-                    name = (f"dora_norm W={wdt} A={adt} B={bdt}/{prec} w2={int(w2)} {cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
-                            f" r{br} w{cfg['num_warps']} s{cfg['num_stages']}")
-                    specs.append(CompileSpec(name, _dora_norm_kernel, sig, consts, cfg["num_warps"],
-                                             cfg["num_stages"], attrs=attrs))
+                    tile, launch = cfg_name(cfg).split(" ", 1)
+                    name = f"dora_norm W={wdt} A={adt} B={bdt}/{prec} w2={int(w2)} {tile} r{br} {launch}"
+                    specs.append(CompileSpec(name, _dora_norm_kernel, sig, consts, opts["num_warps"],
+                                             opts["num_stages"], attrs=attrs))
     return specs
 
 
-__all__ = ["dora_norm", "compile_specs", "norm_configs", "block_r", "split_hi_lo"]
+__all__ = ["dora_norm", "compile_specs", "norm_precision", "split_hi_lo"]

@@ -23,8 +23,9 @@ import triton.language as tl
 
 from . import policy
 from ._common import _keep, _mma
-from ._specs import CompileSpec, specialize
-from .linear_fwd import SPEC_DTYPES, SPEC_K, SPEC_M, SPEC_N, SPEC_R, _cfg_name, spec_tier, weight_nk
+from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
+from ._tiles import _span
+from .linear_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R, weight_nk
 
 
 @triton.jit
@@ -48,10 +49,8 @@ def _lora_bwd_dsdb_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = rm < M
-    r_ok = rr < R
+    rm, m_ok = _span(pid_m, BLOCK_M, M)
+    rr, r_ok = _span(pid_r, BLOCK_R, R)
     ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
     scale = tl.load(scale_ptr).to(ACC)
 
@@ -112,11 +111,9 @@ def _lora_bwd_dx_kernel(
     the rank is walked in chunks of BLOCK_R. Grid (M / BLOCK_M, K / BLOCK_K)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm, m_ok = _span(pid_m, BLOCK_M, M)
+    rk, k_ok = _span(pid_k, BLOCK_K, K)
     rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < M
-    k_ok = rk < K
 
     ACC = ds_ptr.dtype.element_ty                                               # fp32 (fp64 for fp64 inputs)
     if HAS_DROPOUT:
@@ -218,7 +215,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
     dx = dA = None
     if needs_dx or needs_dA:
         p = float(dropout_p)
-        meta, opts = policy.launch_options(policy.config("dx", x.dtype, lprec, M, K, R, dev))
+        meta, opts = policy.launch_options(policy.config("dx", x.dtype, lprec, M, K, R, dev, dropout=p > 0))
         m_tiles = triton.cdiv(M, meta["BLOCK_M"])
         dx = torch.empty((M, K), device=dev, dtype=x.dtype) if needs_dx else None
         da = alloc((R, K) if atomic else (m_tiles, R, K), **f32) if needs_dA else unused
@@ -255,7 +252,7 @@ def compile_specs():
                           stride_dbiast=0 if atomic else N, stride_ar=K, stride_ak=1,
                           stride_xm=K, stride_xk=1, stride_dxm=K, stride_dxk=1,
                           stride_dat=0 if atomic else R * K, stride_dar=K, stride_dak=1)
-            for cfg in policy.CANDIDATES["dsdb"][spec_tier(xdt, lprec)]:
+            for cfg in shipped("dsdb", xdt, lprec):
                 meta, opts = policy.launch_options(cfg)
                 meta.update(COMPUTE_DB=True, HAS_DBIAS=True, ATOMIC=atomic, FP32_PRECISION=lprec,
                             BLOCK_R=policy.block_r(R, lprec))
@@ -263,10 +260,10 @@ def compile_specs():
                     "dy_ptr": xdt, "b_ptr": adt, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32",
                     "dbias_ptr": "fp32", "scale_ptr": "fp32"}, values)
                 specs.append(CompileSpec(
-                    f"lora_bwd_dsdb x={xdt} ab={adt}/{lprec} atomic={int(atomic)} {_cfg_name(cfg)} r{meta['BLOCK_R']}",
+                    f"lora_bwd_dsdb x={xdt} ab={adt}/{lprec} atomic={int(atomic)} {cfg_name(cfg)} r{meta['BLOCK_R']}",
                     _lora_bwd_dsdb_kernel, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
             for drop in (False, True):
-                for cfg in policy.CANDIDATES["dx"][spec_tier(xdt, lprec)]:
+                for cfg in shipped("dx", xdt, lprec, drop):
                     meta, opts = policy.launch_options(cfg)
                     meta.update(HAS_DROPOUT=drop, COMPUTE_DX=True, COMPUTE_DA=True, ATOMIC=atomic,
                                 FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_R=policy.CHUNK_R)
@@ -275,7 +272,7 @@ def compile_specs():
                         "seed_ptr": "i64"}, values, floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
                         f"lora_bwd_dx x={xdt} ab={adt}/{prec}{'+' + lprec if lprec != prec else ''} "
-                        f"atomic={int(atomic)} drop={int(drop)} {_cfg_name(cfg)} r{policy.CHUNK_R}",
+                        f"atomic={int(atomic)} drop={int(drop)} {cfg_name(cfg)} r{policy.CHUNK_R}",
                         _lora_bwd_dx_kernel, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
     return specs
 

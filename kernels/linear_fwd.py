@@ -11,7 +11,8 @@ needs a matrix).
 
 Rounding: y = round(round(s·S·Bᵀ + bias) + x·W0ᵀ) — two roundings, like PEFT and the torch composite; S stays
 fp32 (saved for backward). Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ + col // 4)[col % 4]) ≥ p
-(_common._keep, = fastlora.dropout.keep_mask); p = 0 draws nothing.
+(_common._keep, = fastlora.dropout.keep_mask); p = 0 draws nothing. The K-loop of the shrink and the rank loop
+of the expand are kernels/_tiles.py's, shared with the multi-adapter kernels; configs: kernels/policy.py.
 A half W0 under float32 x (fastlora.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
 layer): the expand writes s·S·Bᵀ in fp32, then torch adds the base GEMM + bias computed in W0's dtype on x cast
 to it (bitsandbytes' maths).
@@ -25,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import policy
-from ._common import _keep, _mma
-from ._specs import CompileSpec, specialize
+from ._tiles import _expand_tile, _shrink_tile, _span
+from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -50,29 +51,16 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """S[rows, rank block] = (x ⊙ keep)[rows, :]·Aᵀ[:, rank block] / (1 − p).  Grid (M / BLOCK_M, R / BLOCK_R)."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm, m_ok = _span(tl.program_id(0), BLOCK_M, M)
+    rr, r_ok = _span(tl.program_id(1), BLOCK_R, R)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    r_ok = rr < R
-
     x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
     a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar          # (BLOCK_K, BLOCK_R) of Aᵀ
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=s_ptr.dtype.element_ty)   # fp32 (fp64 for fp64 inputs)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rm, k0, K, p, BLOCK_M, BLOCK_K), x, 0.0)
-        acc = _mma(x, a, acc, FP32_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
-
+    acc = _shrink_tile(acc, x_ptrs, a_ptrs, stride_xk, stride_ak, rm, m_ok, r_ok, K, K, seed, p,
+                       HAS_DROPOUT, FP32_PRECISION, BLOCK_M, BLOCK_K)
     s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     tl.store(s_ptrs, acc * inv_keep, mask=m_ok[:, None] & r_ok[None, :])
 
@@ -93,26 +81,14 @@ def _lora_expand_kernel(
 ):
     """y[rows, cols] = s·S[rows, :]·Bᵀ[:, cols] + bias[cols], rounded once to y's dtype; the rank is walked in
     chunks of BLOCK_R. Grid (M / BLOCK_M, N / BLOCK_N)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, m_ok = _span(tl.program_id(0), BLOCK_M, M)
+    rn, n_ok = _span(tl.program_id(1), BLOCK_N, N)
 
     ACC = s_ptr.dtype.element_ty                                                # fp32 (fp64 for fp64 inputs)
-    scale = tl.load(scale_ptr).to(ACC)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + rr) < R
-        s_tile = tl.load(s_ptr + rm[:, None] * stride_sm + (r0 + rr)[None, :] * stride_sr,
-                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)          # (BLOCK_M, BLOCK_R)
-        b = tl.load(b_ptr + (r0 + rr)[:, None] * stride_br + rn[None, :] * stride_bn,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)              # (BLOCK_R, BLOCK_N) of Bᵀ
-        acc = _mma(s_tile * scale, b, acc, FP32_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+    # S[rows, :] and Bᵀ[:, cols] (B[cols, j] at cols·stride_bn + j·stride_br)
+    acc = _expand_tile(s_ptr, rm * stride_sm, stride_sr, b_ptr, rn * stride_bn, stride_br, m_ok, n_ok, R,
+                       tl.load(scale_ptr).to(ACC), bias_ptr + rn, ACC, True, HAS_BIAS, FP32_PRECISION,
+                       BLOCK_M, BLOCK_N, BLOCK_R)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -126,7 +102,7 @@ def shrink(x2, lora_A, S, seed, p: float, precision: str) -> None:
     """S (M, r) = drop(x2)·Aᵀ / (1 − p), written in place."""
     M, K = x2.shape
     R = lora_A.shape[0]
-    cfg = policy.config("shrink", x2.dtype, precision, M, K, R, x2.device)
+    cfg = policy.config("shrink", x2.dtype, precision, M, K, R, x2.device, dropout=p > 0)
     meta, opts = policy.launch_options(cfg)
     BR = policy.block_r(R, precision)
     grid = (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
@@ -183,29 +159,13 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
 # shipped configs, for python -m fastlora.inspect (compile for sm_80 / sm_90 without a GPU)
 # ---------------------------------------------------------------------------
 
-# A typical launch (contiguous tensors, 4096-sized dims, rank 64 = the largest rank block) for the compile check.
+# A typical launch (contiguous tensors, 4096-sized dims, rank 64 = the largest rank block) for the compile check;
+# dtype pairs and precisions: _specs.SPEC_DTYPES.
 SPEC_M = SPEC_N = SPEC_K = 4096
 SPEC_R = policy.MAX_BLOCK_R
-# (x dtype, adapter dtype, fp32 dot precision, precision of the gradient-feeding dots (lora_precision)):
-# half bases (fp32 adapters: tf32x3 there), fp32 with torch's default (ieee) and with tf32 allowed
-SPEC_DTYPES = (("bf16", "bf16", "tf32", "tf32"), ("bf16", "fp32", "tf32", "tf32x3"), ("fp16", "fp16", "tf32", "tf32"),
-               ("fp32", "fp32", "ieee", "ieee"), ("fp32", "fp32", "tf32", "tf32"))
 SPEC_VALUES = dict(M=SPEC_M, N=SPEC_N, K=SPEC_K, R=SPEC_R, stride_xm=SPEC_K, stride_xk=1, stride_ar=SPEC_K,
                    stride_ak=1, stride_bn=SPEC_R, stride_br=1, stride_sm=SPEC_R, stride_sr=1, stride_ym=SPEC_N,
                    stride_yn=1)
-
-
-_SPEC_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def spec_tier(xdt: str, prec: str) -> str:
-    """policy.tier of a compile spec's dtype name: the check compiles exactly the lists the launches use."""
-    return policy.tier(_SPEC_TORCH[xdt], prec)
-
-
-def _cfg_name(cfg: dict) -> str:
-    blocks = "x".join(str(v) for k, v in cfg.items() if k.startswith("BLOCK_"))
-    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 def compile_specs():
@@ -214,21 +174,21 @@ def compile_specs():
         for drop in (False, True):
             # S for y only (eval: prec) and S saved for dB (training: lprec), each with its tile list
             for sprec in dict.fromkeys((prec, lprec)):
-                for cfg in policy.CANDIDATES["shrink"][spec_tier(xdt, sprec)]:
+                for cfg in shipped("shrink", xdt, sprec, drop):
                     meta, opts = policy.launch_options(cfg)
                     meta.update(HAS_DROPOUT=drop, FP32_PRECISION=sprec, BLOCK_R=policy.block_r(SPEC_R, sprec))
                     sig, consts, attrs = specialize(_lora_shrink_kernel, meta, {
                         "x_ptr": xdt, "a_ptr": adt, "s_ptr": "fp32", "seed_ptr": "i64"}, SPEC_VALUES,
                         floats=("p", "inv_keep"))
                     specs.append(CompileSpec(
-                        f"lora_shrink x={xdt} ab={adt}/{sprec} drop={int(drop)} {_cfg_name(cfg)} r{meta['BLOCK_R']}",
+                        f"lora_shrink x={xdt} ab={adt}/{sprec} drop={int(drop)} {cfg_name(cfg)} r{meta['BLOCK_R']}",
                         _lora_shrink_kernel, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
-        for cfg in policy.CANDIDATES["expand"][spec_tier(xdt, prec)]:
+        for cfg in shipped("expand", xdt, prec):
             meta, opts = policy.launch_options(cfg)
             meta.update(HAS_BIAS=True, FP32_PRECISION=prec, BLOCK_R=policy.CHUNK_R)
             sig, consts, attrs = specialize(_lora_expand_kernel, meta, {
                 "s_ptr": "fp32", "b_ptr": adt, "bias_ptr": xdt, "y_ptr": xdt, "scale_ptr": "fp32"}, SPEC_VALUES)
-            specs.append(CompileSpec(f"lora_expand x={xdt} ab={adt}/{prec} {_cfg_name(cfg)} r{policy.CHUNK_R}",
+            specs.append(CompileSpec(f"lora_expand x={xdt} ab={adt}/{prec} {cfg_name(cfg)} r{policy.CHUNK_R}",
                                      _lora_expand_kernel, sig, consts, opts["num_warps"], opts["num_stages"],
                                      attrs=attrs))
     return specs

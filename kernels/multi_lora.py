@@ -25,6 +25,8 @@ one adapter (SGMV-like), base-only tokens in tiles of their own. The gradient ke
 tokens-sorted-by-adapter segments. Ranks are looped per tile up to the tile's own r_k (rank blocks past r_k
 do no work): heterogeneous ranks cost what they are, not r_max. Dropout: p per adapter, read from a (n, 2)
 table of (p_k, 1/(1−p_k)) (PEFT's per-adapter lora_dropout, one launch for all of them).
+The shrink and expand loops are the single-adapter op's tile bodies (kernels/_tiles.py) over gathered rows;
+launch configs and dot precisions come from kernels/policy.py (kernels multi_shrink, multi_expand, multi_grad).
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import policy
 from ._common import _keep, _mma, interpreting
-from .policy import fp32_precision, lora_precision
-from ._specs import CompileSpec, specialize
+from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
+from ._tiles import _expand_tile, _shrink_tile, _span
 
 # ---------------------------------------------------------------------------
 # kernels
@@ -88,19 +91,13 @@ def _shrink_kernel(
     in_ptrs = in_ptr + rows64[:, None] * stride_im + rc[None, :] * stride_ic
     # (BLOCK_C, BLOCK_R) tile of W_kᵀ
     w_ptrs = w_ptr + rc[:, None] * stride_wc + (off + rr).to(tl.int64)[None, :] * stride_wr
+    seed, p, inv_keep = 0, 0.0, 1.0
     if HAS_DROPOUT:
         seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
     c_end = tl.where(r0 < rank, C, 0)          # a rank block past r_k (or a base-only tile) does no work
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for c0 in range(0, c_end, BLOCK_C):
-        c_ok = (c0 + rc) < C
-        a = tl.load(in_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            a = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), a, 0.0)
-        acc = _mma(a, w, acc, FP32_PRECISION)
-        in_ptrs += BLOCK_C * stride_ic
-        w_ptrs += BLOCK_C * stride_wc
+    acc = _shrink_tile(acc, in_ptrs, w_ptrs, stride_ic, stride_wc, rows, m_ok, r_ok, c_end, C, seed, p,
+                       HAS_DROPOUT, FP32_PRECISION, BLOCK_M, BLOCK_C)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     if HAS_SCALE:
@@ -124,32 +121,25 @@ def _expand_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[rows, c] = σ_k·(Σ_{j<r_k} in[rows, j]·W[off_k + j, c]) (⊙ keep/(1−p_k)) (+ bias[c]), written for
-    every token of the tile (base-only tokens: bias or 0), so that cuBLAS then accumulates the base GEMM onto
-    it (beta = 1). ACCUMULATE: out already holds the base GEMM (a grouped GEMM, which cannot accumulate:
-    the MoE experts) and the term is added onto it in place, rounded once. Grid (tiles, C / BLOCK_C)."""
+    """out[rows, c] = (σ_k·in[rows, :r_k])·W[off_k : off_k + r_k, c] (⊙ keep/(1−p_k)) (+ bias[c]), written for every
+    token of the tile (base-only tokens: bias or 0), so that cuBLAS then accumulates the base GEMM onto it
+    (beta = 1). ACCUMULATE: out already holds the base GEMM (a grouped GEMM, which cannot accumulate: the MoE
+    experts) and the term is added onto it in place, rounded once. Dropout (dx) and bias (y) are never on
+    together. Grid (tiles, C / BLOCK_C)."""
+    tl.static_assert(not (HAS_DROPOUT and HAS_BIAS))
     t = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rc = c0 + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
+    pid_c = tl.program_id(1)
+    rc, c_ok = _span(pid_c, BLOCK_C, C)
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_R):
-        j_ok = (j0 + rr) < rank
-        a = tl.load(in_ptr + rows64[:, None] * stride_im + (j0 + rr)[None, :] * stride_ir,
-                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (off + j0 + rr).to(tl.int64)[:, None] * stride_wr + rc[None, :] * stride_wc,
-                    mask=j_ok[:, None] & c_ok[None, :], other=0.0)           # (BLOCK_R, BLOCK_C)
-        acc = _mma(a, w, acc, FP32_PRECISION)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + k)
+    scale = tl.load(scale_ptr + k) if HAS_SCALE else 1.0
+    # in[rows, :] and W_k = W[off_k:, cols]
+    acc = _expand_tile(in_ptr, rows64 * stride_im, stride_ir, w_ptr + off.to(tl.int64) * stride_wr, rc * stride_wc,
+                       stride_wr, m_ok, c_ok, rank, scale, bias_ptr + rc, tl.float32, HAS_SCALE, HAS_BIAS,
+                       FP32_PRECISION, BLOCK_M, BLOCK_C, BLOCK_R)
     if HAS_DROPOUT:
         seed, p, inv_keep = _dropout(seed_ptr, p_ptr, k)
-        acc = tl.where(_keep(seed, rows, c0, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.where(_keep(seed, rows, pid_c * BLOCK_C, C, p, BLOCK_M, BLOCK_C), acc * inv_keep, 0.0)
     o_ptrs = out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc
     if ACCUMULATE:
         acc += tl.load(o_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
@@ -210,27 +200,6 @@ def _grad_kernel(
 
 
 # ---------------------------------------------------------------------------
-# configs: one function per kernel, chosen from host-known sizes (no autotuning: capture-safe)
-# ---------------------------------------------------------------------------
-
-
-def _cfg(kernel: str, precision: str = "tf32", dropout: bool = False) -> dict:
-    """Block sizes and launch options. BLOCK_M = 16 is the smallest tl.dot tile (decode tiles hold 1 token).
-    tf32x3 dots (lora_precision: fp32 adapters on a half base) take half the shrink's BLOCK_C (no spills)."""
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=32, num_warps=1, num_stages=1)
-    # Sized so every shipped config compiles for sm_80 / sm_90 with zero spill bytes (see compile_specs):
-    # the gathered rows make every x / out element's address a 64-bit register, so tiles stay modest.
-    # Both regimes share one config (decode tiles hold one token, grouped tiles up to BLOCK_M), so the
-    # shipped set stays small; shrink and expand share the token plan, hence BLOCK_M.
-    if kernel == "shrink":
-        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=64 if precision == "tf32x3" else 128, num_warps=4, num_stages=3)
-    if kernel == "expand":     # with dropout (dx) 2 stages spill 16 B on sm_80 for fp16; the rank loop is short
-        return dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=128, num_warps=4, num_stages=1 if dropout else 2)
-    return dict(BLOCK_M=32, BLOCK_R=16, BLOCK_C=64, num_warps=4, num_stages=2)      # grad
-
-
-# ---------------------------------------------------------------------------
 # launchers (tensors in, tensors out). ``plan``: the batch plan (fastlora.multi_plan.BatchPlan: rows,
 # tile_adapter, tile_lo, tile_hi, sorted_rows, bounds, all int32 on the device, built once per model forward).
 # ``pk``: float32 (n, 2) table of (p_k, 1/(1−p_k)), read only when ``dropout``.
@@ -245,43 +214,48 @@ def _tiles(plan, block_m):
 
 def shrink(inp, w, w_strides, out, plan, off, scale, seed, pk, r_max, *, scaled, dropout):
     """out (M, r_max) fp32 = σ_k·drop(inp)·W_kᵀ per token; W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
-    C = inp.shape[1]
-    prec = lora_precision(inp.dtype, w.dtype)
-    cfg = _cfg("shrink", prec)
-    grid = (triton.cdiv(r_max, cfg["BLOCK_R"]), _tiles(plan, cfg["BLOCK_M"]))
+    M, C = inp.shape
+    prec = policy.lora_precision(inp.dtype, w.dtype)
+    meta, opts = policy.launch_options(policy.config("multi_shrink", inp.dtype, prec, M, C, r_max, inp.device,
+                                                     dropout=dropout))
+    grid = (triton.cdiv(r_max, meta["BLOCK_R"]), _tiles(plan, meta["BLOCK_M"]))
     if grid[1] > 65535:
         raise ValueError(f"at most 65535 tiles per call ({plan.regime} plan of {inp.shape[0]} tokens has {grid[1]})")
     _shrink_kernel[grid](inp, w, out, plan.rows, plan.tile_adapter, plan.tile_lo, plan.tile_hi, off, scale, seed, pk,
                          C, inp.stride(0), inp.stride(1), w_strides[0], w_strides[1],
                          out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                         FP32_PRECISION=prec, **cfg)
+                         FP32_PRECISION=prec, **meta, **opts)
     return out
 
 
 def expand(inp, w, w_strides, out, bias, plan, off, scale, seed, pk, *, scaled, dropout, accumulate=False):
     """out (M, C) = σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p_k)) (+ bias) on every token (base-only: bias or 0);
     W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]. ``accumulate``: out += that instead (one rounding)."""
-    C = out.shape[1]
-    cfg = _cfg("expand", dropout=dropout)
-    grid = (_tiles(plan, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    M, C = out.shape
+    prec = policy.fp32_precision(out.dtype)
+    # the "+drop" list (one stage) also serves ACCUMULATE: its epilogue holds a second tile too (2 stages spilled
+    # 8 B on sm_80 for fp16 dx)
+    meta, opts = policy.launch_options(policy.config("multi_expand", out.dtype, prec, M, C, inp.shape[1], out.device,
+                                                     dropout=dropout or accumulate))
+    grid = (_tiles(plan, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     _expand_kernel[grid](inp, w, out, bias if bias is not None else out, plan.rows, plan.tile_adapter, plan.tile_lo,
                          plan.tile_hi, off, scale, seed, pk, C, inp.stride(0), inp.stride(1), w_strides[0],
                          w_strides[1], out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, FP32_PRECISION=fp32_precision(out.dtype),
-                         **cfg)
+                         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, FP32_PRECISION=prec, **meta, **opts)
     return out
 
 
 def segment_grad(L, R, g, g_strides, plan, off, scale, seed, pk, r_max, *, scaled, dropout, base_dtype):
     """g[off_k + j, c] = σ_k·Σ_{ids[m]=k} L[m, j]·drop(R)[m, c]; g[row, c] at row·g_strides[0] + c·g_strides[1]."""
     n = off.numel() - 1
-    C = R.shape[1]
-    cfg = _cfg("grad")
-    grid = (n, triton.cdiv(r_max, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    M, C = R.shape
+    prec = policy.lora_precision(base_dtype, g.dtype)
+    meta, opts = policy.launch_options(policy.config("multi_grad", base_dtype, prec, M, C, r_max, R.device,
+                                                     dropout=dropout))
+    grid = (n, triton.cdiv(r_max, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))
     _grad_kernel[grid](L, R, g, plan.sorted_rows, plan.bounds, off, scale, seed, pk, C,
                        L.stride(0), L.stride(1), R.stride(0), R.stride(1), g_strides[0], g_strides[1],
-                       HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                       FP32_PRECISION=lora_precision(base_dtype, g.dtype), **cfg)
+                       HAS_DROPOUT=dropout, HAS_SCALE=scaled, FP32_PRECISION=prec, **meta, **opts)
     return g
 
 
@@ -361,12 +335,10 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, p
 # shipped configs, for python -m fastlora.inspect (compile for sm_80 / sm_90 without a GPU)
 # ---------------------------------------------------------------------------
 
-
-
 # (kernel, role, pointer dtypes ("x": base dtype, "a": adapter dtype), HAS_DROPOUT options, HAS_SCALE, HAS_BIAS
 #  options (expand only), typical integer arguments: K = N = 4096, r_max = 64; = 1 becomes
 #  constexpr as in a real launch; the bank stores B transposed, so B_k is read along unit-stride rows of Bᵀ).
-#  Decode and grouped plans launch the same kernels with the same configs.
+#  Decode and grouped plans launch the same kernels with the same configs. Dtype pairs: _specs.SPEC_DTYPES.
 _K, _RMAX = 4096, 64
 _LAUNCHES = (
     ("shrink", "fwd S=x·Aᵀ", dict(in_ptr="x", w_ptr="a", out_ptr="fp32"), (False, True), False, (None,),
@@ -382,7 +354,6 @@ _LAUNCHES = (
     ("grad", "bwd dA=dSᵀ·x", dict(l_ptr="fp32", r_ptr="x", g_ptr="a"), (False, True), False, (None,),
      dict(C=_K, stride_lm=_RMAX, stride_lr=1, stride_rm=_K, stride_rc=1, stride_gr=_K, stride_gc=1)),
 )
-_DTYPES = (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32"))
 _INDEX_PTRS = ("rows_ptr", "tile_adapter_ptr", "tile_lo_ptr", "tile_hi_ptr", "off_ptr", "bounds_ptr")
 
 
@@ -390,42 +361,32 @@ def compile_specs():
     """Every (kernel, dtype pair, dropout, scale, bias, accumulate) combination the launchers use, as a CompileSpec."""
     fns = {"shrink": _shrink_kernel, "expand": _expand_kernel, "grad": _grad_kernel}
     specs = []
-    for xdt, adt in _DTYPES:
+    for xdt, adt, prec, lprec in SPEC_DTYPES:
         for kname, role, ptrs, drops, scaled, biases, values in _LAUNCHES:
-            # shrink (S, dS) and grad (dA, dB) feed adapter gradients: tf32x3 for fp32 adapters on a half
-            # base (kernels/policy.lora_precision); expand (y, dx) is rounded to the base dtype
-            prec = "ieee" if xdt == "fp32" else ("tf32x3" if adt == "fp32" and kname != "expand" else "tf32")
+            # shrink (S, dS) and grad (dA, dB) feed adapter gradients (lora_precision: tf32x3 for fp32 adapters
+            # on a half base); expand (y, dx) is rounded to the base dtype (fp32_precision)
+            kprec = prec if kname == "expand" else lprec
             fn = fns[kname]
             # expand also with ACCUMULATE (MoE experts: y / dx += the LoRA term onto the grouped GEMM's output)
             accums = (False, True) if kname == "expand" else (None,)
-            for drop, has_bias, accum in [(d, b, a) for d in drops for b in biases for a in accums if not (a and b)]:
-                cfg = dict(_gpu_cfg(kname, prec, drop))
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
-                if has_bias is not None:
-                    meta["HAS_BIAS"] = has_bias
-                if accum is not None:
-                    meta["ACCUMULATE"] = accum
-                pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
-                pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64", p_ptr="fp32")
-                sig, consts, attrs = specialize(fn, meta, pointers, values)
-                flags = ("" if has_bias is None else f" bias={int(has_bias)}") + (" acc=1" if accum else "")
-                specs.append(CompileSpec(
-                    f"multi_lora_{kname}[{role}] x={xdt} ab={adt}/{prec} drop={int(drop)}{flags} "
-                    f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
-                    fn, sig, consts, warps, stages, attrs=attrs))
+            for drop, accum in [(d, a) for d in drops for a in accums]:
+                for cfg in shipped(f"multi_{kname}", xdt, kprec, drop or bool(accum)):
+                    meta, opts = policy.launch_options(cfg)
+                    meta.update(HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=kprec)
+                    for has_bias in [b for b in biases if not (accum and b)]:
+                        if has_bias is not None:
+                            meta["HAS_BIAS"] = has_bias
+                        if accum is not None:
+                            meta["ACCUMULATE"] = accum
+                        pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
+                        pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64",
+                                        p_ptr="fp32")
+                        sig, consts, attrs = specialize(fn, meta, pointers, values)
+                        flags = ("" if has_bias is None else f" bias={int(has_bias)}") + (" acc=1" if accum else "")
+                        specs.append(CompileSpec(
+                            f"multi_lora_{kname}[{role}] x={xdt} ab={adt}/{kprec} drop={int(drop)}{flags} "
+                            f"{cfg_name(cfg)}", fn, sig, consts, opts["num_warps"], opts["num_stages"], attrs=attrs))
     return specs
-
-
-def _gpu_cfg(kernel, precision, dropout):
-    """The GPU config even when the interpreter is on (compile_specs describes the shipped GPU configs)."""
-    import os
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        return _cfg(kernel, precision, dropout)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 __all__ = ["multi_lora_fwd", "multi_lora_bwd", "shrink", "expand", "segment_grad", "compile_specs"]

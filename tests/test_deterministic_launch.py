@@ -3,62 +3,19 @@ launched with ATOMIC=False.
 
 Bitwise-repeat tests (tests/test_linear_grad.py) cannot show this on a CPU: the interpreter runs atomic
 adds in a fixed order, so they are repeatable there even when deterministic mode never reaches the
-kernels. These tests spy on the launches instead: the ``run`` method of every Triton kernel class
-(``KernelInterface`` and its subclasses: JIT, interpreted, autotuned), so they hold whatever the kernels
-and launchers are called. A launch is recorded with its kernel's name, its meta-parameters and whether
-the kernel's source uses atomics.
+kernels. These tests spy on the launches instead (tests/_launches.py: every Triton kernel class's ``run``),
+so they hold whatever the kernels and launchers are called. A launch is recorded with its kernel's name,
+its meta-parameters and whether the kernel's source uses atomics.
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-
 import pytest
 import torch
-from triton.runtime.jit import KernelInterface
 
 from fastlora.bank import AdapterBank
 from fastlora.multi import multi_lora_linear
+from tests._launches import launches  # noqa: F401  (the fixture)
 from tests.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
-
-
-@dataclass
-class Launch:
-    kernel: str
-    meta: dict
-    uses_atomics: bool
-
-
-def _kernel_function(obj):
-    """The Python function behind a JIT / interpreted / autotuned kernel object."""
-    while not inspect.isfunction(obj):
-        obj = obj.fn
-    return obj
-
-
-def _subclasses(cls):
-    out = [cls]
-    for sub in cls.__subclasses__():
-        out += _subclasses(sub)
-    return out
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Every Triton kernel launch during the test, in order (an autotuner's launch and the launch of the
-    kernel it picks are both recorded)."""
-    seen: list[Launch] = []
-    for cls in set(_subclasses(KernelInterface)):
-        if "run" not in vars(cls):
-            continue
-
-        def run(self, *args, _orig=vars(cls)["run"], **kwargs):
-            if not kwargs.get("warmup", False):
-                fn = _kernel_function(self)
-                seen.append(Launch(fn.__name__, kwargs, "atomic_" in inspect.getsource(fn)))
-            return _orig(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "run", run)
-    return seen
 
 
 def _backward(deterministic, p, fan_in_fan_out=False):

@@ -6,7 +6,8 @@ four columns: u(m, k) = word k % 4 of philox(seed, counter = m·ceil(K/4) + k //
   32- and 64-bit seeds and counters beyond 2**32 (the high counter word).
 * keep_mask keeps each element with probability 1 − p (bounds stated below), uniformly.
 * The fused op drops exactly keep_mask's elements, in forward and in backward (regenerated), on
-  both backends; p = 0 and training=False draw no seed.
+  both backends; the kernels keep an element whose uniform equals p (u ≥ p); p = 0 and training=False
+  draw no seed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import triton
 import triton.language as tl
 
 from fastlora import lora_linear
+from fastlora.bank import AdapterBank
 from fastlora.dropout import keep_mask, philox_uniform, philox_uniform4
+from fastlora.multi import multi_lora_linear
 
 # ---------------------------------------------------------------------------
 # replica == tl.rand
@@ -151,6 +154,34 @@ def test_op_drops_exactly_keep_mask(backend):
     y.backward(dy)
     assert torch.equal(x.grad != 0, keep), "backward regenerated a different mask"
     torch.testing.assert_close(x.grad, dy * keep / (1 - p), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("op", ["single", "multi"])
+def test_kernels_keep_the_element_whose_uniform_equals_p(op):
+    """keep iff u ≥ p, also at the exact tie: p is set to a drawn uniform u(seed, m, k) (a float32, so the
+    kernels' fp32 p is exactly u); the Triton kernels keep (m, k), drop every element with u < p, keep every
+    other, forward and backward; with p one float32 step above u they drop (m, k). Single-adapter op (the
+    shrink and dx kernels) and multi-adapter op (its shrink and expand kernels, p from the per-adapter table)."""
+    M, K, seed = 9, 12, 77
+    K4 = -(-K // 4)
+    u = philox_uniform4(seed, torch.arange(M * K4, dtype=torch.int64)).reshape(M, 4 * K4)[:, :K]
+    m, k = divmod(int((u - 0.5).abs().argmin()), K)
+    for p, kept in ((float(u[m, k]), True), (float(torch.nextafter(u[m, k], torch.tensor(1.0))), False)):
+        assert torch.tensor(p, dtype=torch.float32) == u[m, k] or not kept
+        keep = keep_mask(seed, M, K, p)
+        assert bool(keep[m, k]) is kept and torch.equal(keep, u >= p) and (u < p).any() and (u > p).any()
+        x = (torch.rand(M, K) + 0.5).requires_grad_()                          # no zeros in x
+        eye = torch.eye(K)
+        if op == "single":
+            y = lora_linear(x, torch.zeros(K, K), None, eye, eye, 1.0, p, seed=seed, backend="triton")
+        else:
+            bank = AdapterBank(K, K, requires_grad=False)
+            bank.add("a", eye, eye, alpha=K)                                    # scaling alpha / r = 1
+            y = multi_lora_linear(x, torch.zeros(K, K), None, bank, torch.zeros(M, dtype=torch.int32), p,
+                                  seed=seed, backend="triton")
+        assert torch.equal(y != 0, keep), f"p = u[{m}, {k}] = {p}: {(~((y != 0) == keep)).sum()} elements differ"
+        y.backward(torch.rand(M, K) + 0.5)
+        assert torch.equal(x.grad != 0, keep), "backward drops differently"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

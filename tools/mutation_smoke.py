@@ -90,6 +90,10 @@ T_INPLACE = ("tests/test_outputs_inplace.py", "-k", "lora-3d-torch")
 T_MHA = ("tests/test_patch_kinds.py", "-k", "test_multihead_attention_is_skipped")
 T_TUNER = ("tests/test_patch_kinds.py", "-k", "test_lora_on_a_tuner_layer_is_not_served and loha")
 T_WARN_ONCE = ("tests/test_trace.py", "-k", "test_mixed_batch_adapter_names_are_fallbacks")
+T_PRECISION = ("tests/test_launch_choices.py", "-k", "test_each_launch_receives_its_precision_tier and bfloat16-float32")
+T_SM_CAP = ("tests/test_launch_choices.py", "-k", "test_rule_caps_program_counts_at_the_sm_count")
+T_REREAD = ("tests/test_launch_choices.py", "-k", "test_tune_cache_is_read_again_after_each_write")
+T_TIE = ("tests/test_dropout.py", "-k", "test_kernels_keep_the_element_whose_uniform_equals_p and single")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
@@ -138,10 +142,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("multi-offsets", "kernels/multi_lora.py",
            "    off = tl.load(off_ptr + k_safe)\n", "    off = tl.load(off_ptr + k_safe) + 1\n", T_MULTI_FWD,
            "multi-adapter packed-bank offsets off by one"),
-    Mutant("multi-unset-read", "kernels/multi_lora.py",
-           "                    mask=m_ok[:, None] & j_ok[None, :], other=0.0)\n        w = tl.load(w_ptr + (off + j0",
-           "                    mask=m_ok[:, None], other=0.0)\n        w = tl.load(w_ptr + (off + j0", T_MULTI_FWD,
-           "multi-adapter expand reads S past the token's rank (unset memory on a GPU)"),
+    Mutant("multi-unset-read", "kernels/_tiles.py",
+           "* stride_sr, mask=m_ok[:, None] & j_ok[None, :], other=0.0)\n",
+           "* stride_sr, mask=m_ok[:, None], other=0.0)\n", T_MULTI_FWD,
+           "the shared expand tile reads S past the token's rank (unset memory on a GPU)"),
     Mutant("multi-dropout-p", "kernels/multi_lora.py",
            "    return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)\n",
            "    return tl.load(seed_ptr), tl.load(p_ptr), tl.load(p_ptr + 1)\n", T_MULTI_P,
@@ -186,6 +190,21 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("fallback-warns-every-call", "fastlora/tracing.py",
            "    warned.add(reason)\n", "    pass\n", T_WARN_ONCE,
            "a fall-back warns on every call instead of once per layer and reason"),
+    # --- four more survivors of the issue-21 audit, each with its own test since ---
+    Mutant("x3-shrink", "kernels/linear_fwd.py",
+           "shrink(x2, lora_A, S, seed, p, policy.lora_precision(x.dtype, lora_A.dtype) if save_s else prec)",
+           "shrink(x2, lora_A, S, seed, p, prec)", T_PRECISION,
+           "the S-saving shrink gets the plain precision instead of tf32x3 (fp32 adapters on a half base)"),
+    Mutant("sm-cap", "kernels/policy.py",
+           "    return max(cands, key=lambda c: (min(_programs(kernel, c, M, width, R), sms), -cands.index(c)))\n",
+           "    return max(cands, key=lambda c: (_programs(kernel, c, M, width, R), -cands.index(c)))\n", T_SM_CAP,
+           "the tile rule no longer caps program counts at the SM count"),
+    Mutant("tune-reread", "kernels/policy.py",
+           "    os.replace(tmp, path)\n    reset()\n", "    os.replace(tmp, path)\n", T_REREAD,
+           "launches keep the tune cache read before a write (the new entries never launch)"),
+    Mutant("keep-tie", "kernels/_common.py",
+           "    return u >= p\n", "    return u > p\n", T_TIE,
+           "the kernels' dropout drops the element whose uniform equals p exactly (u > p keeps)"),
 )
 
 
