@@ -32,7 +32,10 @@ def resolve_backend_choice(override: str | None = None) -> str:
 
 
 def select_backend(device: torch.device, override: str | None = None) -> str:
+    """"triton" or "torch" for tensors on ``device`` (``override``: a choice in BACKENDS, else FASTLORA_BACKEND)."""
     choice = resolve_backend_choice(override)
+    if choice == "torch":
+        return choice
     triton_ok = device.type == "cuda" or (device.type == "cpu" and interpreting())
     if choice == "auto":
         return "triton" if triton_ok else "torch"

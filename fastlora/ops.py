@@ -9,11 +9,13 @@ them without graph breaks, and autograd wires them together:
         -> (dx, dA, dB, dbias, dW)   (empty tensors for what was not asked)
 
 Saved for backward: x (already alive for the previous layer), S (M×r), the
-0-d scale and seed tensors. Never a mask, never a dropped copy of x.
+0-d scale and seed tensors. Never a mask, never a dropped copy of x: backward draws the mask again from the seed
+(the kernels' Philox mask; on the CPU torch path a generator seeded with it, fastlora.dropout).
 
 Eager training does not go through the custom ops: ``LoraFunction`` (a plain torch.autograd.Function) runs the
 same forward and backward without the dispatcher's layers (less host time per call); on the pure-torch backend
-it keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward.
+it keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward, so
+its seed may be None there (the mask then comes from torch's default generator, as nn.Dropout's).
 torch.compile traces the custom ops (fastlora.functional picks the path).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import select_backend
-from .dropout import keep_mask, pack_mask, unpack_mask
+from .dropout import draw_keep, pack_mask, unpack_mask
 
 
 def _kernels():
@@ -68,7 +70,9 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
                     scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool, save_s: bool,
                     deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
     # deterministic only shapes the backward; it is an input here so setup_context can keep it.
-    return forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend)
+    y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend)
+    return y, (S if S is not None else
+               x.new_empty((0, lora_A.shape[0]), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
 
 
 @lora_linear_fwd.register_fake
@@ -129,7 +133,8 @@ torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_co
 
 class LoraFunction(torch.autograd.Function):
     """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
-    On the torch backend with dropout, the mask drawn in forward is saved bit-packed and reused in backward."""
+    On the torch backend with dropout, the mask drawn in forward is saved bit-packed and reused in backward
+    (``seed`` may then be None: torch's default generator draws it)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, deterministic,
@@ -137,7 +142,7 @@ class LoraFunction(torch.autograd.Function):
         keep = bits = None
         if dropout_p > 0 and select_backend(x.device, backend) == "torch":
             K = x.shape[-1]
-            keep = keep_mask(seed, x.numel() // K if K else 0, K, dropout_p, x.device)
+            keep = draw_keep(seed, x.numel() // K if K else 0, K, dropout_p, x.device, lora_A.dtype)
             bits = pack_mask(keep)
         y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, True, backend, keep)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, scale, seed, bits)
@@ -150,7 +155,7 @@ class LoraFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
         nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
-        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
         dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, ctx.dropout_p, seed,
                                          ctx.fan_in_fan_out, nx, na, nbb, nb, nw, ctx.deterministic, ctx.backend,
                                          keep)

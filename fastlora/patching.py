@@ -61,11 +61,11 @@ class _State:
     def __init__(self, kind):
         self.kind, self.rows = kind, None
 
-    @staticmethod
-    def scale(value, device):
-        """The layer's scaling as lora_linear takes it: a tensor as it is, a number as a float (the op keeps
-        one cached 0-d tensor per value: no allocation, and no tensor read to validate it, per call)."""
-        return value if isinstance(value, torch.Tensor) else float(value)
+
+def _scale(value):
+    """A layer's scaling as lora_linear takes it: a tensor as it is, a number as a float (the op keeps one cached
+    0-d tensor per value: no allocation, and no tensor read to validate it, per call)."""
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 # ---------------------------------------------------------------------------- detection
@@ -100,15 +100,20 @@ def _is_conv1d(m) -> bool:
 
 def _dropout_p(d):
     """(p, reason): PEFT/loralib dropout -> lora_linear's dropout_p."""
-    if type(d) is nn.Dropout:
+    t = type(d)
+    if t is nn.Dropout:
         return float(d.p), None
-    if type(d) is nn.Identity or getattr(d, "__name__", "") == "<lambda>":   # loralib: lambda x: x
+    if t is nn.Identity or getattr(d, "__name__", "") == "<lambda>":   # loralib: lambda x: x
         return 0.0, None
     return None, f"lora_dropout is {type(d).__name__}, not nn.Dropout or nn.Identity"
 
 
 def _peft_base(m):
-    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear."""
+    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear. The usual one-level
+    wrap is read from the module dict (get_base_layer's hasattr probe costs a failed attribute lookup per call)."""
+    b = m._modules.get("base_layer")
+    if b is not None and "base_layer" not in b._modules and "base_layer" not in b.__dict__:
+        return b
     return m.get_base_layer() if hasattr(m, "get_base_layer") else m
 
 
@@ -201,25 +206,33 @@ def _runtime_ok(x, w, lora_A, lora_B, dropout, amp=None) -> bool:
     return x.dtype == w.dtype and lora_A.dtype == lora_B.dtype and lora_A.dtype in (w.dtype, torch.float32)
 
 
+def _peft_single_active(m):
+    """The one active adapter with weights in this PEFT layer (PEFT's forward skips the others), else None."""
+    act, here = m.active_adapter, m._modules["lora_A"]._modules
+    if type(act) is str:
+        return act if act in here else None
+    act = [a for a in act if a in here]
+    return act[0] if len(act) == 1 else None
+
+
 def _peft_forward(self, x, *args, **kwargs):
-    st = getattr(self, _ATTR)
-    base = _peft_base(self)
-    active = _peft_active(self)
-    amp = _amp.autocast_dtype(x)
-    if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
-            or getattr(self, "merged", False) or len(active) != 1
-            or (active[0] in getattr(self, "lora_variant", {}) and not _dora.is_peft_dora(self, active[0]))
-            or not _runtime_ok(x, base.weight, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight,
-                               self.lora_dropout[active[0]], amp)):
+    a = _peft_single_active(self)
+    if (a is None or args or (kwargs and any(v is not None for v in kwargs.values()))
+            or self.disable_adapters or self.merged):
         return type(self).forward(self, x, *args, **kwargs)
-    a = active[0]
-    drop = self.lora_dropout[a]
-    if _dora.is_peft_dora(self, a):
-        y = None if amp is not None else _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device),
-                                                                 _dropout_p(drop)[0])
+    mods = self._modules
+    base, drop = _peft_base(self), mods["lora_dropout"]._modules[a]
+    lora_A, lora_B = mods["lora_A"]._modules[a].weight, mods["lora_B"]._modules[a].weight
+    amp = _amp.autocast_dtype(x)
+    if a in getattr(self, "lora_variant", ()):
+        if not _dora.is_peft_dora(self, a) or amp is not None or not _runtime_ok(x, base.weight, lora_A, lora_B, drop):
+            return type(self).forward(self, x, *args, **kwargs)
+        y = _dora.peft_dora_forward(self, x, a, _scale(self.scaling[a]), _dropout_p(drop)[0])
         return y if y is not None else type(self).forward(self, x, *args, **kwargs)
-    return _amp.call(lora_linear, amp, x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                     st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training, self.fan_in_fan_out)
+    if not _runtime_ok(x, base.weight, lora_A, lora_B, drop, amp):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _amp.call(lora_linear, amp, x, base.weight, base.bias, lora_A, lora_B, _scale(self.scaling[a]),
+                     _dropout_p(drop)[0], drop.training, self.fan_in_fan_out)
 
 
 def _loralib_forward(self, x):
@@ -236,7 +249,7 @@ def _loralib_forward(self, x):
             st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
         lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
     return _amp.call(lora_linear, amp, x, self.weight, self.bias, self.lora_A, lora_B,
-                     st.scale(self.scaling, x.device), p, training, self.fan_in_fan_out)
+                     _scale(self.scaling), p, training, self.fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------- public API

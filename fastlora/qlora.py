@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, pack_mask, unpack_mask
+from .backend import select_backend
+from .dropout import draw_keep, pack_mask, unpack_mask
 from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
-from .patching import _ATTR, _dropout_p, _peft_active, peft_adapter_reason
+from .patching import _dropout_p, _peft_active, _scale, peft_adapter_reason
 
 _COMPUTE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -123,7 +123,7 @@ class _QLoraFunction(torch.autograd.Function):
         keep = bits = None
         if p > 0 and select_backend(x.device, backend) == "torch":   # as ops.LoraFunction: the torch backend
             K = x.shape[-1]                                          # keeps its mask bit-packed (M·K/8 bytes)
-            keep = keep_mask(seed, x.numel() // K, K, p, x.device)
+            keep = draw_keep(seed, x.numel() // K, K, p, x.device, lora_A.dtype)
             bits = pack_mask(keep)
         w = dequantize(layer, dtype)
         y, S = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed, False, True, backend, keep)
@@ -137,7 +137,7 @@ class _QLoraFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
         nx, nb, na, nbb = (ctx.needs_input_grad[i] for i in range(4))
-        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
         w = dequantize(ctx.layer, ctx.dtype)
         dx, dA, dB, dbias, _ = ops.backward(dy.contiguous(), x, w, lora_A, lora_B, S, scale, ctx.p, seed, False,
                                             nx, na, nbb, nb, False, ctx.deterministic, ctx.backend, keep)
@@ -172,10 +172,11 @@ def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tenso
     n, k = base_layer.out_features, base_layer.in_features
     stand_in = xc.new_empty(()).expand(n, k)                      # shape / dtype / device only, no memory
     check_inputs(xc, stand_in, bias, lora_A, lora_B, scaling, dropout_p, False)
-    p, scale, seed_t = op_scalars(xc, scaling, dropout_p, training, seed)
+    backend = select_backend(xc.device, backend)
+    p, scale, seed_t = op_scalars(xc, scaling, dropout_p, training, seed, host_rng=backend == "torch"
+                                  and xc.device.type == "cpu" and not torch.compiler.is_compiling())
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = resolve_backend_choice(backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, bias, lora_A, lora_B)):
         y = _QLoraFunction.apply(xc, bias, lora_A, lora_B, scale, seed_t, base_layer, cd, p,
                                  bool(deterministic), backend)
@@ -238,7 +239,6 @@ def _runtime_ok(x, base, A, B, dropout) -> bool:
 
 def peft_forward(self, x, *args, **kwargs):
     """The patched forward of PEFT's lora.bnb.Linear4bit / Linear8bitLt."""
-    st = getattr(self, _ATTR)
     base = self.get_base_layer()
     active = _peft_active(self)
     if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
@@ -250,7 +250,7 @@ def peft_forward(self, x, *args, **kwargs):
     a = active[0]
     drop = self.lora_dropout[a]
     return qlora_linear(x, base, self.lora_A[a].weight, self.lora_B[a].weight,
-                        st.scale(self.scaling[a], x.device), _dropout_p(drop)[0], drop.training)
+                        _scale(self.scaling[a]), _dropout_p(drop)[0], drop.training)
 
 
 # ---------------------------------------------------------------------------- module
