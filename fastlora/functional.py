@@ -120,18 +120,23 @@ def _constant(value, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dtype: torch.dtype | None = None,
-               host_rng: bool = False):
+               host_rng: bool = False, float_scale: bool = False):
     """(p, scale, seed) as the ops take them: the dropout probability in effect (0 unless training), the scaling
     as a 0-d tensor on x's device (fp32; fp64 for fp64 x; cached for a float), and the seed as a 0-d int64
     tensor (drawn from torch's generator when p > 0 and none is given; a cached zero otherwise).
 
-    ``host_rng``: the mask of this call is drawn by torch code on the CPU, eagerly (fastlora.dropout): with no
-    seed given, none is drawn (None) and the mask comes from torch's default generator itself, as nn.Dropout's."""
+    For an eager call on the CPU torch path: ``host_rng``: its mask is drawn by torch code (fastlora.dropout), so
+    with no seed given none is drawn (None) and the mask comes from torch's default generator itself, as
+    nn.Dropout's; ``float_scale``: the scaling becomes a Python float (an alpha for the GEMMs, no tensor op; the
+    GEMMs round it to their dtype, as the 0-d tensor would be)."""
     p = float(dropout_p) if training else 0.0
-    sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if isinstance(scaling, Tensor):
+    if float_scale and (not isinstance(scaling, Tensor) or scaling.device.type == "cpu"):
+        scale = float(scaling)                   # a CPU tensor is read on the host: no sync
+    elif isinstance(scaling, Tensor):
+        sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
         scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
     else:
+        sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
         scale = _constant(float(scaling), sdt, x.device)
     if p > 0:
         if seed is not None:
@@ -139,7 +144,7 @@ def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dty
         else:
             seed_t = None if host_rng else new_seed(x.device)
     else:
-        seed_t = _constant(0, torch.int64, x.device)
+        seed_t = None if host_rng else _constant(0, torch.int64, x.device)
     return p, scale, seed_t
 
 
@@ -173,8 +178,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     be = select_backend(x.device, backend)                 # once per call: "torch" or "triton"
     compiling = torch.compiler.is_compiling()
-    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed,
-                                  host_rng=be == "torch" and x.device.type == "cpu" and not compiling)
+    host = be == "torch" and x.device.type == "cpu" and not compiling
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=host, float_scale=host)
     save_s = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                           or weight.requires_grad or (bias is not None and bias.requires_grad))
     if deterministic is None:
@@ -187,5 +192,5 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         # inference in eager mode: no graph to record, so the op's dispatcher / autograd layers are skipped
         return ops.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out, False, be)[0]
     # eager training: a plain autograd.Function over the same forward / backward (no dispatcher layers)
-    return ops.LoraFunction.apply(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
-                                  bool(deterministic), be)
+    return ops.LoraFunction.apply(x, weight, bias, lora_A, lora_B,
+                                  (scale, p, seed_t, fan_in_fan_out, bool(deterministic), be))

@@ -133,32 +133,32 @@ torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_co
 
 class LoraFunction(torch.autograd.Function):
     """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
-    On the torch backend with dropout, the mask drawn in forward is saved bit-packed and reused in backward
-    (``seed`` may then be None: torch's default generator draws it)."""
+    ``cfg`` = (scale, p, seed, fan_in_fan_out, deterministic, backend), the backend already selected; on the CPU
+    torch path scale may be a Python float and seed None (fastlora.functional.op_scalars). On the torch backend
+    with dropout, the mask drawn in forward is saved bit-packed and reused in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, deterministic,
-                backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, cfg):
+        scale, p, seed, fan_in_fan_out, _, backend = cfg
         keep = bits = None
-        if dropout_p > 0 and select_backend(x.device, backend) == "torch":
+        if p > 0 and backend == "torch":
             K = x.shape[-1]
-            keep = draw_keep(seed, x.numel() // K if K else 0, K, dropout_p, x.device, lora_A.dtype)
+            keep = draw_keep(seed, x.numel() // K if K else 0, K, p, x.device, lora_A.dtype)
             bits = pack_mask(keep)
-        y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, True, backend, keep)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, scale, seed, bits)
-        ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
+        y, S = forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fan_in_fan_out, True, backend, keep)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, bits)
+        ctx.cfg = cfg                  # scale and seed: 0-d tensors (or a float / None), not inputs of the Function
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.deterministic = deterministic
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
+        x, weight, lora_A, lora_B, S, bits = ctx.saved_tensors
+        scale, p, seed, fan_in_fan_out, deterministic, backend = ctx.cfg
         nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
         keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
-        dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, ctx.dropout_p, seed,
-                                         ctx.fan_in_fan_out, nx, na, nbb, nb, nw, ctx.deterministic, ctx.backend,
-                                         keep)
+        dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, p, seed, fan_in_fan_out,
+                                         nx, na, nbb, nb, nw, deterministic, backend, keep)
         if nb:
             dbias = dbias.to(ctx.bias_dtype)
-        return dx, dW, dbias, dA, dB, None, None, None, None, None, None
+        return dx, dW, dbias, dA, dB, None

@@ -53,8 +53,9 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 # pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
 #
 # Few ops per call (host time is what a small layer costs): F.linear for the GEMMs, no-op casts skipped, the scale
-# and 1/(1 − p) applied to the (M, r) side. ``keep``: the (M, K) 1/0 mask in the adapter dtype; on the CPU
-# torch's generator draws it (seed None: the default generator), elsewhere it is the kernels' Philox mask.
+# and 1/(1 − p) applied to the (M, r) side. ``scale``: a 0-d tensor, or a Python float (eager CPU calls: an alpha,
+# no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype; on the CPU torch's generator draws it
+# (seed None: the default generator), elsewhere it is the kernels' Philox mask.
 # ---------------------------------------------------------------------------
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
@@ -71,10 +72,12 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
     if dropout_p > 0:
         S.mul_(1.0 / (1.0 - dropout_p))
     y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
-    if lora_B.dtype == y.dtype:
-        y.addmm_(S * scale, lora_B.t())                      # fused: y += (s·S)·Bᵀ in place, no (M, N) temp
-    else:                                                    # fp32 adapters on a half base, like PEFT
+    if lora_B.dtype != y.dtype:                              # fp32 adapters on a half base, like PEFT
         y.add_(F.linear(S * scale, lora_B).to(y.dtype))
+    elif isinstance(scale, float):
+        y.addmm_(S, lora_B.t(), alpha=scale)                 # fused: y += s·S·Bᵀ in place, no (M, N) temp
+    else:
+        y.addmm_(S * scale, lora_B.t())
     if save_s:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         S = S if S.dtype == acc else S.to(acc)
