@@ -167,11 +167,12 @@ def torch_keep_mask(seed: int | torch.Tensor | None, M: int, K: int, p: float | 
         gen = torch.Generator(device=device)
         gen.manual_seed((s ^ (s >> 32)) & 0xFFFFFFFF)
     u = torch.rand(M, K, generator=gen, device=device)
-    thr = p[:, None] if isinstance(p, torch.Tensor) else p
-    if dtype == torch.bool:
-        return torch.ge(u, thr)
-    keep = u.ge_(thr)                                 # 1.0 / 0.0 in place
-    return keep if dtype == torch.float32 else keep.to(dtype)
+    if isinstance(p, torch.Tensor):
+        p = p[:, None]
+    if dtype is torch.bool:
+        return torch.ge(u, p)
+    u.ge_(p)                                          # 1.0 / 0.0 in place
+    return u if dtype is torch.float32 else u.to(dtype)
 
 
 def draw_keep(seed: torch.Tensor | None, M: int, K: int, p: float | torch.Tensor, device: torch.device,
@@ -188,36 +189,36 @@ def draw_keep(seed: torch.Tensor | None, M: int, K: int, p: float | torch.Tensor
 # weights 1, 2, ..., 128 (exact: sums of distinct powers of two below 256), unpack a row lookup in the (256, 8) table
 # of every byte's bits. Two ops each, memory-bound (measured on the CPU against a multiply-shift bit gather: as fast
 # on a 512 x 2048 mask, fewer ops per call at 256 x 64).
-_TABLES: dict = {}
-
-
-def _table(kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (kind, dtype, device)
-    t = _TABLES.get(key)
-    if t is None:
-        if kind == "weights":
-            t = torch.tensor([1 << j for j in range(8)], dtype=dtype, device=device)
-        else:
-            t = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).to(dtype)
-        _TABLES[key] = t
-    return t
+_WEIGHTS: dict = {}
+_BITS: dict = {}
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     """A (M, K) 1/0 mask (bool, uint8 or a float dtype) as bits: uint8 (M, ⌈K/8⌉), bit j of byte c =
     keep[:, 8c + j] (1/32 of an fp32 x)."""
     M, K = keep.shape
-    K8 = -(-K // 8)
+    K8 = (K + 7) >> 3
     dt = keep.dtype if keep.dtype.is_floating_point else torch.float32
-    if K % 8 or keep.dtype != dt or not keep.is_contiguous():
+    if K & 7 or keep.dtype is not dt or not keep.is_contiguous():
         k = keep.new_zeros((M, 8 * K8), dtype=dt)
         k[:, :K] = keep
         keep = k
-    return torch.mv(keep.view(M * K8, 8), _table("weights", dt, keep.device)).to(torch.uint8).view(M, K8)
+    dev = keep.device
+    w = _WEIGHTS.get((dt, dev))
+    if w is None:
+        with torch.inference_mode(False):
+            w = _WEIGHTS[(dt, dev)] = torch.tensor([1 << j for j in range(8)], dtype=dt, device=dev)
+    return torch.mv(keep.view(M * K8, 8), w).to(torch.uint8).view(M, K8)
 
 
 def unpack_mask(bits: torch.Tensor, K: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """The (M, K) mask that pack_mask packed, in ``dtype`` (bool, or 1/0 in a float dtype)."""
     M, K8 = bits.shape
-    out = _table("bits", dtype, bits.device).index_select(0, bits.view(-1).long()).view(M, 8 * K8)
+    dev = bits.device
+    t = _BITS.get((dtype, dev))
+    if t is None:
+        with torch.inference_mode(False):
+            bit = torch.arange(8, device=dev)
+            t = _BITS[(dtype, dev)] = ((torch.arange(256, device=dev)[:, None] >> bit) & 1).to(dtype)
+    out = t.index_select(0, bits.view(-1).long()).view(M, 8 * K8)
     return out if K == 8 * K8 else out[:, :K]

@@ -176,6 +176,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Returns (..., N) in x's dtype; accumulation in float32, rounded once.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed, backend,
+                        deterministic)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed=None,
+                 backend=None, deterministic=None):
+    """lora_linear without check_inputs, for callers whose tensors are known to fit: a module's own parameters
+    (checked when it was built) or a patched layer's (checked at patch time), x checked by the caller. Host time
+    per call is what a small layer costs, and every line counts there."""
     be = select_backend(x.device, backend)                 # once per call: "torch" or "triton"
     compiling = torch.compiler.is_compiling()
     host = be == "torch" and x.device.type == "cpu" and not compiling

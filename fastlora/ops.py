@@ -39,7 +39,7 @@ def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_
     """The forward computation itself, on the selected backend. The custom op below wraps it; eager calls
     (inference, and LoraFunction in training) call it directly, skipping the op's dispatcher layers
     (fastlora.functional). ``keep``: the dropout mask, when the torch backend's caller drew it already."""
-    if select_backend(x.device, backend) == "triton":
+    if backend != "torch" and select_backend(x.device, backend) == "triton":     # "torch": already selected
         return _kernels()[0].lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
     return reference.torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
@@ -49,7 +49,7 @@ def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_
 def backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
              needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, deterministic, backend, keep=None):
     """(dx, dA, dB, dbias, dW) on the selected backend, None where not needed."""
-    if select_backend(x.device, backend) == "triton":
+    if backend != "torch" and select_backend(x.device, backend) == "triton":
         dx, dA, dB, dbias = _kernels()[1].lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
                                                 fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias,
                                                 deterministic)

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import _amp
 from . import dora as _dora
-from .functional import lora_linear
+from .functional import _lora_linear
 from .modules import block_lora_B
 
 _ATTR = "_fastlora_patch"
@@ -197,9 +197,13 @@ def _classify(m):
 # ---------------------------------------------------------------------------- fused forwards
 
 def _runtime_ok(x, w, lora_A, lora_B, dropout, amp=None) -> bool:
-    """What can change after patching and would make the fused op refuse or differ: hand it back.
-    Under autocast (``amp``: its dtype) every operand is cast to ``amp`` first, as F.linear would."""
-    if not isinstance(x, torch.Tensor) or _dropout_p(dropout)[1] is not None:
+    """What can change after patching and would make the fused op refuse or differ: hand it back (the layer's own
+    forward then runs, and raises its own error for a bad x). The layer's tensors were checked at patch time, so the
+    fused op is called without repeating lora_linear's checks. Under autocast (``amp``: its dtype) every operand is
+    cast to ``amp`` first, as F.linear would."""
+    p = _dropout_p(dropout)[0]
+    if (p is None or p >= 1.0 or not isinstance(x, torch.Tensor) or not x.ndim or x.shape[-1] != lora_A.shape[1]
+            or x.device != w.device):
         return False
     if amp is not None:
         return _amp.servable(amp, x, w, lora_A, lora_B)
@@ -231,7 +235,7 @@ def _peft_forward(self, x, *args, **kwargs):
         return y if y is not None else type(self).forward(self, x, *args, **kwargs)
     if not _runtime_ok(x, base.weight, lora_A, lora_B, drop, amp):
         return type(self).forward(self, x, *args, **kwargs)
-    return _amp.call(lora_linear, amp, x, base.weight, base.bias, lora_A, lora_B, _scale(self.scaling[a]),
+    return _amp.call(_lora_linear, amp, x, base.weight, base.bias, lora_A, lora_B, _scale(self.scaling[a]),
                      _dropout_p(drop)[0], drop.training, self.fan_in_fan_out)
 
 
@@ -248,7 +252,7 @@ def _loralib_forward(self, x):
         if st.rows is None or st.rows.device != lora_B.device:
             st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
         lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
-    return _amp.call(lora_linear, amp, x, self.weight, self.bias, self.lora_A, lora_B,
+    return _amp.call(_lora_linear, amp, x, self.weight, self.bias, self.lora_A, lora_B,
                      _scale(self.scaling), p, training, self.fan_in_fan_out)
 
 

@@ -76,8 +76,8 @@ def test_20_steps_losses_generate_and_save_load(kind, monkeypatch, tmp_path):
     batches = [torch.randint(0, VOCAB, (2, 12)) for _ in range(2)]
     data = [batches[i % 2] for i in range(20)]          # a tiny repeated dataset it can learn
     calls = []
-    real = fp.lora_linear
-    monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fp._lora_linear
+    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     l_fast, l_ref, l_64 = train(fast, data), train(ref, data), train(o64, data)
     assert len(calls) == 20 * n_layers
     assert l_ref[-1] < l_ref[0] - 0.05                 # it does learn something

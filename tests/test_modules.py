@@ -214,8 +214,8 @@ def test_float_scaling_is_one_cached_tensor_per_value(monkeypatch):
 def test_forward_goes_through_fused_op(monkeypatch):
     calls = []
     import fastlora.modules as mod
-    real = mod.lora_linear
-    monkeypatch.setattr(mod, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mod._lora_linear
+    monkeypatch.setattr(mod, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = LoraLinear(8, 8, 2, merge_weights=False)
     m(torch.randn(2, 8)), m.eval(), m(torch.randn(2, 8))
     assert len(calls) == 2
