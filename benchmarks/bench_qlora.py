@@ -58,16 +58,14 @@ def step(model, x, g):
 def components(model, x, p: float, trials: int) -> dict[str, float]:
     """Median ms of the pieces the two sides differ in or share, on the benchmark's shapes."""
     from fastlora import qlora
-    from fastlora.dropout import draw_keep, pack_mask
+    from fastlora.dropout import draw_packed
     base = model.base_model.model.lin.get_base_layer()
     w = qlora.dequantize(base, x.dtype)
     M, K = x.shape
 
-    def mask():
-        pack_mask(draw_keep(None, M, K, p, x.device, x.dtype))
     pieces = {"bnb dequantize_4bit": lambda: qlora.dequantize(base, x.dtype),
               "base GEMM x·Wᵀ": lambda: x.detach() @ w.t(),
-              "fastlora dropout mask (torch.rand, packed)": mask,
+              "fastlora dropout mask (torch.rand, bit-packed)": lambda: draw_packed(None, M, K, p, x.dtype),
               "torch dropout (bernoulli, PEFT's nn.Dropout)": lambda: torch.nn.functional.dropout(x.detach(), p)}
     return {k: common.quantile(common.time_ms(fn, "cpu", trials, 1), 0.5) for k, fn in pieces.items()}
 

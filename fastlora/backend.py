@@ -50,7 +50,8 @@ def select_backend(device: torch.device, override: str | None = None) -> str:
     choice = resolve_backend_choice(override)
     if choice == "torch":
         return choice
-    triton_ok = device.type == "cuda" or (device.type == "cpu" and interpreting())
+    kind = device.type
+    triton_ok = kind == "cuda" or (kind == "cpu" and interpreting())
     if choice == "auto":
         return "triton" if triton_ok else "torch"
     if choice == "triton" and not triton_ok:

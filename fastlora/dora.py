@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
-from .dropout import draw_keep, keep_mask, pack_mask, unpack_mask
+from .dropout import draw_keep, draw_packed, keep_mask, unpack_mask
 from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
 
@@ -349,8 +349,7 @@ class DoraFunction(torch.autograd.Function):
         keep = bits = None
         if dropout_p > 0 and x.device.type == "cpu":
             K = x.shape[-1]
-            keep = draw_keep(seed, math.prod(x.shape[:-1]), K, dropout_p, x.device, lora_A.dtype)
-            bits = pack_mask(keep)
+            keep, bits = draw_packed(seed, math.prod(x.shape[:-1]), K, dropout_p, lora_A.dtype)
         y, v, S, n, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed,
                                      fan_in_fan_out, save_v, save_s, backend, keep)
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, n, v, S, scale, seed, bits)

@@ -185,9 +185,10 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     """lora_linear without check_inputs, for callers whose tensors are known to fit: a module's own parameters
     (checked when it was built) or a patched layer's (checked at patch time), x checked by the caller. Host time
     per call is what a small layer costs, and every line counts there."""
-    be = select_backend(x.device, backend)                 # once per call: "torch" or "triton"
+    dev = x.device
+    be = select_backend(dev, backend)                      # once per call: "torch" or "triton"
     compiling = torch.compiler.is_compiling()
-    host = be == "torch" and x.device.type == "cpu" and not compiling
+    host = be == "torch" and dev.type == "cpu" and not compiling
     p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=host, float_scale=host)
     save_s = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                           or weight.requires_grad or (bias is not None and bias.requires_grad))

@@ -13,9 +13,9 @@ Saved for backward: x (already alive for the previous layer), S (M×r), the
 (the kernels' Philox mask; on the CPU torch path a generator seeded with it, fastlora.dropout).
 
 Eager training does not go through the custom ops: ``LoraFunction`` (a plain torch.autograd.Function) runs the
-same forward and backward without the dispatcher's layers (less host time per call); on the pure-torch backend
-it keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward, so
-its seed may be None there (the mask then comes from torch's default generator, as nn.Dropout's).
+same forward and backward without the dispatcher's layers (less host time per call); on the CPU torch path it
+keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward, so its
+seed may be None there (the mask then comes from torch's default generator, as nn.Dropout's).
 torch.compile traces the custom ops (fastlora.functional picks the path).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import select_backend
-from .dropout import draw_keep, pack_mask, unpack_mask
+from .dropout import draw_packed, unpack_mask
 
 
 def _kernels():
@@ -134,17 +134,17 @@ torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_co
 class LoraFunction(torch.autograd.Function):
     """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
     ``cfg`` = (scale, p, seed, fan_in_fan_out, deterministic, backend), the backend already selected; on the CPU
-    torch path scale may be a Python float and seed None (fastlora.functional.op_scalars). On the torch backend
-    with dropout, the mask drawn in forward is saved bit-packed and reused in backward."""
+    torch path scale may be a Python float and seed None (fastlora.functional.op_scalars). On the CPU torch path
+    with dropout, the mask drawn in forward is saved bit-packed and reused in backward (elsewhere backward draws
+    it again from the seed)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, cfg):
         scale, p, seed, fan_in_fan_out, _, backend = cfg
         keep = bits = None
-        if p > 0 and backend == "torch":
+        if p > 0 and backend == "torch" and x.device.type == "cpu":
             K = x.shape[-1]
-            keep = draw_keep(seed, x.numel() // K if K else 0, K, p, x.device, lora_A.dtype)
-            bits = pack_mask(keep)
+            keep, bits = draw_packed(seed, x.numel() // K if K else 0, K, p, lora_A.dtype)
         y, S = forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fan_in_fan_out, True, backend, keep)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, bits)
         ctx.cfg = cfg                  # scale and seed: 0-d tensors (or a float / None), not inputs of the Function

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backend import select_backend
-from .dropout import draw_keep, pack_mask, unpack_mask
+from .dropout import draw_packed, unpack_mask
 from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
 from .patching import _dropout_p, _peft_active, _scale, peft_adapter_reason
@@ -121,10 +121,9 @@ class _QLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, scale, seed, layer, dtype, p, deterministic, backend):
         keep = bits = None
-        if p > 0 and select_backend(x.device, backend) == "torch":   # as ops.LoraFunction: the torch backend
-            K = x.shape[-1]                                          # keeps its mask bit-packed (M·K/8 bytes)
-            keep = draw_keep(seed, x.numel() // K, K, p, x.device, lora_A.dtype)
-            bits = pack_mask(keep)
+        if p > 0 and backend == "torch" and x.device.type == "cpu":   # as ops.LoraFunction: the CPU torch path
+            K = x.shape[-1]                                             # keeps its mask bit-packed (M·K/8 bytes)
+            keep, bits = draw_packed(seed, x.numel() // K, K, p, lora_A.dtype)
         w = dequantize(layer, dtype)
         y, S = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed, False, True, backend, keep)
         del w, keep

@@ -60,14 +60,16 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
     """Returns (y of shape (..., N), S = drop(x)·Aᵀ of shape (M, r) in float32 (float64 for float64 x), or None
-    when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here)."""
+    when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here); consumed:
+    its buffer becomes x ⊙ keep (no (M, K) allocation)."""
     K = x.shape[-1]
-    w = _weight_nk(weight, fan_in_fan_out)
+    w = weight.t() if fan_in_fan_out else weight
     x2 = x.reshape(-1, K)
     ad = lora_A.dtype
-    d = x2 if x2.dtype == ad else x2.to(ad)
     if dropout_p > 0:
-        d = d * (draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad) if keep is None else keep)
+        d = (draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad) if keep is None else keep).mul_(x2)
+    else:
+        d = x2 if x2.dtype == ad else x2.to(ad)
     S = F.linear(d, lora_A)                                  # (M, r), adapter dtype
     if dropout_p > 0:
         S.mul_(1.0 / (1.0 - dropout_p))
@@ -87,9 +89,9 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
                    needs_dx, needs_dA, needs_dB, needs_dbias, keep=None):
     """Returns (dx, dA, dB, dbias); entries not needed are None. ``keep``: the forward's mask, if kept (else
-    drawn again from ``seed``)."""
+    drawn again from ``seed``); consumed, as in torch_forward."""
     K = x.shape[-1]
-    w = _weight_nk(weight, fan_in_fan_out)
+    w = weight.t() if fan_in_fan_out else weight
     dy2 = dy.reshape(-1, w.shape[0])
     x2 = x.reshape(-1, K)
     ad = lora_A.dtype
@@ -103,9 +105,6 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         dB = dyl.t().mm(S if S.dtype == ad else S.to(ad)).mul_(scale)
     if needs_dbias:
         dbias = dy2.sum(0, dtype=torch.float64 if dy2.dtype == torch.float64 else torch.float32)
-    if needs_dA:
-        d = x2 if x2.dtype == ad else x2.to(ad)
-        dA = dS.t().mm(d if dropout_p == 0 else d * keep)
     if needs_dx:
         lora_dx = dS.mm(lora_A)                              # (M, K) adapter dtype
         if dropout_p > 0:
@@ -113,4 +112,7 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         dt = dy2.dtype
         dx = torch.addmm(lora_dx if lora_dx.dtype == dt else lora_dx.to(dt), dy2, w if w.dtype == dt else w.to(dt))
         dx = dx.view(x.shape)
+    if needs_dA:                                             # after dx: keep's buffer becomes x ⊙ keep here
+        d = keep.mul_(x2) if dropout_p > 0 else (x2 if x2.dtype == ad else x2.to(ad))
+        dA = dS.t().mm(d)
     return dx, dA, dB, dbias

@@ -9,7 +9,7 @@ from torch's generator (the default one, or one seeded with ``seed``), kept bit-
   own code), for 32- and 64-bit seeds and counters beyond 2**32 (the high counter word).
 * Both masks keep each element with probability 1 − p (bounds stated below), uniformly and independently
   of neighbours and seeds; the torch mask is torch.rand's, repeatable by seed or torch.manual_seed.
-* pack_mask / unpack_mask round-trip every mask bit for bit (any K, any dtype).
+* draw_packed's bits and unpack_mask round-trip the torch mask bit for bit (any K, any dtype).
 * The fused op drops exactly its backend's mask (the kernels: keep_mask's; the torch path:
   torch_keep_mask's), in forward and in backward; p = 0 and training=False draw nothing.
 """
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from fastlora import lora_linear
-from fastlora.dropout import keep_mask, pack_mask, philox_uniform, philox_uniform4, torch_keep_mask, unpack_mask
+from fastlora.dropout import (draw_packed, keep_mask, philox_uniform, philox_uniform4, torch_keep_mask,
+                              unpack_mask)
 from tests._replay import mask_of
 
 # ---------------------------------------------------------------------------
@@ -170,24 +171,27 @@ def test_torch_mask_is_torch_rand_and_repeatable():
 
 
 @pytest.mark.parametrize("K", [1, 7, 8, 13, 64, 67])
-def test_pack_unpack_round_trip(K):
-    """pack_mask: bit j of byte c is keep[:, 8c + j] (checked against a plain loop); unpack_mask gives every
-    mask back in bool and the float dtypes, from bool, uint8 and float masks."""
-    g = torch.Generator().manual_seed(K)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_packed_mask_round_trip(K, p):
+    """draw_packed: keep is torch_keep_mask's for the seed (in the dtype asked for), its bits have bit j of byte c
+    = keep[:, 8c + j] (checked against a plain loop; all-ones and all-zero bytes included), and unpack_mask gives
+    the mask back in bool and every float dtype."""
     M = 11
-    keep = torch.rand(M, K, generator=g) < 0.5
-    keep[0], keep[1] = True, False                               # all-ones bytes (the top bit) and zeros
-    bits = pack_mask(keep)
+    keep, bits = draw_packed(K, M, K, p, torch.float32)
+    want = torch_keep_mask(K, M, K, p)
+    assert keep.dtype == torch.float32 and torch.equal(keep, want.float())
     assert bits.dtype == torch.uint8 and bits.shape == (M, (K + 7) // 8)
-    want = torch.zeros(M, (K + 7) // 8, dtype=torch.int64)
+    ref = torch.zeros(M, (K + 7) // 8, dtype=torch.int64)
     for c in range(K):
-        want[:, c // 8] += keep[:, c].long() << (c % 8)
-    assert torch.equal(bits.long(), want)
-    for src in (keep.to(torch.uint8), keep.float(), keep.bfloat16(), keep[:, :K].t().contiguous().t()):
-        assert torch.equal(pack_mask(src), bits)
+        ref[:, c // 8] += want[:, c].long() << (c % 8)
+    assert torch.equal(bits.long(), ref)
     for dt in (torch.bool, torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        assert torch.equal(unpack_mask(bits, K, dt), keep.to(dt)), dt
-    assert pack_mask(torch.zeros(0, K, dtype=torch.bool)).shape == (0, (K + 7) // 8)
+        assert torch.equal(unpack_mask(bits, K, dt), want.to(dt)), dt
+    assert torch.equal(draw_packed(K, M, K, p, torch.bfloat16)[0], want.bfloat16())
+    full, empty = (torch.full((3, 2), b, dtype=torch.uint8) for b in (255, 0))
+    assert unpack_mask(full, 16).all() and not unpack_mask(empty, 16).any()
+    keep0, bits0 = draw_packed(None, 0, K, p, torch.float32)
+    assert keep0.shape == (0, K) and bits0.shape == (0, (K + 7) // 8)
 
 
 # ---------------------------------------------------------------------------
@@ -235,8 +239,8 @@ def test_torch_backend_draws_the_mask_once_and_keeps_it_bit_packed(monkeypatch):
     bit-packed copy, 1 bit per element of x), and the gradients are those of that mask."""
     from fastlora import ops, reference
     drawn = []
-    real = ops.draw_keep
-    monkeypatch.setattr(ops, "draw_keep", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    real = ops.draw_packed
+    monkeypatch.setattr(ops, "draw_packed", lambda *a, **k: drawn.append(1) or real(*a, **k))
     monkeypatch.setattr(reference, "draw_keep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
     M, K, N, p = 30, 21, 12, 0.3
     x = torch.randn(M, K, requires_grad=True)

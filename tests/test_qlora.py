@@ -317,8 +317,8 @@ def test_dropout_matches_reference_with_the_same_seed(spy, monkeypatch, backend)
     the torch backend draws the mask once (kept bit-packed, never drawn again in backward)."""
     from fastlora import reference
     draws = []
-    real_keep = qlora.draw_keep
-    monkeypatch.setattr(qlora, "draw_keep", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
+    real_keep = qlora.draw_packed
+    monkeypatch.setattr(qlora, "draw_packed", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
     monkeypatch.setattr(reference, "draw_keep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
     pm, lay = _layer_case("4bit", torch.float32)
     base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
