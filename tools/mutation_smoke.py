@@ -80,6 +80,8 @@ T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_pe
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
 T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
 T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+T_TORCH_MASK = ("tests/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
+T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
@@ -141,6 +143,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "        delta = self.delta_weight(hi)\n",
            "        hi = w.dtype\n        delta = self.delta_weight(hi)\n", T_MERGE,
            "merge forms s·B·A and W0 + ΔW in W0's precision (rounded twice)"),
+    # --- the CPU torch path's own mask (issue 20) ---
+    Mutant("torch-dx-mask", "fastlora/reference.py",
+           "        if dropout_p > 0:\n            lora_dx.mul_(keep)\n", "", T_TORCH_MASK,
+           "CPU torch backward forgets the dropout mask on dx's LoRA term"),
+    Mutant("packed-bit-order", "fastlora/dropout.py",
+           'np.packbits(u.numpy() >= np.float32(p), axis=-1, bitorder="little")',
+           'np.packbits(u.numpy() >= np.float32(p), axis=-1, bitorder="big")', T_PACKED,
+           "the bit-packed mask kept for backward is packed in the wrong bit order (backward sees another mask)"),
 )
 
 
