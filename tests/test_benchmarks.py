@@ -410,6 +410,26 @@ def test_output_folder_rule(tmp_path, monkeypatch, capsys):
     assert {p: p.stat().st_mtime_ns for p in common.RESULTS_DIR.rglob("*")} == before
 
 
+def test_host_overhead_dry_run(tmp_path, torch_backend, capsys):
+    """python -m benchmarks.host_overhead: the three models compute the same layer (same weights), and a short
+    run writes one row per (mode, dropout) with every provider's median."""
+    from benchmarks import host_overhead
+    ms = host_overhead.models(0.0)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        ys = {k: m.eval()(x) for k, m in ms.items()}
+        lora = ys["peft"] - ms["peft"].base_model.model.q.base_layer(x)
+    assert lora.abs().max() > 1e-2                                            # the LoRA term is really there
+    torch.testing.assert_close(ys["fastlora"], ys["peft"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ys["module"], ys["peft"], rtol=1e-5, atol=1e-6)
+    assert host_overhead.main(["--rounds", "2", "--out-dir", str(tmp_path)]) == 0
+    rows = common.read_csv(tmp_path / "host_overhead_cpu.csv")
+    assert [(r["mode"], r["dropout"]) for r in rows] == [("eval", "0.0"), ("train", "0.0"), ("eval", "0.1"),
+                                                         ("train", "0.1")]
+    assert all(float(r[k]) > 0 for r in rows for k in ("peft_us", "fastlora_us", "module_us", "ratio"))
+    assert "LoraLinear" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- train step
 
 TRAIN_TINY = ["--quick", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "4", "--kv-heads",
