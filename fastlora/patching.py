@@ -22,8 +22,9 @@ PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; i
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
-in training mode. The mask is fastlora's counter-based mask (fastlora.dropout.keep_mask) with a
-seed drawn from torch's generator, so it differs from nn.Dropout's draw but has the same law.
+in training mode. The mask is fastlora's (fastlora.dropout): on the CPU torch path one torch.rand per
+element from torch's generator, as nn.Dropout draws (a different draw than its bernoulli_, the same law);
+in the kernels a counter-based mask keyed by a seed drawn from torch's generator.
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 same model after fastlora.patch — 20 AdamW steps with LoRA dropout 0.1, generate(), save/load.
 
 Both sides see the same dropout masks: the PEFT reference's nn.Dropout modules are replaced by
-ReplayDropout, which draws its seed from torch's generator exactly as lora_linear does and builds
-fastlora's mask (fastlora.dropout.keep_mask). Nothing else in these models draws random numbers
-(attention/residual/embedding dropouts are 0), so seed i goes to the same layer on both sides.
+ReplayDropout (tests/_replay.py), which draws from torch's generator exactly what lora_linear draws on the
+backend under test (the CPU torch path's torch.rand mask, or a seed for the kernels' Philox mask) and builds the
+same mask. Nothing else in these models draws random numbers (attention/residual/embedding dropouts are 0), so
+draw i goes to the same layer on both sides.
 """
 import copy
 import warnings
