@@ -39,7 +39,9 @@ ALPHA = 32
 class Layer:
     """Every provider's callable over the same tensors."""
 
-    def __init__(self, M, d, r, p):
+    def __init__(self, M, d, r, p, device=DEVICE, dtype=DTYPE):
+        DEVICE, DTYPE = torch.device(device), dtype   # noqa: N806 - the module defaults, overridable (gpu_probe)
+        self.device = DEVICE
         g = torch.Generator().manual_seed(0)
         mk = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(DEVICE, DTYPE)   # noqa: E731
         self.W, self.bias, self.A, self.B = mk(d, d), mk(d), mk(r, d), mk(d, r)

@@ -20,7 +20,8 @@ Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = t
     base_graph, fastlora_graph   (CUDA only) base / fastlora captured once in a CUDA graph, timed as replays
 Scenarios: decode = 32 adapters × 1 token, prefill = 8 adapters × 512 tokens; ranks uniform 16
 or mixed {8, 16, 64, 128} (cycled over adapters); tokens of different adapters interleaved (unsorted).
-Shapes: CPU d = 2048 float32; CUDA (only when available) d = 4096 bfloat16 (adapters bf16).
+Shapes: CPU d = 2048 float32 (toy d 128 with FASTLORA_BENCH_TINY=1); CUDA (only when available) d = 4096 bfloat16
+(adapters bf16).
 The ids tensor and the plan are built once per batch (outside the layer's timing, as a server / MultiAdapterModel
 does once per forward for all layers; the "plan" row times it).
 
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlora
+from benchmarks import common
 from fastlora.bank import AdapterBank
 from fastlora.multi import MultiLoraLinear
 from fastlora.multi_plan import plan_batch
@@ -47,8 +49,9 @@ from fastlora.multi_plan import plan_batch
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-D = 4096 if CUDA else 2048
-SCENARIOS = {"decode": (32, 1), "prefill": (8, 512)}                 # (adapters, tokens per adapter)
+D = 4096 if CUDA else (128 if common.TINY else 2048)
+SCENARIOS = {"decode": (32, 1), "prefill": (8, 32 if common.TINY else 512)}     # (adapters, tokens per adapter)
+MODEL_D = 4096 if CUDA else (128 if common.TINY else 1024)
 RANKS = {"uniform16": (16,), "mixed8-128": (8, 16, 64, 128)}
 ROUNDS = {"decode": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 100 if CUDA else 30)),
           "prefill": int(os.environ.get("FASTLORA_BENCH_ROUNDS", 50 if CUDA else 5))}
@@ -131,21 +134,6 @@ class MultiLayer:
 _layers: dict = {}
 
 
-def capture(call):
-    """A CUDA graph of ``call`` (warmed up on a side stream first, as torch.cuda.graphs requires)."""
-    with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            call()
-    return g
-
-
 def layer_for(scenario, ranks):
     key = (scenario, ranks)
     if key not in _layers:
@@ -168,7 +156,7 @@ def test_multi_forward(benchmark, record, scenario, ranks, provider):
         assert (y - ref).abs().max() <= tol * ref.abs().max(), provider
 
     if provider.endswith("_graph"):          # the same call captured once in a CUDA graph, timed as replays
-        graph = capture(lambda: layer.call(provider[:-len("_graph")]))
+        graph = common.cuda_graph(lambda: layer.call(provider[:-len("_graph")]))
 
         def fn():
             graph.replay()
@@ -199,7 +187,7 @@ def model_for():
     if not _models:
         import peft
         import transformers
-        d = 4096 if CUDA else 1024
+        d = MODEL_D
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=d, intermediate_size=d * 11 // 4,
                                        num_hidden_layers=2, num_attention_heads=d // 128,
@@ -251,7 +239,7 @@ def test_multi_model_decode(benchmark, record, provider):
         if mm is not None:
             mm.restore()
     record(benchmark, kernel="multi_lora_model", provider=provider, mode="fwd",
-           shape=f"llama 2 layers d{4096 if CUDA else 1024}, 32 adapters r16 on qkvo, 32 x 1 tokens",
+           shape=f"llama 2 layers d{MODEL_D}, 32 adapters r16 on qkvo, 32 x 1 tokens",
            dtype=DTYPE, device=DEVICE)
 
 

@@ -28,6 +28,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"      # committed refer
 OUT_DIR = Path(__file__).resolve().parent / "out"              # default output folder, git-ignored
 OUT_ENV = "FASTLORA_BENCH_OUT"
 
+# FASTLORA_BENCH_TINY=1: toy sizes on the CPU, for `bash benchmarks/run_gpu.sh --dry-run` (the same code paths as
+# the GPU run, in seconds; no timing claims). Read by the pytest-benchmark files, whose sizes are module constants.
+TINY = os.environ.get("FASTLORA_BENCH_TINY", "") not in ("", "0")
+
 # Columns of the microbenchmark CSVs (Liger-Kernel's layout, plus provenance).
 MICRO_COLUMNS = ("kernel", "provider", "mode", "shape", "median_ms", "p20_ms", "p80_ms",
                  "rounds", "device", "dtype", "versions", "timestamp")
@@ -96,6 +100,22 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, trials: int, w
         if progress is not None:
             progress()
     return times
+
+
+def cuda_graph(call: Callable[[], object], grad: bool = False) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``call`` (warmed up on a side stream first, as torch.cuda.graphs requires); ``grad``:
+    capture with autograd on (a forward+backward), else under no_grad."""
+    with torch.set_grad_enabled(grad):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            call()
+    return g
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -14,6 +14,7 @@ Public API:
     tune                            time the kernels' shipped tile configs on this GPU, cache the fastest
     qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
     dora_linear, DoraLinear         DoRA (PEFT use_dora) without the N×K matrix W0 + s·B·A
+    lora_experts, LoraExperts       LoRA on MoE experts (PEFT target_parameters) without E×out×in temporaries
 """
 from .backend import select_backend
 from .bank import AdapterBank
@@ -21,6 +22,7 @@ from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from .dora import DoraLinear, dora_linear
 from .functional import lora_linear
 from .modules import LoraLinear, MergedLoraLinear
+from .moe import LoraExperts, lora_experts
 from .multi import MultiLoraLinear, multi_lora_linear
 from .multi_peft import MultiAdapterModel
 from .multi_plan import BatchPlan, plan_batch
@@ -34,5 +36,5 @@ __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear
            "patch", "unpatch", "is_patched", "PatchReport", "load_peft_adapter", "save_peft_adapter",
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
            "plan_batch", "BatchPlan",
-           "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear",
+           "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear", "lora_experts", "LoraExperts",
            "__version__"]

@@ -200,7 +200,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
                       *, plan: BatchPlan | None = None, seed: int | Tensor | None = None, regime: str = "auto",
                       backend: str | None = None) -> Tensor:
     """y = x·Wᵀ + bias + s_k·(dropout_k(x)·A_kᵀ)·B_kᵀ, k = the token's adapter (−1: none). Differentiable in
-    x, bias and the bank's packed lora_A / lora_B (so every adapter in the batch trains at once).
+    x, bias and the bank's trainable adapters (each its own Parameters; every one in the batch trains at once;
+    frozen ones get no gradient, and none is computed for a bank with no trainable adapter).
 
     x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · the batch's adapters as
     EITHER ``adapter_ids`` (see fastlora.multi_plan.expand_ids; a list of names per sequence also works) OR a
@@ -241,9 +242,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
         seed_t = new_seed(x.device) if seed is None else torch.as_tensor(seed, dtype=torch.int64, device=x.device)
     else:
         seed_t = _constant(0, torch.int64, x.device)
+    lora_A, lora_B = bank.packed()      # with grad: views whose gradients reach the trainable adapters only
     grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, bank.lora_A, bank.lora_B))
-    args = (x, weight, bias, bank.lora_A, bank.lora_B, bank.offsets, bank.scalings)
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    args = (x, weight, bias, lora_A, lora_B, bank.offsets, bank.scalings)
     be = resolve_backend_choice(backend)
     if torch.compiler.is_compiling():
         y, _ = multi_lora_fwd(*args, plan.data, plan.regime, bank.r_max, pk, dropout, seed_t, fan_in_fan_out, grad, be)

@@ -5,7 +5,8 @@
     mm(input_ids, adapter_ids=ids)                                     the same as an int tensor (CUDA graphs)
     mm.generate(input_ids, adapter_names=[...], max_new_tokens=8)       the same for generation
     peft_model(input_ids, adapter_names=[...])                          PEFT's own mixed batch: routed here too
-    optimizer = torch.optim.AdamW(mm.parameters()); ...                trains every adapter of a mixed batch
+    optimizer = torch.optim.AdamW(mm.parameters()); ...                trains the adapters PEFT trains (not the
+                                                                       frozen ones), every one of a mixed batch
     mm.save_pretrained(path) / mm.sync_to_peft() / mm.restore()        the trained values back in PEFT's Parameters
 
 The adapter names travel with the call (fastlora.multi.using_adapters, a ContextVar), never as state on
@@ -14,6 +15,7 @@ the layers; each call builds the batch plan once per bank layout (fastlora.multi
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,24 +46,32 @@ class MultiAdapterModel(nn.Module):
     PEFT. While wrapped, PEFT's ``peft_model(..., adapter_names=...)`` / ``peft_model.generate(...)`` run
     through the banks too. ``restore()`` puts the PEFT layers back.
 
-    Training: the banks' packed ``lora_A`` / ``lora_B`` are this model's trainable parameters (trainable
-    when PEFT's were); they are copies, so the trained values reach PEFT's own Parameters through
-    ``sync_to_peft()``, which ``restore()`` and ``save_pretrained()`` call.
+    Training: each adapter's ``lora_A`` / ``lora_B`` in a bank is its own Parameter (a view of the bank's
+    packed storage, what the kernels read) with PEFT's ``requires_grad``: an optimizer over this model's
+    ``parameters()`` trains the adapters PEFT trains and leaves the ones PEFT froze bitwise unchanged (they get
+    no gradient; AdamW's weight decay skips them too). The banks hold copies, so the trained values reach
+    PEFT's own Parameters through ``sync_to_peft()`` (which ``restore()`` and ``save_pretrained()`` call); a
+    frozen adapter is never written back. ``bank.requires_grad_(flag, adapter=name)`` changes what trains.
     """
 
     def __init__(self, peft_model: nn.Module, *, dtype: torch.dtype | None = None, regime: str = "auto",
                  backend: str | None = None):
         super().__init__()
         from peft.tuners.lora import Linear as PeftLoraLinear
+
+        from .moe_peft import param_wrapper_cls
+        pw = param_wrapper_cls()
+        experts = [n for n, m in peft_model.named_modules() if pw is not None and isinstance(m, pw)]
+        if experts:   # they would run PEFT's active adapter for every sequence: refuse rather than mislead
+            raise ValueError(f"MultiAdapterModel does not serve LoRA on MoE experts (PEFT target_parameters, e.g. "
+                             f"{experts[0]}): per-sequence adapters would not reach the experts")
         self.model = peft_model
         self._swapped: list[tuple[nn.Module, str, nn.Module, MultiLoraLinear]] = []
         for name, module in list(peft_model.named_modules()):
             if not isinstance(module, PeftLoraLinear) or not module.lora_A:
                 continue
             parent = peft_model.get_submodule(name.rpartition(".")[0]) if "." in name else peft_model
-            bank = AdapterBank.from_peft_layer(module, dtype=dtype)
-            bank.requires_grad_(any(module.lora_A[n].weight.requires_grad or module.lora_B[n].weight.requires_grad
-                                    for n in bank.names))
+            bank = AdapterBank.from_peft_layer(module, dtype=dtype)       # PEFT's requires_grad, per adapter
             layer = MultiLoraLinear(module.get_base_layer(), bank, regime=regime, backend=backend,
                                     dropout_p={n: _lora_dropout_p(module, n) for n in bank.names})
             layer.train(module.training)
@@ -171,14 +181,16 @@ class MultiAdapterModel(nn.Module):
     # ------------------------------------------------------------------ training: back to PEFT
     @torch.no_grad()
     def sync_to_peft(self) -> int:
-        """Copy the banks' (trained) adapter weights and scalings into the PEFT model's own Parameters.
+        """Copy the banks' trained adapter weights and scalings into the PEFT model's own Parameters.
 
-        The banks hold packed copies (A (Σr, K), B (N, Σr)) that an optimizer over this model's parameters
-        trains; PEFT's per-adapter Parameters are separate tensors. Call this before using the PEFT model
-        (``restore()`` and ``save_pretrained()`` call it). An adapter whose bank values equal PEFT's (seen in
-        the bank's dtype) is left as it is, so untrained adapters keep PEFT's exact values even when the bank
-        is in a narrower dtype. Everything is checked before anything is copied. Returns the number of
-        adapter layers copied.
+        Each bank holds copies of its layer's adapters (Parameters viewing one packed buffer) that an optimizer
+        over this model's parameters trains; PEFT's per-adapter Parameters are separate tensors. Call this
+        before using the PEFT model (``restore()`` and ``save_pretrained()`` call it). Only trainable tensors
+        (``requires_grad`` in the bank) are written, and only where their bank values differ from PEFT's (seen
+        in the bank's dtype), so untrained adapters keep PEFT's exact values even when the bank is in a narrower
+        dtype; a scaling is written where it differs from PEFT's in float32. A frozen adapter is never written:
+        if its bank values or scaling differ from PEFT's (changed by hand in the bank), a UserWarning names it.
+        Everything is checked before anything is copied. Returns the number of adapter layers copied.
         """
         plan = []
         for _, attr, peft_layer, layer in self._swapped:
@@ -191,14 +203,27 @@ class MultiAdapterModel(nn.Module):
                 if pa.shape != A.shape or pb.shape != B.shape:
                     raise ValueError(f"adapter {name!r} at {attr!r}: the bank holds rank {A.shape[0]}, PEFT rank "
                                      f"{pa.shape[0]} (replaced in the bank after wrapping); it cannot be synced back")
-                plan.append((peft_layer, name, A, B, s, pa, pb))
-        copied = 0
-        for peft_layer, name, A, B, s, pa, pb in plan:
-            if not (torch.equal(pa.to(A.dtype), A) and torch.equal(pb.to(B.dtype), B)):
-                pa.copy_(A)
-                pb.copy_(B)
-                copied += 1
-            peft_layer.scaling[name] = s
+                plan.append((attr, peft_layer, name, A, B, s, pa, pb))
+        copied, kept = 0, []
+        for attr, peft_layer, name, A, B, s, pa, pb in plan:
+            changed = [(mine, peft) for mine, peft in ((A, pa), (B, pb)) if not torch.equal(peft.to(mine.dtype), mine)]
+            s_changed = _f32(float(peft_layer.scaling[name])) != _f32(s)
+            if not (A.requires_grad or B.requires_grad):
+                if changed or s_changed:
+                    kept.append(f"{name!r} at {attr!r}")
+                continue
+            for mine, peft in changed:
+                if mine.requires_grad:
+                    peft.copy_(mine)
+                else:
+                    kept.append(f"{name!r} at {attr!r} ({'lora_A' if mine is A else 'lora_B'})")
+            copied += any(mine.requires_grad for mine, _ in changed)
+            if s_changed:
+                peft_layer.scaling[name] = s
+        if kept:
+            warnings.warn(f"sync_to_peft: frozen adapter weights differ from PEFT's and were not written back (a "
+                          f"frozen adapter is never written; unfreeze it in its bank, bank.requires_grad_(True, "
+                          f"adapter=name), to write it): {', '.join(kept)}", UserWarning, stacklevel=3)
         return copied
 
     @contextlib.contextmanager
@@ -234,6 +259,11 @@ class MultiAdapterModel(nn.Module):
             self._hooked.__dict__.pop("_enable_peft_forward_hooks", None)
             self.__dict__["_hooked"] = None
         return self.model
+
+
+def _f32(v: float) -> float:
+    """v rounded to float32 (the bank's scalings are float32)."""
+    return float(torch.tensor(v, dtype=torch.float32))
 
 
 def _expand_beams(names: list, kwargs: dict) -> list:

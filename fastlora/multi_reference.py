@@ -183,23 +183,25 @@ def _cuts(runs, M):
     return at, sizes
 
 
-_VIEWS: dict = {}    # id(lora_A) -> (weakref(lora_A), weakref(lora_B), offsets, views); dropped with lora_A
+_VIEWS: dict = {}    # id(packed A) -> (weakref(packed A), signature, views); dropped with the packed A
 
 
 def _adapter_views(lora_A, lora_B, offsets):
-    """[(A_kᵀ (K, r_k), B_kᵀ (r_k, N))] per adapter: views of the packed (detached) tensors, cached per lora_A
-    (a bank changes its adapters only by installing new tensors), so a call slices nothing."""
-    # the storages too: Module.to() / param.data = ... give the same Parameter new storage (the cached views keep
-    # the old one alive, so its address cannot be reused meanwhile)
-    sig = (tuple(offsets.tolist()), lora_A.data_ptr(), lora_B.data_ptr(), lora_A.dtype, lora_B.dtype)
-    key = id(lora_A)
+    """[(A_kᵀ (K, r_k), B_kᵀ (r_k, N))] per adapter: views of the packed (detached) tensors, cached per packed A
+    (a bank changes its adapters only by installing new tensors), so a call slices nothing. In training the op
+    gets a fresh view of the bank's packed A per call (AdapterBank.packed): the cache is keyed on what it views."""
+    # the storages and strides too: they identify B, and the cached views keep the storages alive, so an address
+    # cannot be reused meanwhile
+    sig = (tuple(offsets.tolist()), lora_A.data_ptr(), lora_B.data_ptr(), lora_A.stride(), lora_B.stride(),
+           lora_A.dtype, lora_B.dtype)
+    owner = lora_A if lora_A._base is None else lora_A._base
+    key = id(owner)
     hit = _VIEWS.get(key)
-    if hit is None or hit[0]() is not lora_A or hit[1]() is not lora_B or hit[2] != sig:
+    if hit is None or hit[0]() is not owner or hit[1] != sig:
         A, B, off = lora_A.detach(), lora_B.detach(), sig[0]
         views = [(A[a:b].t(), B[:, a:b].t()) for a, b in zip(off[:-1], off[1:])]
-        hit = _VIEWS[key] = (weakref.ref(lora_A, lambda _, k=key: _VIEWS.pop(k, None)), weakref.ref(lora_B), sig,
-                             views)
-    return hit[3]
+        hit = _VIEWS[key] = (weakref.ref(owner, lambda _, k=key: _VIEWS.pop(k, None)), sig, views)
+    return hit[2]
 
 
 def _gather(t, order):

@@ -19,6 +19,9 @@ runs on operands cast to the autocast dtype, as F.linear and PEFT's adapter matm
 hooked base layers…) are left alone and listed in the report with the reason. PEFT's bitsandbytes
 layers (lora.bnb.Linear4bit / Linear8bitLt) run fastlora.qlora.qlora_linear (outside autocast).
 PEFT DoRA adapters (use_dora) run fastlora.dora.dora_linear (outside autocast; inside, PEFT's own).
+PEFT's LoRA on MoE experts (``target_parameters``: nested lora.ParamWrappers) runs fastlora.moe through the
+outermost wrapper of each experts module (fastlora.moe_peft); the inner ones are served through it and are not
+listed on their own.
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
@@ -37,6 +40,7 @@ from torch import nn
 
 from . import _amp
 from . import dora as _dora
+from . import moe_peft
 from .functional import _lora_linear
 from .modules import block_lora_B
 
@@ -179,6 +183,9 @@ def _classify(m):
     peft_lin, peft_layer, ll = _peft_linear_cls(), _peft_lora_layer_cls(), _loralib()
     if peft_lin is not None and isinstance(m, peft_lin) and type(m) is peft_lin:
         return "peft.Linear", _peft_reason(m)
+    pw = moe_peft.param_wrapper_cls()
+    if pw is not None and type(m) is pw:                 # the outermost of a chain (patch skips the inner ones)
+        return moe_peft.describe(m), moe_peft.chain_reason(m)
     if peft_layer is not None and isinstance(m, peft_layer):
         from . import qlora                             # lazy: qlora imports this module
         kind = qlora.peft_kind(m)
@@ -269,7 +276,9 @@ def _fingerprint(model: nn.Module):
 
 
 def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> PatchReport:
-    """Give every PEFT lora.Linear and loralib Linear / MergedLinear in ``model`` the fused forward.
+    """Give every PEFT lora.Linear (and DoRA, QLoRA layers, and LoRA on MoE experts: the outermost
+    ParamWrapper of each experts module, fastlora.moe_peft) and loralib Linear / MergedLinear in ``model`` the
+    fused forward.
 
     Returns a PatchReport; warns once if some LoRA layers could not be patched. With ``strict``,
     an unpatchable LoRA layer raises ValueError naming its module path and nothing is patched.
@@ -278,8 +287,9 @@ def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> Patch
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report, todo = PatchReport(), []
+    inner = moe_peft.inner_wrappers(model)              # served (or not) through their outermost ParamWrapper
     for path, m in model.named_modules():
-        kind, why = _classify(m)
+        kind, why = _classify(m) if id(m) not in inner else (None, None)
         if kind is None:
             continue
         if hasattr(m, _ATTR):
@@ -296,11 +306,14 @@ def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> Patch
     before = _fingerprint(model)
     try:
         for path, m, kind in todo:
+            state = _State(kind)
             if kind.startswith("peft.bnb."):
                 from .qlora import peft_forward as fn
+            elif kind.startswith(moe_peft.KIND):
+                fn, state = moe_peft.peft_experts_forward, moe_peft.ChainState(m)
             else:
                 fn = _peft_forward if kind == "peft.Linear" else _loralib_forward
-            object.__setattr__(m, _ATTR, _State(kind))
+            object.__setattr__(m, _ATTR, state)
             object.__setattr__(m, "forward", functools.partial(fn, m))   # picklable: fn is module-level
             report.patched[path] = kind
         if _fingerprint(model) != before:   # cannot happen by construction; never leave a half-changed model

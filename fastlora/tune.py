@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Callable, Iterable
 
 import torch
 
+from .backend import interpreting
 from .dropout import new_seed
 
 
@@ -30,22 +32,33 @@ def _candidates_timed(kernel, tier_, run, timer):
     return best, best_ms
 
 
+def _wall_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def tune(tokens: Iterable[int], dims: Iterable[tuple[int, int]], ranks: Iterable[int] = (16,), *,
          dtype: torch.dtype = torch.bfloat16, adapter_dtype: torch.dtype | None = None, dropout_p: float = 0.1,
          device: str | torch.device = "cuda", path: str | None = None,
-         timer: Callable[[Callable[[], object]], float] | None = None, out=sys.stdout) -> dict:
+         timer: Callable[[Callable[[], object]], float] | None = None, out=None) -> dict:
     """Time each kernel's shipped configs for every (tokens, (K, N), rank) and write the winners to the cache.
 
     Returns {cache key: config}. ``timer(fn) -> ms`` defaults to triton.testing.do_bench (CUDA only); tests pass
     their own to run this on the interpreter.
     """
     from .kernels import linear_bwd, linear_fwd, policy
+    out = out if out is not None else sys.stdout      # read at call time (a redirected stdout is honoured)
     device = torch.device(device)
     if timer is None:
-        if device.type != "cuda":
-            raise RuntimeError(f"fastlora.tune times kernels on a CUDA device; got device={device}")
-        import triton.testing
-        timer = triton.testing.do_bench
+        if device.type == "cuda":
+            import triton.testing
+            timer = triton.testing.do_bench
+        elif device.type == "cpu" and interpreting():
+            timer = _wall_ms          # a smoke run of the tuner itself (run_gpu.sh --dry-run): no timing claims
+        else:
+            raise RuntimeError(f"fastlora.tune times kernels on a CUDA device (or, as a smoke run, on the CPU "
+                               f"with TRITON_INTERPRET=1); got device={device}")
     adt = adapter_dtype or dtype
     entries = {}
     for M in tokens:
@@ -93,15 +106,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     ap.add_argument("--fp32-adapters", action="store_true", help="adapters in fp32 on a half base (PEFT's default)")
     ap.add_argument("--cache", default=None, help="cache file (default: $FASTLORA_TUNE_CACHE or ~/.cache/fastlora)")
+    ap.add_argument("--device", default="cuda", help="cuda[:i]; or cpu with TRITON_INTERPRET=1, a smoke run of the "
+                                                     "tuner at toy sizes (what run_gpu.sh --dry-run does)")
     a = ap.parse_args(argv)
     for name in ("tokens", "dims", "ranks"):
         if any(v < 1 for v in getattr(a, name)):
             ap.error(f"--{name}: every value must be >= 1, got {getattr(a, name)}")
-    if not torch.cuda.is_available():
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device: tuning times kernels on the GPU that will run them")
+    if device.type == "cpu" and not interpreting():
+        ap.error("--device cpu needs TRITON_INTERPRET=1 (the kernels then run in Triton's interpreter)")
     dt = _DTYPES[a.dtype]
     tune(a.tokens, [(d, d) for d in a.dims], a.ranks, dtype=dt, adapter_dtype=torch.float32 if a.fp32_adapters else dt,
-         path=a.cache)
+         device=device, path=a.cache)
     return 0
 
 

@@ -121,12 +121,13 @@ def _expand_kernel(
     stride_wr, stride_wc,
     stride_om, stride_oc,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    FP32_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out[rows, c] = σ_k·(Σ_{j<r_k} in[rows, j]·W[off_k + j, c]) (⊙ keep/(1−p_k)) (+ bias[c]), written for
     every token of the tile (base-only tokens: bias or 0), so that cuBLAS then accumulates the base GEMM onto
-    it (beta = 1). Grid (tiles, C / BLOCK_C)."""
+    it (beta = 1). ACCUMULATE: out already holds the base GEMM (a grouped GEMM, which cannot accumulate:
+    the MoE experts) and the term is added onto it in place, rounded once. Grid (tiles, C / BLOCK_C)."""
     t = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     rows, m_ok, k, off, rank = _tile(rows_ptr, tile_adapter_ptr, tile_lo_ptr, tile_hi_ptr, off_ptr, t, BLOCK_M)
@@ -150,6 +151,8 @@ def _expand_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -255,16 +258,17 @@ def shrink(inp, w, w_strides, out, plan, off, scale, seed, pk, r_max, *, scaled,
     return out
 
 
-def expand(inp, w, w_strides, out, bias, plan, off, scale, seed, pk, *, scaled, dropout):
+def expand(inp, w, w_strides, out, bias, plan, off, scale, seed, pk, *, scaled, dropout, accumulate=False):
     """out (M, C) = σ_k·inp[:, :r_k]·W_k (⊙ keep/(1−p_k)) (+ bias) on every token (base-only: bias or 0);
-    W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]."""
+    W[off_k + j, c] at j·w_strides[0] + c·w_strides[1]. ``accumulate``: out += that instead (one rounding)."""
     C = out.shape[1]
     cfg = _cfg("expand", dropout=dropout)
     grid = (_tiles(plan, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _expand_kernel[grid](inp, w, out, bias if bias is not None else out, plan.rows, plan.tile_adapter, plan.tile_lo,
                          plan.tile_hi, off, scale, seed, pk, C, inp.stride(0), inp.stride(1), w_strides[0],
                          w_strides[1], out.stride(0), out.stride(1), HAS_DROPOUT=dropout, HAS_SCALE=scaled,
-                         HAS_BIAS=bias is not None, FP32_PRECISION=fp32_precision(out.dtype), **cfg)
+                         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, FP32_PRECISION=fp32_precision(out.dtype),
+                         **cfg)
     return out
 
 
@@ -383,7 +387,7 @@ _INDEX_PTRS = ("rows_ptr", "tile_adapter_ptr", "tile_lo_ptr", "tile_hi_ptr", "of
 
 
 def compile_specs():
-    """Every (kernel, dtype pair, dropout, scale, bias) combination the launchers use, as a CompileSpec."""
+    """Every (kernel, dtype pair, dropout, scale, bias, accumulate) combination the launchers use, as a CompileSpec."""
     fns = {"shrink": _shrink_kernel, "expand": _expand_kernel, "grad": _grad_kernel}
     specs = []
     for xdt, adt in _DTYPES:
@@ -392,21 +396,24 @@ def compile_specs():
             # base (kernels/policy.lora_precision); expand (y, dx) is rounded to the base dtype
             prec = "ieee" if xdt == "fp32" else ("tf32x3" if adt == "fp32" and kname != "expand" else "tf32")
             fn = fns[kname]
-            for drop in drops:
-                for has_bias in biases:
-                    cfg = dict(_gpu_cfg(kname, prec, drop))
-                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
-                    if has_bias is not None:
-                        meta["HAS_BIAS"] = has_bias
-                    pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
-                    pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64", p_ptr="fp32")
-                    sig, consts, attrs = specialize(fn, meta, pointers, values)
-                    bias = "" if has_bias is None else f" bias={int(has_bias)}"
-                    specs.append(CompileSpec(
-                        f"multi_lora_{kname}[{role}] x={xdt} ab={adt}/{prec} drop={int(drop)}{bias} "
-                        f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
-                        fn, sig, consts, warps, stages, attrs=attrs))
+            # expand also with ACCUMULATE (MoE experts: y / dx += the LoRA term onto the grouped GEMM's output)
+            accums = (False, True) if kname == "expand" else (None,)
+            for drop, has_bias, accum in [(d, b, a) for d in drops for b in biases for a in accums if not (a and b)]:
+                cfg = dict(_gpu_cfg(kname, prec, drop))
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                meta = dict(cfg, HAS_DROPOUT=drop, HAS_SCALE=scaled, FP32_PRECISION=prec)
+                if has_bias is not None:
+                    meta["HAS_BIAS"] = has_bias
+                if accum is not None:
+                    meta["ACCUMULATE"] = accum
+                pointers = {a: {"x": xdt, "a": adt}.get(v, v) for a, v in ptrs.items()}
+                pointers.update({n: "i32" for n in _INDEX_PTRS}, scale_ptr="fp32", seed_ptr="i64", p_ptr="fp32")
+                sig, consts, attrs = specialize(fn, meta, pointers, values)
+                flags = ("" if has_bias is None else f" bias={int(has_bias)}") + (" acc=1" if accum else "")
+                specs.append(CompileSpec(
+                    f"multi_lora_{kname}[{role}] x={xdt} ab={adt}/{prec} drop={int(drop)}{flags} "
+                    f"{cfg['BLOCK_M']}x{cfg['BLOCK_R']}x{cfg['BLOCK_C']} w{warps} s{stages}",
+                    fn, sig, consts, warps, stages, attrs=attrs))
     return specs
 
 

@@ -501,3 +501,35 @@ def test_memory_benchmark_counts_saved_tensors(torch_backend):
     assert 24 * 3 * 4 <= rows[("fastlora", 0.1)]["extra_bytes"] <= 24 * 3 * 4 + 24 * 40 // 8 + 64
     assert x_sized("peft", 0.1) >= 1.0 and x_sized("loralib", 0.1) >= 1.0     # dropout(x) (+ mask)
     assert all(r["saved_bytes"] > 0 for r in rows.values())
+
+
+def test_gpu_probe_writes_every_case_and_the_target_ratios(tmp_path, torch_backend, capsys):
+    """Step 1 of the GPU day, at toy sizes on the CPU: every (mode, p, provider) row, no graph column on a CPU,
+    and the ratio lines the targets are about."""
+    from benchmarks import gpu_probe
+    assert gpu_probe.main(["--device", "cpu", "--dims", "16", "24", "--tokens", "8", "--r", "4", "--dtype",
+                           "float32", "--trials", "1", "--out-dir", str(tmp_path), "--suffix", "t"]) == 0
+    rows = common.read_csv(tmp_path / "gpu_probe_cpu_t.csv")
+    got = sorted((r["d"], r["mode"], r["p"], r["provider"]) for r in rows)
+    want = sorted((d, m, p, prov) for d in ("16", "24") for m, p, prov in
+                  [("fwd", "0.0", v) for v in ("base", "fastlora", "composite", "peft")]
+                  + [("fwd+bwd", "0.0", v) for v in ("base", "fastlora", "peft")]
+                  + [("fwd+bwd", "0.1", v) for v in ("fastlora", "peft")])
+    assert got == want
+    assert all(float(r["eager_ms"]) > 0 and r["graph_ms"] == "" for r in rows)
+    out = capsys.readouterr().out
+    assert "d 24 (eager): fwd fastlora/base" in out and "fwd+bwd p=0.1 fastlora/peft" in out
+
+
+def test_tune_smoke_on_the_cpu_needs_the_interpreter(tmp_path, monkeypatch, capsys):
+    import importlib
+    tune = importlib.import_module("fastlora.tune")      # (the package's `tune` attribute is the function)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit):
+        tune.main(["--device", "cpu", "--tokens", "16", "--dims", "32", "--ranks", "4"])
+    assert "--device cpu needs TRITON_INTERPRET=1" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cache = tmp_path / "tune.json"
+    assert tune.main(["--device", "cpu", "--tokens", "16", "--dims", "32", "--ranks", "4", "--dtype", "fp32",
+                      "--cache", str(cache)]) == 0
+    assert "wrote 4 entries" in capsys.readouterr().out and cache.is_file()

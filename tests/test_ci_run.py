@@ -37,3 +37,25 @@ def test_readme_version_table_matches_pyproject():
     for name in ("torch", "triton"):
         row = next(ln for ln in README.splitlines() if ln.startswith(f"| {name} |"))
         assert row.rstrip().endswith(f"≥ {floors[name]} |"), f"README says {row!r}, pyproject {name}>={floors[name]}"
+
+
+def test_ci_runs_the_documented_commands_from_the_root_after_the_tests():
+    """Issue 18: the main job, train_step --quick and the GPU day's dry run, in the fresh venv, after its tests."""
+    venv_part = CI.split("python3 -m venv", 1)[1]
+    order = [venv_part.index(c) for c in ('python -m pytest -q', "python -m benchmarks.paper_table --quick",
+                                          "python -m benchmarks.train_step --quick",
+                                          "bash benchmarks/run_gpu.sh --dry-run", "git status --porcelain")]
+    assert order == sorted(order), order
+
+
+def test_gpu_script_runs_its_steps_in_the_planned_order():
+    """One call on a lent GPU: what we most need first (issue 18): the probe, the GPU parity tests, the training
+    steps (16-bit, 4-bit), multi-adapter, the paper table, then tuning and a re-probe if time remains."""
+    script = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
+    steps = re.findall(r"^step (\w+) ", script, re.MULTILINE)
+    assert steps == ["probe", "tests", "train", "train4bit", "multi", "paper", "tune", "reprobe"], steps
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_gpu.sh")]).returncode == 0
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--dry-run" in out.stdout
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr

@@ -146,7 +146,9 @@ def test_tune_writes_what_it_timed(tmp_path):
     assert policy.read_cache(str(path)) == {"interpreter": entries}
 
 
-def test_tune_refuses_without_a_gpu():
+def test_tune_refuses_without_a_gpu(monkeypatch):
+    """(On a CPU only the interpreter's smoke run is allowed: tests/test_benchmarks.py.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA device"):
         fastlora.tune([16], [(16, 16)], device="cpu")
 

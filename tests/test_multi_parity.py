@@ -47,6 +47,12 @@ def split(bank, dtype=None, requires_grad=False):
     return out
 
 
+def packed_grads(bank):
+    """(dA (R_tot, K), dB (N, R_tot)): the bank's per-adapter gradients laid out as its packed tensors."""
+    grads = [(A.grad, B.grad) for A, B, _ in map(bank.adapter, bank.names)]
+    return torch.cat([a for a, _ in grads]), torch.cat([b for _, b in grads], 1)
+
+
 def oracle(x, W, b, adapters, ids_tok, p, keep):
     """float64 per-adapter lora_linear_reference, each token taking its adapter's row; ``keep``: the (M, K)
     dropout mask (None without dropout)."""
@@ -214,11 +220,10 @@ def check_grads(case, backend=None, K=38, N=52, device="cpu", *, fan_in_fan_out=
         checks.append(("dW", Ws.grad, W64.grad, Wb.grad, nk(sW[0]) if fan_in_fan_out else sW[0]))
     else:
         assert Ws.grad is None
-    off = 0
+    grads = [(A.grad, B.grad) for A, B, _ in map(bank.adapter, bank.names)]
     for k, r in enumerate(bank.ranks):
-        checks += [(f"dA[{k}] r={r}", bank.lora_A.grad[off:off + r], ad64[k][0].grad, adb[k][0].grad, sad[k][0]),
-                   (f"dB[{k}] r={r}", bank.lora_B.grad[:, off:off + r], ad64[k][1].grad, adb[k][1].grad, sad[k][1])]
-        off += r
+        checks += [(f"dA[{k}] r={r}", grads[k][0], ad64[k][0].grad, adb[k][0].grad, sad[k][0]),
+                   (f"dB[{k}] r={r}", grads[k][1], ad64[k][1].grad, adb[k][1].grad, sad[k][1])]
     errors = []
     for name, got, ref, base, scale in checks:
         try:
@@ -228,8 +233,7 @@ def check_grads(case, backend=None, K=38, N=52, device="cpu", *, fan_in_fan_out=
     assert not errors, "\n".join(errors)
     absent = set(range(len(bank))) - set(it.tolist())
     for k in absent:      # an adapter absent from the batch gets an exactly-zero gradient
-        o = sum(bank.ranks[:k])
-        assert not bank.lora_A.grad[o:o + bank.ranks[k]].any() and not bank.lora_B.grad[:, o:o + bank.ranks[k]].any()
+        assert not grads[k][0].any() and not grads[k][1].any()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -362,15 +366,17 @@ def test_plan_host_reads_are_shared_by_layers(monkeypatch):
 
 
 def test_cpu_segments_follow_a_bank_moved_in_place(monkeypatch):
-    """The per-adapter views the CPU path caches follow the bank's storage: after bank.to(float64) (same
-    Parameter objects, new storage) and an in-place update, the layer computes with the new values."""
+    """The per-adapter views the CPU path caches follow the bank's storage: after bank.to(float16) (new packed
+    buffers, the same adapter Parameter objects viewing them) and an in-place update, the layer computes with the
+    new values."""
     force_segments(monkeypatch, gathered=False)
     x, W, b, bank = setup(40, 30, (4, 8, 2), torch.float32, torch.float32, (12,))
     ids = torch.tensor([0, 1, 2, -1] * 3, dtype=torch.int32)
     first = multi_lora_linear(x, W, b, bank, ids, backend="torch")
-    A_param = bank.lora_A
+    A_param = bank.adapter("ad1")[0]
     bank.to(torch.float16)
-    assert bank.lora_A is A_param
+    assert bank.adapter("ad1")[0] is A_param and A_param.dtype == torch.float16
+    assert A_param.data_ptr() == bank.lora_A[4:].data_ptr()            # still a view of the packed buffer
     with torch.no_grad():
         bank.lora_B.mul_(2)
     second = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch")

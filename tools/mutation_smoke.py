@@ -75,11 +75,16 @@ T_MULTI_DW = ("tests/test_multi_parity.py", "-k",
               "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
 T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
 T_MULTI_P = ("tests/test_multi_peft.py", "-k", "test_per_adapter_dropout_matches_peft_adapter_by_adapter and triton")
+T_MULTI_FROZEN = ("tests/test_multi_peft.py", "-k", "test_adamw_leaves_adapters_peft_froze_bitwise_unchanged and torch")
 T_RSLORA_LOAD = ("tests/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
 T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
 T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
 T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
 T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+T_MOE = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-torch")
+T_MOE_TRITON = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-triton")
+T_MOE_MODEL = ("tests/test_moe_peft.py", "-k", "test_qwen3_moe_matches_peft_and_float64 and torch")
+T_MOE_DROP = ("tests/test_moe.py", "-k", "test_dropout_matches_the_oracle_with_the_same_mask and torch")
 T_TORCH_MASK = ("tests/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
 T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
 
@@ -138,11 +143,30 @@ MUTANTS: tuple[Mutant, ...] = (
            "    return tl.load(seed_ptr), tl.load(p_ptr + 2 * k), tl.load(p_ptr + 2 * k + 1)\n",
            "    return tl.load(seed_ptr), tl.load(p_ptr), tl.load(p_ptr + 1)\n", T_MULTI_P,
            "multi-adapter kernels apply adapter 0's dropout p to every adapter"),
+    Mutant("multi-frozen-trains", "fastlora/bank.py",
+           "            bank.lora_A_params[n].requires_grad_(A.requires_grad)\n",
+           "            bank.lora_A_params[n].requires_grad_(True)\n", T_MULTI_FROZEN,
+           "a bank built from a PEFT layer trains the lora_A of adapters PEFT froze"),
     Mutant("merge-precision", "fastlora/modules.py",
            "        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32\n"
            "        delta = self.delta_weight(hi)\n",
            "        hi = w.dtype\n        delta = self.delta_weight(hi)\n", T_MERGE,
            "merge forms s·B·A and W0 + ΔW in W0's precision (rounded twice)"),
+    # --- LoRA on MoE experts (issue 22) ---
+    Mutant("moe-B-layout", "fastlora/moe.py",
+           "    return lora_B.reshape(out, er // num_experts, num_experts).transpose(1, 2).reshape(out, er)\n",
+           "    return lora_B.reshape(out, er)\n", T_MOE,
+           "PEFT's rank-major expert B (column j·E + e) read as expert-major (the B-layout trap)"),
+    Mutant("moe-router-grad", "fastlora/moe.py",
+           "    weighted = y * w[:, None]", "    weighted = y * w.detach()[:, None]", T_MOE_MODEL,
+           "the routing weights lose their gradient (the router and earlier layers stop learning from the experts)"),
+    Mutant("moe-accumulate", "fastlora/moe.py",
+           "              dropout=False, accumulate=True)\n    return y, (Sv",
+           "              dropout=False, accumulate=False)\n    return y, (Sv", T_MOE_TRITON,
+           "the expand kernel overwrites the grouped GEMM's output instead of adding the LoRA term onto it"),
+    Mutant("moe-dropout-seed", "fastlora/moe.py",
+           "None if seed is None else int(seed) + 1", "seed", T_MOE_DROP,
+           "down_proj's dropout reuses gate_up's seed (correlated masks, not the documented draw)"),
     # --- the CPU torch path's own mask (issue 20) ---
     Mutant("torch-dx-mask", "fastlora/reference.py",
            "        if dropout_p > 0:\n            lora_dx.mul_(keep)\n", "", T_TORCH_MASK,
