@@ -512,7 +512,7 @@ def test_adamw_leaves_adapters_peft_froze_bitwise_unchanged(backend):
             xx, dd = (x.double(), dy.double()) if m is oracle_model else (x, dy)
             m.train()
             m.zero_grad()
-            peft_by_adapter(m, xx, names, dd, seed=100 + step)
+            peft_by_adapter(m, xx, names, dd, seed=100 + step, backend=backend)
             o.step()
     assert mm.sync_to_peft() == 2                                          # math on q and on v
     mm.restore()
