@@ -192,8 +192,8 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=host, float_scale=host)
     save_s = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                           or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic is None:      # shapes the kernels' backward only (the torch path's is deterministic anyway)
+        deterministic = not host and torch.are_deterministic_algorithms_enabled()
     if compiling:                                          # torch.compile traces the custom op
         y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
                                    save_s, bool(deterministic), be)

@@ -86,6 +86,20 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
     return y.view(*x.shape[:-1], w.shape[0]), (S if save_s else None)
 
 
+_ZEROS: dict = {}
+
+
+def _scaled_mm(a, b, s):
+    """s·(a @ b): with a float s one GEMM (alpha = s; beta = 0 ignores the cached 0-d input), else mm then mul_."""
+    if not isinstance(s, float):
+        return a.mm(b).mul_(s)
+    z = _ZEROS.get((a.dtype, a.device))
+    if z is None:
+        with torch.inference_mode(False):
+            z = _ZEROS[(a.dtype, a.device)] = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.addmm(z, a, b, beta=0, alpha=s)
+
+
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
                    needs_dx, needs_dA, needs_dB, needs_dbias, keep=None):
     """Returns (dx, dA, dB, dbias); entries not needed are None. ``keep``: the forward's mask, if kept (else
@@ -100,9 +114,9 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         keep = draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad)
     dx = dA = dB = dbias = None
     # dS = s·dY·B, with 1/(1 − p) folded in where it goes to the (M, K) side (computed once, reused below)
-    dS = dyl.mm(lora_B).mul_(scale / (1.0 - dropout_p) if dropout_p > 0 else scale)
+    dS = _scaled_mm(dyl, lora_B, scale / (1.0 - dropout_p) if dropout_p > 0 else scale)
     if needs_dB:
-        dB = dyl.t().mm(S if S.dtype == ad else S.to(ad)).mul_(scale)
+        dB = _scaled_mm(dyl.t(), S if S.dtype == ad else S.to(ad), scale)
     if needs_dbias:
         dbias = dy2.sum(0, dtype=torch.float64 if dy2.dtype == torch.float64 else torch.float32)
     if needs_dx:
