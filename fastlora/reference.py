@@ -53,38 +53,10 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 # pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
 #
 # Few ops per call (host time is what a small layer costs): F.linear for the GEMMs, no-op casts skipped, the scale
-# and 1/(1 − p) applied to the (M, r) side. ``scale``: a 0-d tensor, or a Python float (eager CPU calls: an alpha,
-# no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype; on the CPU torch's generator draws it
+# and 1/(1 − p) applied to the (M, r) side, as a GEMM's alpha where they are Python floats. ``scale``: a 0-d tensor,
+# or a Python float (eager CPU calls: an alpha, no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype; on the CPU torch's generator draws it
 # (seed None: the default generator), elsewhere it is the kernels' Philox mask.
 # ---------------------------------------------------------------------------
-
-def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
-    """Returns (y of shape (..., N), S = drop(x)·Aᵀ of shape (M, r) in float32 (float64 for float64 x), or None
-    when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here); consumed:
-    its buffer becomes x ⊙ keep (no (M, K) allocation)."""
-    K = x.shape[-1]
-    w = weight.t() if fan_in_fan_out else weight
-    x2 = x.reshape(-1, K)
-    ad = lora_A.dtype
-    if dropout_p > 0:
-        d = (draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad) if keep is None else keep).mul_(x2)
-    else:
-        d = x2 if x2.dtype == ad else x2.to(ad)
-    S = F.linear(d, lora_A)                                  # (M, r), adapter dtype
-    if dropout_p > 0:
-        S.mul_(1.0 / (1.0 - dropout_p))
-    y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
-    if lora_B.dtype != y.dtype:                              # fp32 adapters on a half base, like PEFT
-        y.add_(F.linear(S * scale, lora_B).to(y.dtype))
-    elif isinstance(scale, float):
-        y.addmm_(S, lora_B.t(), alpha=scale)                 # fused: y += s·S·Bᵀ in place, no (M, N) temp
-    else:
-        y.addmm_(S * scale, lora_B.t())
-    if save_s:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        S = S if S.dtype == acc else S.to(acc)
-    return y.view(*x.shape[:-1], w.shape[0]), (S if save_s else None)
-
 
 _ZEROS: dict = {}
 
@@ -98,6 +70,32 @@ def _scaled_mm(a, b, s):
         with torch.inference_mode(False):
             z = _ZEROS[(a.dtype, a.device)] = torch.zeros((), dtype=a.dtype, device=a.device)
     return torch.addmm(z, a, b, beta=0, alpha=s)
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
+    """Returns (y of shape (..., N), S = drop(x)·Aᵀ of shape (M, r) in float32 (float64 for float64 x), or None
+    when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here); consumed:
+    its buffer becomes x ⊙ keep (no (M, K) allocation)."""
+    K = x.shape[-1]
+    w = weight.t() if fan_in_fan_out else weight
+    x2 = x.reshape(-1, K)
+    ad = lora_A.dtype
+    if dropout_p > 0:
+        d = (draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad) if keep is None else keep).mul_(x2)
+        S = _scaled_mm(d, lora_A.t(), 1.0 / (1.0 - dropout_p))     # (M, r), adapter dtype
+    else:
+        S = F.linear(x2 if x2.dtype == ad else x2.to(ad), lora_A)
+    y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+    if lora_B.dtype != y.dtype:                              # fp32 adapters on a half base, like PEFT
+        y.add_(F.linear(S * scale, lora_B).to(y.dtype))
+    elif isinstance(scale, float):
+        y.addmm_(S, lora_B.t(), alpha=scale)                 # fused: y += s·S·Bᵀ in place, no (M, N) temp
+    else:
+        y.addmm_(S * scale, lora_B.t())
+    if save_s:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        S = S if S.dtype == acc else S.to(acc)
+    return y.view(*x.shape[:-1], w.shape[0]), (S if save_s else None)
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
