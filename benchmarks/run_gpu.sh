@@ -18,7 +18,8 @@
 #   2 tests   the GPU parity tests (tests/test_gpu.py: compiled kernels vs float64 and PEFT, fp32 adapters on a
 #             half base; autocast; CUDA-graph capture), a line per test in gpu_tests_live.txt as it ends
 #   3 train   benchmarks.train_step at Llama-3.2-1B dimensions, then its 4-bit variant (--qlora)
-#   4 multi   bench_multi: multi-adapter decode / prefill layer, eager and CUDA-graph replay, whole-model decode
+#   4 multi   bench_multi: multi-adapter decode / prefill layer, eager and CUDA-graph replay, whole-model decode;
+#     moe     bench_moe: LoRA on MoE experts, PEFT target_parameters vs fastlora, and vs LoRA on attention only
 #   5 paper   the paper table's batch-1 columns: batch 1 / seq 128 and decode (benchmarks.paper_table)
 #   6 tune    python -m fastlora.tune, then the probe again with the tuned cache (gpu_probe_*_tuned.csv)
 #
@@ -84,7 +85,7 @@ python3 -c "import torch, triton, peft, transformers; print('torch', torch.__ver
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$LOG"
 
 if [ $DRY = 1 ]; then    # toy sizes, CPU; every step below runs the same code path as on the GPU
-    export FASTLORA_BENCH_TINY=1 FASTLORA_BENCH_ROUNDS=2 FASTLORA_BENCH_THREADS=2
+    export FASTLORA_BENCH_TINY=1 FASTLORA_BENCH_ROUNDS=2 FASTLORA_BENCH_THREADS=2 MOE_ROUNDS=2
     PROBE=(--device cpu --dims 64 --tokens 32 --dtype float32)
     TRAIN=(--quick --rounds 2 --warmup 1)
     PAPER=(--quick --device cpu --n-layer 2 --n-embd 64 --n-head 4 --bottleneck 4)
@@ -97,7 +98,8 @@ fi
 TESTS=(tests/test_gpu.py tests/test_autocast.py::test_patched_peft_under_cuda_autocast
        tests/test_multi_kernels.py::test_cuda_graph_capture
        tests/test_multi_kernels.py::test_cuda_graph_capture_with_a_plan_refilled_in_place
-       tests/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step)
+       tests/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step
+       tests/test_moe.py::test_gpu_parity_bf16 tests/test_moe.py::test_gpu_cuda_graph_capture)
 par=$([ $DRY = 0 ] && python3 -c "import xdist" 2>/dev/null && echo "-n ${JOBS:-12}")
 export FASTLORA_LIVE_REPORT="$OUT_DIR/gpu_tests_live.txt"
 
@@ -106,6 +108,7 @@ step tests 170 30 python3 -m pytest -q $par -p no:cacheprovider -p tests._live_r
 step train 75 30 python3 -m benchmarks.train_step "${TRAIN[@]}"
 step train4bit 60 30 python3 -m benchmarks.train_step --qlora "${TRAIN[@]}"
 step multi 60 20 python3 -m pytest -q -p no:cacheprovider benchmarks/bench_multi.py --benchmark-only
+step moe 60 20 python3 -m benchmarks.bench_moe --rounds "${MOE_ROUNDS:-10}"
 step paper 60 20 python3 -m benchmarks.paper_table --no-progress "${PAPER[@]}"
 step tune 60 20 "${TUNE[@]}"
 step reprobe 60 20 python3 -m benchmarks.gpu_probe --suffix tuned --no-profile "${PROBE[@]}"

@@ -15,6 +15,7 @@ Public API:
     qlora_linear, QLoraLinear       LoRA over a bitsandbytes 4-bit / 8-bit base (QLoRA)
     dora_linear, DoraLinear         DoRA (PEFT use_dora) without the N×K matrix W0 + s·B·A
     lora_experts, LoraExperts       LoRA on MoE experts (PEFT target_parameters) without E×out×in temporaries
+    trace, FallbackWarning          what ran fused and what fell back (and why); the warning a fall-back raises
 """
 from .backend import select_backend
 from .bank import AdapterBank
@@ -29,6 +30,7 @@ from .multi_plan import BatchPlan, plan_batch
 from .patching import PatchReport, is_patched, patch, unpatch
 from .qlora import QLoraLinear, qlora_linear
 from .reference import lora_linear_reference
+from .tracing import FallbackWarning, trace
 from .tune import tune
 
 __version__ = "0.1.0"
@@ -37,4 +39,4 @@ __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear
            "AdapterLoadError", "AdapterBank", "MultiLoraLinear", "MultiAdapterModel", "multi_lora_linear",
            "plan_batch", "BatchPlan",
            "qlora_linear", "QLoraLinear", "tune", "dora_linear", "DoraLinear", "lora_experts", "LoraExperts",
-           "__version__"]
+           "trace", "FallbackWarning", "__version__"]

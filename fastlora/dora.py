@@ -38,10 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _amp
+from . import tracing as _tracing
 from .backend import resolve_backend_choice, select_backend
 from .dropout import draw_keep, draw_packed, keep_mask, unpack_mask
 from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
+from .ops import own_output
+from .tracing import ACTIVE as _TRACING
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -357,7 +361,7 @@ class DoraFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         new_w2 = new_w2 if new_w2 is not None else n.new_empty(0)
         ctx.mark_non_differentiable(new_w2)
-        return y, new_w2
+        return own_output(y), new_w2
 
     @staticmethod
     def backward(ctx, dy, _dw2):
@@ -516,10 +520,13 @@ class DoraLinear(LoraLinear):
             self.lora_magnitude_vector = nn.Parameter(m)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _TRACING:
+            _tracing.record(self, _tracing.MERGED if self.merged else None)
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-        return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                           self.scale_arg(), self.lora_dropout, self.training, self.fan_in_fan_out)
+        return _amp.call(dora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A, self.lora_B,
+                         self.lora_magnitude_vector, self.scale_arg(), self.lora_dropout, self.training,
+                         self.fan_in_fan_out)
 
     def _versions(self):
         return super()._versions() + (self.lora_magnitude_vector._version,)
@@ -592,17 +599,21 @@ def peft_dora_args(layer, adapter: str):
     return w, base.bias, A, B, m
 
 
-def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float) -> Tensor | None:
+def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float, amp=None) -> Tensor | None:
     """PEFT's lora.Linear forward for one active DoRA adapter, through ``dora_linear``; None if it cannot serve.
+    ``amp``: the dtype of the torch.autocast region the call runs in (None outside): x, W0, bias, A and B are cast
+    to it as F.linear and PEFT's lora_A / lora_B would be (fastlora._amp); the magnitude stays as it is (PEFT
+    divides it by the norm elementwise, which autocast does not cast).
 
     Dropout as PEFT's DoraLinearVariant: applied only when the layer and its dropout module are training."""
     args = peft_dora_args(layer, adapter)
-    if args is None or not isinstance(x, Tensor) or x.dtype != args[0].dtype:
+    if args is None or not isinstance(x, Tensor) or (amp is None and x.dtype != args[0].dtype):
         return None
     w, bias, A, B, m = args
     drop = layer.lora_dropout[adapter]
     training = bool(layer.training and getattr(drop, "training", False))
-    return dora_linear(x, w, bias, A, B, m, scale, dropout_p, training, layer.fan_in_fan_out)
+    return _amp.call(dora_linear, amp, x, w, bias, A, B, m, scale, dropout_p if training else 0.0, training,
+                     layer.fan_in_fan_out)
 
 
 __all__ = ["dora_linear", "dora_linear_reference", "DoraLinear", "weight_norm", "clear_norm_cache",

@@ -46,7 +46,9 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan
         raise ValueError(f"weight must have shape {layout} with in_features = x.shape[-1] = {K}, "
                          f"got {_shape(weight)}")
     if weight.dtype != dt:
-        raise TypeError(f"weight must have x's dtype {dt}, got {weight.dtype}")
+        raise TypeError(f"weight must have x's dtype {dt}, got {weight.dtype}: cast x to {weight.dtype} "
+                        f"(x.to({weight.dtype})), or run the call inside torch.autocast (which casts every operand "
+                        f"to its dtype, as it does for nn.Linear)")
     As, Bs = lora_A.shape, lora_B.shape
     if len(As) != 2 or len(Bs) != 2:
         raise ValueError(f"lora_A must be (r, {K}) and lora_B ({N}, r); got lora_A {_shape(lora_A)}, "

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _amp
+from . import tracing as _tracing
 from .functional import _lora_linear, lora_linear
+from .tracing import ACTIVE as _TRACING
 
 _INITS = ("kaiming", "gaussian")
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -128,6 +130,8 @@ class _LoraBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype (= the base weight's). Inside
         ``torch.autocast``: every operand cast to the autocast dtype, output in it (as nn.Linear)."""
+        if _TRACING:
+            _tracing.record(self, _tracing.MERGED if self.merged else None)
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         return _amp.call(_own_params, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A,

@@ -51,6 +51,8 @@ from .backend import resolve_backend_choice, select_backend
 from .dropout import draw_keep, new_seed
 from .functional import _constant, cached_tensor
 from .multi_plan import BatchPlan, _pieces, choose_regime
+from . import tracing as _tracing
+from .tracing import ACTIVE as _TRACING
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -601,6 +603,8 @@ class LoraExperts(nn.Module):
             self.lora_B[name] = nn.Parameter(torch.zeros(out_f, E * r, dtype=w.dtype, device=w.device))
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if _TRACING:
+            _tracing.record(self)
         loras = {n: ExpertLora(self.lora_A[n], self.lora_B[n], self.scaling, self.lora_dropout) for n in self.lora_A}
         return experts_forward(self.experts, hidden_states, top_k_index, top_k_weights, loras,
                                training=self.training, backend=self.backend)

@@ -27,11 +27,11 @@ patching, expert parallelism switched on.
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 from torch import nn
 
+from . import tracing
 from .moe import ExpertLora, experts_forward, experts_layout
 
 KIND = "peft.ParamWrapper(experts)"
@@ -179,10 +179,13 @@ def peft_experts_forward(self, hidden_states, *args, **kwargs):
     if why is None and not quiet and not isinstance(hidden_states, torch.Tensor):
         why = f"hidden_states is {type(hidden_states).__name__}"
     if quiet or why is not None:
-        if why is not None and why not in st.warned:
-            st.warned.add(why)
-            warnings.warn(f"fastlora: {describe(self)}: PEFT's own forward runs this call: {why}", stacklevel=2)
+        if why is None:
+            why = (tracing.DISABLED if any(w.disable_adapters for w in wrappers) else tracing.MERGED
+                   if any(w.merged for w in wrappers) else "adapter_names= or arguments other than the routing")
+        tracing.fall_back(self, getattr(st, "name", ""), st.warned, why)
         return type(self).forward(self, hidden_states, *args, **kwargs)
+    if tracing.ACTIVE:
+        tracing.record(self, None, getattr(st, "name", ""))
     a = _active(wrappers)[0]
     loras = {w.parameter_name: ExpertLora(w.lora_A[a].weight, w.lora_B[a].weight, float(w.scaling[a]))
              for w in wrappers if a in w.lora_A}

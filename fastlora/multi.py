@@ -35,12 +35,15 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import tracing as _tracing
 from .backend import resolve_backend_choice, select_backend
 from .bank import BASE, AdapterBank
 from .dropout import new_seed
 from .functional import _constant, cached_tensor
 from .multi_plan import BatchPlan, choose_regime, expand_ids, plan_batch
 from .multi_reference import multi_torch_backward, multi_torch_forward
+from .ops import own_output
+from .tracing import ACTIVE as _TRACING
 
 
 def _kernels():
@@ -93,7 +96,7 @@ class MultiLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_A, lora_B, offsets, scalings, S, pk, seed)
         ctx.plan, ctx.meta = plan, (r_max, dropout, fan_in_fan_out, backend)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, dy):
@@ -292,6 +295,9 @@ class AdapterCall:
         plan = self._plans.get(key)
         if plan is None:
             if self.ids is None:
+                if x.dim() >= 2 and len(self.names) != x.shape[0]:
+                    raise ValueError(f"adapter_names must hold one adapter name per sequence: got {len(self.names)} "
+                                     f"name(s) for a batch of {x.shape[0]} (x of shape {tuple(x.shape)})")
                 ids = bank.ids(self.names, device=x.device, missing="base")
             else:   # model-wide index -> this bank's index (-1 where the bank lacks the adapter), on the device
                 table = _lookup(self.index, key[0], self.ids.device)
@@ -425,6 +431,8 @@ class MultiLoraLinear(nn.Module):
             adapter_ids = _names_list(adapter_ids, "adapter_ids")
         p = ([self.adapter_dropout.get(n, self.dropout_p) for n in self.bank.names]
              if self.adapter_dropout and self.training else self.dropout_p)     # (eval: no dropout at all)
+        if _TRACING:
+            _tracing.record(self)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.bank, adapter_ids, p,
                                  self.training, self.fan_in_fan_out, plan=plan, seed=seed, regime=self.regime,
                                  backend=self.backend)

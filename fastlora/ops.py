@@ -131,6 +131,14 @@ def _backward(ctx, dy, _dS):
 torch.library.register_autograd("fastlora::lora_linear_fwd", _backward, setup_context=_setup_context)
 
 
+def own_output(y: Tensor) -> Tensor:
+    """The output an autograd Function returns: ``y`` itself, or, when ``y`` is a view of the op's own (M, N)
+    result (the final reshape to x's leading dims), the same memory as an ordinary tensor (``detach``: not a
+    view to autograd), so that users may modify it in place in training (autograd forbids in-place ops on a view
+    a custom Function returns). Callers return no view of an input or of a saved tensor."""
+    return y if y._base is None else y.detach()
+
+
 class LoraFunction(torch.autograd.Function):
     """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
     ``cfg`` = (scale, p, seed, fan_in_fan_out, deterministic, backend), the backend already selected; on the CPU
@@ -149,7 +157,7 @@ class LoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_A, lora_B, S, bits)
         ctx.cfg = cfg                  # scale and seed: 0-d tensors (or a float / None), not inputs of the Function
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return own_output(y)
 
     @staticmethod
     def backward(ctx, dy):

@@ -15,6 +15,15 @@ Dtypes follow bitsandbytes and PEFT: a 4-bit layer computes in its ``compute_dty
 it and the result cast back to x's dtype; an 8-bit layer computes in x's dtype. Adapters may be
 float32 on a half compute dtype (PEFT's default) or the compute dtype itself.
 
+The usual QLoRA recipe (prepare_model_for_kbit_training casts norms and embeddings to float32, so float32 x
+reaches a bf16 / fp16-compute layer with float32 adapters) runs as ONE op with mixed dtypes, as PEFT computes it:
+the base GEMM and bias in the compute dtype on x cast to it (a temporary, as in bitsandbytes), the LoRA branch
+in float32 on x itself (the shrink reads float32 x; only x is saved, no rounded copy), y = the base result in
+float32 plus the LoRA term; dx = (dY in the compute dtype)·W in the compute dtype plus the LoRA term in float32.
+Inside ``torch.autocast`` every matmul runs in the autocast dtype, as bitsandbytes' F.linear and PEFT's adapter
+nn.Linear do there: x, bias, A and B are cast to it (differentiably) and the weight dequantized to it; a 4-bit
+layer's result comes back in x's dtype (bitsandbytes casts it back), an 8-bit layer's in the autocast dtype.
+
 8-bit note: bitsandbytes' own 8-bit forward dequantizes the weight during CPU training, but in
 inference (and on GPUs) it quantizes the activations to int8 too (LLM.int8()); fastlora always
 computes x·deq(W)ᵀ, the float64-oracle maths, so eval outputs differ from bnb's by its int8
@@ -33,12 +42,15 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import _amp, ops
+from . import patching as _patching
+from . import tracing as _tracing
 from .backend import select_backend
 from .dropout import draw_packed, unpack_mask
 from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
-from .patching import _dropout_p, _peft_active, _scale, peft_adapter_reason
+from .patching import _ATTR, _dropout_p, _peft_active, peft_adapter_reason
+from .tracing import ACTIVE as _TRACING
 
 _COMPUTE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -130,7 +142,7 @@ class _QLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, lora_A, lora_B, S, scale, seed, bits)
         ctx.layer, ctx.dtype, ctx.p, ctx.deterministic, ctx.backend = layer, dtype, p, deterministic, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return ops.own_output(y)
 
     @staticmethod
     def backward(ctx, dy):
@@ -150,8 +162,10 @@ def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tenso
     """y = x·deq(W)ᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ over a bitsandbytes base layer.
 
     Args:
-        x: (..., in_features), cast to the layer's compute dtype (see the module docstring); the
-            result comes back in x's dtype.
+        x: (..., in_features). The base GEMM runs in the layer's compute dtype on x cast to it, as bitsandbytes
+            computes; the LoRA branch on x itself when x is float32 with float32 adapters on a half compute dtype
+            (the QLoRA recipe, as PEFT computes), else on x cast to the compute dtype. The result comes back in
+            x's dtype (inside torch.autocast: the module docstring).
         base_layer: a quantized bnb.nn.Linear4bit or Linear8bitLt (its weight and bias are used,
             never modified; the base weight gets no gradient, its bias does if it requires one).
         lora_A (r, K), lora_B (N, r): the compute dtype, or float32 on a half compute dtype.
@@ -160,30 +174,54 @@ def qlora_linear(x: Tensor, base_layer: nn.Module, lora_A: Tensor, lora_B: Tenso
     why = base_reason(base_layer)
     if why is not None:
         raise TypeError(f"base_layer: {why}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    bias = base_layer.bias
+    eight = quant_kind(base_layer) == "8bit"
+    amp = _amp.autocast_dtype(x)
+    if amp is not None and _amp.servable(amp, x, bias, lora_A, lora_B):
+        # torch.autocast: bitsandbytes' F.linear and PEFT's adapter matmuls all run in the autocast dtype; a 4-bit
+        # layer casts its result back to x's dtype, an 8-bit one returns the autocast dtype
+        bias = None if bias is None else (bias if eight else bias.to(compute_dtype(base_layer, x))).to(amp)
+        with torch.autocast(x.device.type, enabled=False):
+            y = _qlora(x.to(amp), base_layer, bias, lora_A.to(amp), lora_B.to(amp), scaling, dropout_p, training,
+                       seed, backend, deterministic, amp)
+        return y if eight else y.to(x.dtype)
     cd = compute_dtype(base_layer, x)
     if cd not in _COMPUTE:
         raise TypeError(f"x: the layer computes in {cd}; bitsandbytes dequantizes to float32, float16 or bfloat16")
-    xc = x.to(cd)
-    bias = base_layer.bias
     bias = None if bias is None else bias.to(cd)                  # bnb adds the bias in the compute dtype
+    if recipe(x, cd, lora_A):                                     # float32 x, fp32 adapters, half compute dtype
+        return _qlora(x, base_layer, bias, lora_A, lora_B, scaling, dropout_p, training, seed, backend,
+                      deterministic, cd)
+    return _qlora(x.to(cd), base_layer, bias, lora_A, lora_B, scaling, dropout_p, training, seed, backend,
+                  deterministic, cd).to(x.dtype)
+
+
+def recipe(x: Tensor, cd: torch.dtype, lora_A: Tensor) -> bool:
+    """The usual QLoRA recipe's mixed dtypes (prepare_model_for_kbit_training: float32 activations, float32
+    adapters, a bf16 / fp16 compute dtype): one op with the base in ``cd`` and the LoRA branch in float32."""
+    return x.dtype == torch.float32 and cd in (torch.float16, torch.bfloat16) and lora_A.dtype == torch.float32
+
+
+def _qlora(x, base_layer, bias, lora_A, lora_B, scaling, dropout_p, training, seed, backend, deterministic, cd):
+    """The op on validated dtypes: the base weight dequantized to ``cd`` (x's dtype, or a half ``cd`` under
+    float32 x: the QLoRA recipe), bias in ``cd``; y in x's dtype."""
     n, k = base_layer.out_features, base_layer.in_features
-    stand_in = xc.new_empty(()).expand(n, k)                      # shape / dtype / device only, no memory
-    check_inputs(xc, stand_in, bias, lora_A, lora_B, scaling, dropout_p, False)
-    backend = select_backend(xc.device, backend)
-    p, scale, seed_t = op_scalars(xc, scaling, dropout_p, training, seed, host_rng=backend == "torch"
-                                  and xc.device.type == "cpu" and not torch.compiler.is_compiling())
+    stand_in = x.new_empty(()).expand(n, k)                       # shape / dtype / device only, no memory
+    check_inputs(x, stand_in, None, lora_A, lora_B, scaling, dropout_p, False)
+    backend = select_backend(x.device, backend)
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=backend == "torch"
+                                  and x.device.type == "cpu" and not torch.compiler.is_compiling())
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xc, bias, lora_A, lora_B)):
-        y = _QLoraFunction.apply(xc, bias, lora_A, lora_B, scale, seed_t, base_layer, cd, p,
-                                 bool(deterministic), backend)
-    else:                                                         # inference: nothing saved
-        w = dequantize(base_layer, cd)
-        y, _ = ops.forward(xc, w, bias, lora_A, lora_B, scale, p, seed_t, False, False, backend)
-        del w
-    return y.to(x.dtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
+        return _QLoraFunction.apply(x, bias, lora_A, lora_B, scale, seed_t, base_layer, cd, p, bool(deterministic),
+                                    backend)
+    w = dequantize(base_layer, cd)                                # inference: nothing saved
+    y, _ = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed_t, False, False, backend)
+    return y
 
 
 # ---------------------------------------------------------------------------- PEFT (fastlora.patch)
@@ -224,32 +262,70 @@ def peft_reason(m) -> str | None:
     return None
 
 
-def _runtime_ok(x, base, A, B, dropout) -> bool:
-    """What can change after patching: hand anything the fused path would not match back to PEFT."""
-    if not isinstance(x, Tensor) or x.dtype not in _COMPUTE or packed_for_cpu(base) \
-            or torch.is_autocast_enabled(x.device.type) or _dropout_p(dropout)[1] is not None:
-        return False
+REPACKED = "bitsandbytes repacked the 4-bit weight for its AVX512-BF16 CPU kernel, a layout fastlora does not read"
+
+
+def runtime_reason(x, base, A, B, dropout, amp) -> str | None:
+    """What can change after patching: why this call would not match PEFT fused (None: it runs fused)."""
+    if not isinstance(x, Tensor):
+        return f"x is a {type(x).__name__}, not a tensor"
+    p, why = _dropout_p(dropout)
+    if why is not None:
+        return why
+    if p >= 1.0 and dropout.training:
+        return _patching.DROPOUT_1
+    if packed_for_cpu(base):
+        return REPACKED
+    if not (x.device == A.device == base.weight.device):
+        return f"x on {x.device}, the layer on {base.weight.device}"
+    if A.dtype != B.dtype:
+        return f"adapter dtypes lora_A {A.dtype}, lora_B {B.dtype}"
     cd = compute_dtype(base, x)
-    # x is cast to cd only where that is exact (PEFT's LoRA branch sees x itself, not x rounded down)
-    exact_cast = x.dtype == cd or cd == torch.float32
-    return (cd in _COMPUTE and exact_cast and A.dtype == B.dtype and A.dtype in (cd, torch.float32)
-            and x.device == A.device == base.weight.device)
+    if amp is not None:
+        if not _amp.servable(amp, x, A, B, base.bias):
+            return _patching.amp_reason(amp, x, A, B, base.bias)
+        if quant_kind(base) == "4bit" and cd not in (torch.float32, amp):
+            return f"a {cd}-compute 4-bit layer inside torch.autocast({amp}) (x rounded to both dtypes)"
+        return None
+    if x.dtype not in _COMPUTE or cd not in _COMPUTE:
+        return f"x is {x.dtype}; the layer computes in {cd}"
+    if x.dtype == cd or cd == torch.float32:        # x cast to cd exactly: the op runs in cd
+        return None if A.dtype in (cd, torch.float32) else f"{A.dtype} adapters on a {cd}-compute layer"
+    if recipe(x, cd, A):
+        return None
+    return (f"{x.dtype} x into a {cd}-compute layer with {A.dtype} adapters (PEFT's adapter branch reads x in "
+            f"{A.dtype}, its base in {cd})")
+
+
+def predicted_fallbacks(m) -> list[str]:
+    """The run-time fall-backs a PEFT bnb layer's configuration predicts (for patch's report)."""
+    base, whens = m.get_base_layer(), []
+    A = m.lora_A[_peft_active(m)[0]].weight
+    if quant_kind(base) == "4bit" and base.weight.device.type == "cpu" \
+            and getattr(base, "support_avx512bf16_for_cpu", False):
+        whens.append("every call after an eval forward without grad (then " + REPACKED + ")")
+    if A.dtype != torch.float32:
+        whens.append(f"float32 x outside torch.autocast ({A.dtype} adapters: PEFT's adapter branch reads x in "
+                     f"{A.dtype})")
+    return whens
 
 
 def peft_forward(self, x, *args, **kwargs):
     """The patched forward of PEFT's lora.bnb.Linear4bit / Linear8bitLt."""
+    st = getattr(self, _ATTR)
     base = self.get_base_layer()
-    active = _peft_active(self)
-    if (args or any(v is not None for v in kwargs.values()) or getattr(self, "disable_adapters", False)
-            or getattr(self, "merged", False) or len(active) != 1
-            or active[0] in getattr(self, "lora_variant", {})
-            or not _runtime_ok(x, base, self.lora_A[active[0]].weight, self.lora_B[active[0]].weight,
-                               self.lora_dropout[active[0]])):
-        return type(self).forward(self, x, *args, **kwargs)
-    a = active[0]
+    amp = _amp.autocast_dtype(x)
+    why, a = _patching.peft_call_reason(self, args, kwargs, dora_ok=False)
+    if why is None:
+        why = runtime_reason(x, base, self.lora_A[a].weight, self.lora_B[a].weight, self.lora_dropout[a], amp)
+    if why is not None:
+        return _patching.hand_back(self, why, x, args, kwargs)
     drop = self.lora_dropout[a]
-    return qlora_linear(x, base, self.lora_A[a].weight, self.lora_B[a].weight,
-                        _scale(self.scaling[a]), _dropout_p(drop)[0], drop.training)
+    y = qlora_linear(x, base, self.lora_A[a].weight, self.lora_B[a].weight, st.scale(self.scaling[a], x.device),
+                     _dropout_p(drop)[0] if drop.training else 0.0, drop.training)
+    if _TRACING:
+        _tracing.record(self, None, st.name)
+    return y
 
 
 # ---------------------------------------------------------------------------- module
@@ -309,6 +385,8 @@ class QLoraLinear(LoraLinear):
         return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
+        if _TRACING:
+            _tracing.record(self)
         return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scale_arg(),
                             self.lora_dropout, self.training)
 

@@ -18,6 +18,11 @@ s = scaling · D = dropout(x) = x ⊙ keep / (1 − p) · S = D·Aᵀ (M, r)
     dx     = dY·W + (dS·A) ⊙ keep / (1 − p)
     dA     = dSᵀ·D                         (r, K)
     dbias  = Σ_m dY
+
+A base weight in another dtype than x (only fastlora.qlora passes one: float32 activations into a
+half-compute quantized layer, the usual QLoRA recipe) runs the base GEMM and bias in the weight's dtype on x
+cast to it, as bitsandbytes computes, the LoRA branch in x's dtype on x itself, and y in x's dtype; dx's
+base term is dY cast to the weight's dtype times W.
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 #
 # Few ops per call (host time is what a small layer costs): F.linear for the GEMMs, no-op casts skipped, the scale
 # and 1/(1 − p) applied to the (M, r) side, as a GEMM's alpha where they are Python floats. ``scale``: a 0-d tensor,
-# or a Python float (eager CPU calls: an alpha, no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype; on the CPU torch's generator draws it
-# (seed None: the default generator), elsewhere it is the kernels' Philox mask.
+# or a Python float (eager CPU calls: an alpha, no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype;
+# on the CPU torch's generator draws it (seed None: the default generator), elsewhere it is the kernels' Philox mask.
 # ---------------------------------------------------------------------------
 
 _ZEROS: dict = {}
@@ -75,7 +80,8 @@ def _scaled_mm(a, b, s):
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
     """Returns (y of shape (..., N), S = drop(x)·Aᵀ of shape (M, r) in float32 (float64 for float64 x), or None
     when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here); consumed:
-    its buffer becomes x ⊙ keep (no (M, K) allocation)."""
+    its buffer becomes x ⊙ keep (no (M, K) allocation). ``weight`` may be in a half dtype under float32 x (the
+    module docstring: the QLoRA recipe)."""
     K = x.shape[-1]
     w = weight.t() if fan_in_fan_out else weight
     x2 = x.reshape(-1, K)
@@ -85,13 +91,18 @@ def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_i
         S = _scaled_mm(d, lora_A.t(), 1.0 / (1.0 - dropout_p))     # (M, r), adapter dtype
     else:
         S = F.linear(x2 if x2.dtype == ad else x2.to(ad), lora_A)
-    y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
-    if lora_B.dtype != y.dtype:                              # fp32 adapters on a half base, like PEFT
-        y.add_(F.linear(S * scale, lora_B).to(y.dtype))
-    elif isinstance(scale, float):
-        y.addmm_(S, lora_B.t(), alpha=scale)                 # fused: y += s·S·Bᵀ in place, no (M, N) temp
+    if w.dtype != x.dtype:                                   # float32 x, half base (QLoRA recipe): base as bnb, in
+        xb = x2.to(w.dtype)                                  # W's dtype on x cast to it; the LoRA branch on x itself
+        y = _scaled_mm(S, lora_B.t(), scale).add_(F.linear(xb, w, bias))
+        del xb
     else:
-        y.addmm_(S * scale, lora_B.t())
+        y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+        if lora_B.dtype != y.dtype:                          # fp32 adapters on a half base, like PEFT
+            y.add_(_scaled_mm(S, lora_B.t(), scale).to(y.dtype))
+        elif isinstance(scale, float):
+            y.addmm_(S, lora_B.t(), alpha=scale)             # fused: y += s·S·Bᵀ in place, no (M, N) temp
+        else:
+            y.addmm_(S * scale, lora_B.t())
     if save_s:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         S = S if S.dtype == acc else S.to(acc)
@@ -122,8 +133,10 @@ def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan
         if dropout_p > 0:
             lora_dx.mul_(keep)
         dt = dy2.dtype
-        dx = torch.addmm(lora_dx if lora_dx.dtype == dt else lora_dx.to(dt), dy2, w if w.dtype == dt else w.to(dt))
-        dx = dx.view(x.shape)
+        if w.dtype != dt:                                    # the QLoRA recipe: dx's base term as bnb's, in W's dtype
+            dx = (lora_dx if lora_dx.dtype == dt else lora_dx.to(dt)).add_(dy2.to(w.dtype) @ w).view(x.shape)
+        else:
+            dx = torch.addmm(lora_dx if lora_dx.dtype == dt else lora_dx.to(dt), dy2, w).view(x.shape)
     if needs_dA:                                             # after dx: keep's buffer becomes x ⊙ keep here
         d = keep.mul_(x2) if dropout_p > 0 else (x2 if x2.dtype == ad else x2.to(ad))
         dA = dS.t().mm(d)

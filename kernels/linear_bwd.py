@@ -230,7 +230,10 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic,
             FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_R=policy.CHUNK_R, **meta, **opts)
         if needs_dx:
-            dx.addmm_(dy2, w)                  # cuBLAS: dx = dx0 + dY·W0 (beta = 1)
+            if w.dtype != dx.dtype:            # a half W0 under fp32 x (fastlora.qlora): dY·W0 in W0's dtype
+                dx.add_(dy2.to(w.dtype) @ w)
+            else:
+                dx.addmm_(dy2, w)              # cuBLAS: dx = dx0 + dY·W0 (beta = 1)
             dx = dx.reshape(x.shape)
         dA = (da if atomic else da.sum(0)).to(lora_A.dtype) if needs_dA else None
     return dx, dA, dB, dbias

@@ -12,6 +12,9 @@ needs a matrix).
 Rounding: y = round(round(s·S·Bᵀ + bias) + x·W0ᵀ) — two roundings, like PEFT and the torch composite; S stays
 fp32 (saved for backward). Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ + col // 4)[col % 4]) ≥ p
 (_common._keep, = fastlora.dropout.keep_mask); p = 0 draws nothing.
+A half W0 under float32 x (fastlora.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
+layer): the expand writes s·S·Bᵀ in fp32, then torch adds the base GEMM + bias computed in W0's dtype on x cast
+to it (bitsandbytes' maths).
 Why not one fused GEMM: on an H200 our Triton GEMM reached ~490 TFLOP/s where cuBLAS reached ~770
 (benchmarks/results/h200_2026-11-26); the LoRA work is memory-bound and fits around cuBLAS instead.
 """
@@ -164,10 +167,15 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan
     if M:
         p = float(dropout_p)
         prec = policy.fp32_precision(x.dtype)
+        mixed = w.dtype != x.dtype             # a half W0 under fp32 x: the base GEMM runs in W0's dtype
         # S feeds dB when saved: gradient-grade precision then (fp32 adapters on a half base: tf32x3)
         shrink(x2, lora_A, S, seed, p, policy.lora_precision(x.dtype, lora_A.dtype) if save_s else prec)
-        expand(S, lora_B, bias, y, scale, prec)
-        y.addmm_(x2, w.t())                    # cuBLAS: y = y0 + x·W0ᵀ (beta = 1)
+        expand(S, lora_B, None if mixed else bias, y, scale, prec)
+        if mixed:
+            xb = x2.to(w.dtype)
+            y.add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
+        else:
+            y.addmm_(x2, w.t())                # cuBLAS: y = y0 + x·W0ᵀ (beta = 1)
     return y.reshape(*x.shape[:-1], N), (S if save_s else S[:0])
 
 

@@ -20,7 +20,7 @@ import fastlora.modules as fm
 import fastlora.patching as fp
 from fastlora.backend import interpreting
 from tests._replay import replay_dropout
-from tests._tolerance import assert_baseline_sane, assert_close
+from tests._tolerance import assert_baseline_sane, assert_close, atol_for
 from tests.test_patch_loralib import make as make_loralib
 from tests.test_patch_peft import tiny_peft
 
@@ -60,8 +60,9 @@ def check_bf16(model, ref, o64, x, g, spy, layers):
     compare(got, step(ref, x, g, BF16), step(o64, x.double(), g.double(), None), BF16)
 
 
-def compare(got, ref, o64, amp, sane=True):
-    """got / ref: step() of the fused model / PEFT under autocast; o64: step() of the oracle."""
+def compare(got, ref, o64, amp, sane=True, atol_dtype=None):
+    """got / ref: step() of the fused model / PEFT under autocast; o64: step() of the oracle. ``atol_dtype``: the
+    dtype whose ulps the idiom's atol counts (default: each result's own dtype; see the callers)."""
     (y, dx, gr), (ry, rdx, rgr), (oy, odx, ogr) = got, ref, o64
     assert y.dtype == ry.dtype == amp
     pairs = [("y", y, ry, oy)] + ([("dx", dx, rdx, odx)] if dx is not None else [])
@@ -71,7 +72,7 @@ def compare(got, ref, o64, amp, sane=True):
         assert a.dtype == b.dtype, name
         if sane:
             assert_baseline_sane(name, b.to(amp), o)
-        assert_close(name, a, o, b)
+        assert_close(name, a, o, b, atol=None if atol_dtype is None else atol_for(atol_dtype, o))
 
 
 def _dtype(operands):

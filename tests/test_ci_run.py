@@ -53,7 +53,8 @@ def test_gpu_script_runs_its_steps_in_the_planned_order():
     steps (16-bit, 4-bit), multi-adapter, the paper table, then tuning and a re-probe if time remains."""
     script = (ROOT / "benchmarks" / "run_gpu.sh").read_text()
     steps = re.findall(r"^step (\w+) ", script, re.MULTILINE)
-    assert steps == ["probe", "tests", "train", "train4bit", "multi", "paper", "tune", "reprobe"], steps
+    assert steps == ["probe", "tests", "train", "train4bit", "multi", "moe", "paper", "tune",
+                     "reprobe"], steps
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "run_gpu.sh")]).returncode == 0
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--dry-run" in out.stdout

@@ -538,14 +538,31 @@ def test_patch_keys_fallbacks_and_unpatch(spy):
         torch.testing.assert_close(merged(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_patched_dora_under_autocast_runs_peft_forward(spy):
-    pm = tiny_dora()
-    ref = copy.deepcopy(pm)
-    fastlora.patch(pm)
-    x = torch.randn(4, 24)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=0)
-    assert len(spy) == 0
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patched_dora_under_cpu_autocast_runs_fused(monkeypatch, spy, backend, dropout):
+    """DoRA inside torch.autocast(bf16) runs fused with autocast's semantics (x, W0, bias, A, B cast to bf16; the
+    magnitude as it is): the loss, output, dx and every gradient within 2x PEFT's own error under the same
+    autocast, against the float64 model whose autocast-read weights are rounded to bf16 (tests/test_autocast.py).
+    atol: 1 bf16 ulp (the idiom's half-precision atol): the gradients come back in fp32 but are bf16 GEMM results,
+    and with dropout the fused op drops x after autocast's cast where PEFT drops it before (one more rounding of
+    x̃ = x⊙keep/(1 − p), within that ulp)."""
+    from tests.test_autocast import BF16 as AMP, compare, oracle, step
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    pm = tiny_dora(dropout=dropout)
+    ref, o64 = replay_dropout(copy.deepcopy(pm), "dora"), replay_dropout(oracle(pm, AMP), "dora")
+    assert len(fastlora.patch(pm).patched) == 3
+    x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
+    with fastlora.trace() as t:
+        got = step(pm, x, g, AMP)
+    assert t.fused == 3 and t.fallbacks == {} and len(spy) == 3
+    want, o = step(ref, x, g, AMP), step(o64, x.double(), g.double(), None)
+    loss, rloss, oloss = (r[0].double().mul(g.double()).sum() for r in (got, want, o))   # the loss y·g
+    assert abs(loss - oloss) <= 2 * abs(rloss - oloss) + EPS_BF16 * (o[0].abs().double() * g.abs()).sum()
+    compare(got, want, o, AMP, sane=False, atol_dtype=AMP)   # PEFT's norm reads W0 unrounded: not the oracle's
+
+
+EPS_BF16 = 2.0 ** -7
 
 
 # ----------------------------------------------------------------------------- checkpoints

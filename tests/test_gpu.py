@@ -90,6 +90,42 @@ def test_torch_compile_gpu():
         torch.testing.assert_close(c, e, rtol=0, atol=0, msg=name)   # same kernels, same inputs: bitwise
 
 
+SIZES = (777, 1000, 1096, 16, 2.0, 0.1)     # M, K, N, r, scaling, p
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_mixed_dtype_qlora_recipe_gpu(half):
+    """The QLoRA recipe's op (fastlora.qlora: float32 x and adapters, a half base weight): the Triton shrink /
+    expand on float32 x, the base GEMM + bias in the half dtype added by torch; y, dx, dA, dB, dbias vs the float64
+    oracle and PEFT's arithmetic (base in the half dtype on x cast to it, adapter branch in float32)."""
+    from fastlora import ops
+    from fastlora.dropout import keep_mask
+    from tests._tolerance import assert_close
+    torch.manual_seed(0)
+    M, K, N, r, s, p = SIZES
+    x, dy = torch.randn(M, K, device=DEV), torch.randn(M, N, device=DEV)
+    W, b = (torch.randn(N, K, device=DEV) / K ** 0.5).to(half), (torch.randn(N, device=DEV) * 0.1).to(half)
+    A, B = torch.randn(r, K, device=DEV) / K ** 0.5, torch.randn(N, r, device=DEV) / r ** 0.5
+    seed = torch.tensor(5, device=DEV)
+    keep = keep_mask(seed, M, K, p, DEV).to(torch.float32)
+
+    def run(fn, *ts):
+        leaves = [t.detach().clone().requires_grad_(True) for t in ts]
+        y = fn(*leaves)
+        y.backward(dy.to(y.dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+    scale = torch.tensor(s, device=DEV)
+    got = run(lambda x, b, A, B: ops.LoraFunction.apply(x, W, b, A, B, scale, p, seed, False, False, "triton"),
+              x, b, A, B)
+    peft = run(lambda x, b, A, B: torch.nn.functional.linear(x.to(half), W, b).float()
+               + s * ((x * keep / (1 - p)) @ A.t()) @ B.t(), x, b, A, B)
+    o64 = run(lambda x, b, A, B: x @ W.double().t() + b + s * ((x * keep.double() / (1 - p)) @ A.t()) @ B.t(),
+              x.double(), b.double(), A.double(), B.double())
+    for name, a, o, r_ in zip(("y", "dx", "dbias", "dA", "dB"), got, o64, peft):
+        assert a.dtype == r_.dtype, name
+        assert_close(name, a, o, r_)
+
+
 # ----------------------------------------------------------------------------- multi-adapter
 
 MULTI_FWD = [c for c in mp.FWD_CASES if c[-1] == "triton"]

@@ -248,8 +248,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"= \[1, 3\]"):             # per-slice out_features is 3
         MergedLoraLinear(8, 9, 4, enable_lora=[True, False, True])
     m = LoraLinear(8, 8, 2)
-    with pytest.raises(TypeError, match="x must have the weight's dtype|weight must have x's dtype"):
-        m(torch.randn(2, 8, dtype=torch.float64).to(torch.bfloat16))
+    with pytest.raises(TypeError, match=r"weight must have x's dtype torch.float16, got torch.float32: cast x to "
+                                        r"torch.float32 \(x.to\(torch.float32\)\), or run the call inside torch.autocast"):
+        m(torch.randn(2, 8, dtype=torch.float16))         # what to do, said: cast, or autocast
 
 
 def test_compile_fullgraph_modules(backend):

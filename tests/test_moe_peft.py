@@ -284,9 +284,15 @@ def test_disabled_merged_and_two_adapters_run_peft(peft_spy):
                 warnings.simplefilter("ignore")
                 m.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS))
             m.base_model.set_adapter(["default", "other"])
-        with pytest.warns(UserWarning, match="2 active adapters"):
+        with fastlora.trace() as t, pytest.warns(fastlora.FallbackWarning, match="2 active adapters"):
             got = _call(blk, x)
         torch.testing.assert_close(got, _call(rblk, x), rtol=1e-5, atol=1e-5)
+        assert t.fused == 0 and sum(t.fallbacks.values()) == 1, t      # the experts call, counted as a fall-back
+        assert any("2 active adapters" in why for why in t.fallbacks), t
+        pm.base_model.set_adapter("default")
+        with fastlora.trace() as t:
+            _call(blk, x)
+        assert t.fallbacks == {} and t.fused >= 1, t                    # served: counted as a fused call
     with pytest.raises(ValueError, match="mixed adapter batches"):       # PEFT's own refusal, unchanged
         blk.experts(x, *_call_args(blk, x), adapter_names=["default"] * 6)
 

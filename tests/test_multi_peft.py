@@ -265,6 +265,18 @@ def test_single_name_str_is_a_clear_type_error():
         wrapped(x, adapter_names=["r8", 3])
 
 
+def test_wrong_length_adapter_names_error_names_adapter_names_and_the_lengths():
+    model = peft_model(torch.float32)
+    wrapped = MultiAdapterModel(model, backend="torch")
+    x = torch.randn(2, 3, 48)
+    for names in (["r8"], ["r8", "r4", "r1"]):
+        with pytest.raises(ValueError, match=rf"adapter_names must hold one adapter name per sequence: got "
+                                             rf"{len(names)} name\(s\) for a batch of 2"):
+            wrapped(x, adapter_names=names)
+        with pytest.raises(ValueError, match=r"^adapter_names must hold"):
+            model(x, adapter_names=names)              # PEFT's own mixed batch, routed to the banks while wrapped
+
+
 # ---------------------------------------------------------------------------
 # a full model wrapper: generate, attributes, PEFT's own mixed batches while wrapped
 # ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 * the dequantized weight is never saved for backward and at most one is alive at a time.
 * state-dict keys, PEFT save/load round trip, unpatch; LoraLinear.from_linear over Linear4bit.
 """
+import copy
+import itertools
 import types
 import weakref
 
@@ -23,9 +25,10 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # no
 import fastlora  # noqa: E402
 import fastlora.patching as fp  # noqa: E402
 from fastlora import qlora  # noqa: E402
+from fastlora.dropout import new_seed  # noqa: E402
 from fastlora.reference import lora_linear_reference  # noqa: E402
 from tests._replay import mask_of, replay_dropout  # noqa: E402
-from tests._tolerance import assert_baseline_sane, assert_close  # noqa: E402
+from tests._tolerance import assert_baseline_sane, assert_close, atol_for  # noqa: E402
 
 DEQ = qlora.dequantize          # the real one (tests build oracles with it; the spy wraps it)
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
@@ -185,8 +188,8 @@ def test_patch_unpatch_and_failed_patch_leave_quantized_model_bit_identical(tiny
     monkeypatch.undo()
     unpatched_and_unchanged()
 
-    prints = iter([{"a": 1}, {"a": 2}])
-    monkeypatch.setattr(fp, "_fingerprint", lambda model: next(prints))
+    prints = itertools.count()                       # every fingerprint differs from the one before
+    monkeypatch.setattr(fp, "_fingerprint", lambda layer: {"a": next(prints)})
     with pytest.raises(RuntimeError, match="patch undone"):
         fastlora.patch(pm)
     monkeypatch.undo()
@@ -379,17 +382,25 @@ def test_model_never_holds_two_dequantized_weights(tiny_dir, spy):
 
 def test_runtime_fallbacks_hand_back_to_peft(tiny_dir, spy):
     pm, lay = _layer_case("4bit", torch.bfloat16)
-    fastlora.patch(pm)
-    x = torch.randn(2, 64)                                   # fp32 input on a bf16 compute layer: PEFT's LoRA
-    with torch.no_grad():                                    # branch sees x unrounded, so hand it back
-        pm(x)
-    assert len(spy.calls) == 0
-    with torch.no_grad(), pm.disable_adapter():
+    ref = copy.deepcopy(pm)
+    rep = fastlora.patch(pm)
+    assert not rep.fallbacks or all("eval forward without grad" in w for w in rep.fallbacks.values())
+    x = torch.randn(2, 64)                                   # fp32 x, bf16 compute, fp32 adapters: the QLoRA
+    with torch.no_grad(), fastlora.trace() as t:             # recipe, fused
+        pm.train()(x)
+        with pm.disable_adapter():
+            pm(x.bfloat16())
         pm(x.bfloat16())
-    assert len(spy.calls) == 0
-    with torch.no_grad():
-        pm(x.bfloat16())
-    assert len(spy.calls) == 1
+    assert len(spy.calls) == 2 and t.fused == 2 and t.fallbacks == {"adapters disabled": 1}
+    for m in (pm, ref):                                      # bf16 adapters: PEFT rounds x to them for the
+        m.base_model.model.lin.lora_A["default"].to(torch.bfloat16)   # adapter branch, its base to bf16 too:
+        m.base_model.model.lin.lora_B["default"].to(torch.bfloat16)   # handed back, warned once
+    with torch.no_grad(), pytest.warns(fastlora.FallbackWarning, match=r"float32 x into a torch.bfloat16-compute"):
+        for _ in range(2):
+            assert torch.equal(pm(x), ref(x))
+    assert len(spy.calls) == 2
+    rep = fastlora.patch(copy.deepcopy(ref))
+    assert all("float32 x outside torch.autocast" in w for w in rep.fallbacks.values()) and rep.fallbacks
 
 
 def test_save_load_round_trip_and_state_dict_keys(tiny_dir, tmp_path):
@@ -528,3 +539,194 @@ def test_load_peft_adapter_into_a_quantized_model(tiny_dir, tmp_path):
     layers = [m for m in plain.modules() if isinstance(m, fastlora.QLoraLinear)]
     assert len(layers) == len(TARGETS) and all(m.lora_A.dtype == torch.float32 for m in layers)
     torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- 6. the QLoRA recipe, autocast
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def recipe_model(tiny_dir, kind, compute, gc):
+    """What most QLoRA guides run: a quantized load, prepare_model_for_kbit_training (norms, embeddings and the
+    head cast to float32, so float32 activations reach bf16/fp16-compute 4-bit layers; gradient checkpointing with
+    input gradients unless ``gc`` is None; "plain": PEFT's default reentrant checkpointing), LoRA on 7 projections."""
+    from peft import prepare_model_for_kbit_training
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute) if kind == "4bit"
+             else BitsAndBytesConfig(load_in_8bit=True))
+    q = LlamaForCausalLM.from_pretrained(tiny_dir, device_map="cpu", dtype=compute, quantization_config=quant)
+    kwargs = None if gc in (None, "reentrant") else {"use_reentrant": False}
+    q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=gc is not None,
+                                        gradient_checkpointing_kwargs=kwargs)
+    torch.manual_seed(1)
+    pm = get_peft_model(q, LoraConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.2)
+    return q, pm.train()
+
+
+def recipe_oracle(tiny_dir, q, pm):
+    """float64 model with the quantized model's weights: dequantized bnb weights, every other parameter as the
+    recipe left it (float32 copies of bf16-loaded norms and embeddings), the same LoRA weights."""
+    o = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    with torch.no_grad():
+        for name, m in q.named_modules():
+            if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                o.base_model.model.get_submodule(name).weight.copy_(DEQ(m, torch.float64))
+        for n, p in pm.named_parameters():
+            if type(p).__name__ not in ("Params4bit", "Int8Params"):
+                o.get_parameter(n.replace(".base_layer", "") if "lora_" not in n else n).copy_(p.double())
+    return o.train()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind,compute,gc", [
+    ("4bit", torch.bfloat16, None), ("4bit", torch.bfloat16, "reentrant"), ("4bit", torch.bfloat16, "non-reentrant"),
+    ("4bit", torch.float16, None), ("8bit", torch.bfloat16, "reentrant")])
+def test_qlora_recipe_runs_fused_on_every_layer(tiny_dir, monkeypatch, backend, kind, compute, gc):
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    q, pm = recipe_model(tiny_dir, kind, compute, gc)
+    _, ref = recipe_model(tiny_dir, kind, compute, gc)
+    o64 = recipe_oracle(tiny_dir, q, pm)
+    rep = fastlora.patch(pm)
+    assert len(rep.patched) == 7 and not rep.skipped
+    assert not any("float32" in w for w in rep.fallbacks.values())       # the recipe is not a predicted fall-back
+    first = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert first.lora_A["default"].weight.dtype == torch.float32
+    ids = torch.randint(0, 64, (2, 8))
+    with fastlora.trace() as t:
+        loss, _, grads = run(pm, ids)
+    assert t.fallbacks == {} and len(t.layers) == 7 and all(c.fused for c in t.layers.values())
+    if gc != "non-reentrant":                 # reentrant checkpointing runs every forward twice; torch's non-
+        assert t.fused == (7 if gc is None else 14)   # reentrant one stops recomputing once it has what it needs
+    rloss, _, rgrads = run(ref, ids)
+    oloss, _, ograds = run(o64, ids)
+    assert_close("loss", loss, oloss, rloss)
+    lora = [n for n in rgrads if "lora_" in n]
+    assert set(grads) == set(rgrads) and len(lora) == 14
+    for n in lora:
+        assert_close(n, grads[n], ograds[n], rgrads[n])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_recipe_layer_float32_x_into_half_compute(spy, monkeypatch, backend, compute, dropout):
+    """One layer: float32 x, float32 adapters, a bf16/fp16-compute 4-bit base. PEFT's maths: the base in the compute
+    dtype on x cast to it, the adapter branch in float32 on x itself, the sum in float32. y, dx, dA, dB, dbias
+    against PEFT and the float64 oracle; x is the only (M, K) tensor saved for backward (no rounded copy)."""
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    pm, lay = _layer_case("4bit", compute, dropout)
+    ref = replay_dropout(copy.deepcopy(pm))
+    base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
+    rbase, rA, rB = (getattr(ref.base_model.model.lin, n) for n in ("base_layer", "lora_A", "lora_B"))
+    rA, rB = rA["default"].weight, rB["default"].weight
+    x, g = torch.randn(3, 5, 64), torch.randn(3, 5, 48)
+    fastlora.patch(pm)
+    pm.train(), ref.train()
+
+    def go(model, leaves):
+        torch.manual_seed(5)
+        xx = x.clone().requires_grad_(True)
+        for t in leaves:
+            t.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = model(xx)
+        y.backward(g)
+        return (y.detach(), xx.grad) + tuple(t.grad.clone() for t in leaves), saved, xx
+    with fastlora.trace() as t:
+        got, saved, xx = go(pm, (A, B, base.bias))
+    assert t.fused == 1 and len(spy.calls) == 2 and got[0].dtype == torch.float32
+    big = [s for s in saved if s.dim() and s.shape[-1] == 64 and s.numel() >= 15 * 64]
+    assert all(s.data_ptr() == xx.data_ptr() and s.dtype == torch.float32 for s in big), \
+        [(tuple(s.shape), s.dtype) for s in big]
+    want, _, _ = go(ref, (rA, rB, rbase.bias))
+    torch.manual_seed(5)
+    seed = new_seed(x.device) if dropout else 0
+    W = DEQ(base, torch.float64)
+    x64, A64, B64, b64 = (tt.detach().double().requires_grad_(True) for tt in (x, A, B, base.bias))
+    y64 = lora_linear_reference(x64, W, b64, A64, B64, 2.0, dropout, seed=seed)
+    y64.backward(g.double())
+    o = (y64.detach(), x64.grad, A64.grad, B64.grad, b64.grad)
+    for name, a, oo, r in zip(("y", "dx", "dA", "dB", "dbias"), got, o, want):
+        assert a.dtype == r.dtype, name
+        assert_close(name, a, oo, r)
+
+
+def _amp_oracle(base, A, B, amp, compute):
+    """float64 weights as autocast reads them: the dequantized weight, the bias (in the compute dtype for a 4-bit
+    layer, as bitsandbytes casts it) and the adapters rounded to the autocast dtype; x is not rounded."""
+    kind = qlora.quant_kind(base)
+    bias = base.bias.detach() if kind == "8bit" else base.bias.detach().to(compute)
+    return (DEQ(base, torch.float32).to(amp).double(), bias.to(amp).double(),
+            A.detach().to(amp).double(), B.detach().to(amp).double())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind,compute", [("4bit", torch.float32), ("4bit", torch.bfloat16), ("8bit", torch.float32)])
+def test_qlora_under_cpu_autocast_runs_fused(spy, monkeypatch, backend, kind, compute):
+    """Inside torch.autocast(bf16) bitsandbytes' F.linear and PEFT's adapter matmuls run in bf16; the fused op runs
+    on operands cast to bf16 (the weight dequantized to it), a 4-bit layer's result back in x's dtype, an 8-bit
+    one's in bf16, as PEFT's. y, dx, dA, dB, dbias within 2x PEFT's own error (atol 1 bf16 ulp: bf16 GEMM results)."""
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    amp = torch.bfloat16
+    pm, lay = _layer_case(kind, compute)
+    ref = copy.deepcopy(pm)
+    base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
+    rlay = ref.base_model.model.lin
+    x, g = torch.randn(3, 5, 64), torch.randn(3, 5, 48)
+    fastlora.patch(pm)
+    pm.train(), ref.train()
+
+    def go(model, leaves):
+        xx = x.clone().requires_grad_(True)
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cpu", dtype=amp):
+            y = model(xx)
+        y.backward(g.to(y.dtype))
+        return (y.detach(), xx.grad) + tuple(t.grad.clone() for t in leaves)
+    with fastlora.trace() as t:
+        got = go(pm, (A, B, base.bias))
+    assert t.fused == 1 and t.fallbacks == {} and len(spy.calls) == 2
+    want = go(ref, (rlay.lora_A["default"].weight, rlay.lora_B["default"].weight, rlay.get_base_layer().bias))
+    assert got[0].dtype == want[0].dtype == (amp if kind == "8bit" else torch.float32)
+    W, b64, A64, B64 = (t.requires_grad_(t.dim() == 1 or t.shape != (48, 64)) for t in _amp_oracle(base, A, B, amp,
+                                                                                                     compute))
+    x64 = x.double().requires_grad_(True)
+    y64 = lora_linear_reference(x64, W, b64, A64, B64, 2.0)
+    y64.backward(g.double())
+    o = (y64.detach(), x64.grad, A64.grad, B64.grad, b64.grad)
+    for name, a, oo, r in zip(("y", "dx", "dA", "dB", "dbias"), got, o, want):
+        assert a.dtype == r.dtype, name
+        assert_close(name, a, oo, r, atol=atol_for(amp, oo))
+
+
+def test_qlora_linear_module_traced_and_its_output_modifiable_in_place():
+    torch.manual_seed(0)
+    m = fastlora.LoraLinear.from_linear(_bnb_pair("4bit", compute=torch.bfloat16), r=4, lora_alpha=8)
+    with torch.no_grad():
+        nn.init.normal_(m.lora_B, std=0.2)
+    x0, g = torch.randn(2, 3, 64), torch.randn(2, 3, 48)
+
+    def step(in_place):
+        x = x0.clone().requires_grad_(True)
+        m.lora_A.grad = m.lora_B.grad = None
+        y = m(x)                                         # float32 x into a bf16-compute layer: the mixed op
+        assert y.dtype == torch.float32 and y._base is None
+        if in_place:
+            y += 1.0
+            y *= 2.0
+        else:
+            y = (y + 1.0) * 2.0
+        y.backward(g)
+        return x.grad, m.lora_A.grad.clone(), m.lora_B.grad.clone()
+    with fastlora.trace(m) as t:
+        got = step(True)
+    assert t.layers["<root>"].fused == 1
+    for a, b in zip(got, step(False)):
+        assert torch.equal(a, b)

@@ -97,6 +97,15 @@ def moe(tmp):
     return dict(moe_model=tiny_moe(), other_moe_model=tiny_moe())
 
 
+def traced(tmp):
+    import fastlora
+    from peft import LoraConfig, get_peft_model
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    fastlora.patch(model)
+    return dict(model=model, batch=ids())
+
+
 # (a line that identifies the block, the context that block runs in)
 CONTEXTS = [
     ('print(fastlora.patch(model))        # which LoRA layers', quickstart),
@@ -106,6 +115,7 @@ CONTEXTS = [
     ("BitsAndBytesConfig(", qlora),
     ("mm = MultiAdapterModel(peft_model)", multi),
     ('target_parameters=["mlp.experts.gate_up_proj"', moe),
+    ("with fastlora.trace() as t:", traced),
 ]
 
 

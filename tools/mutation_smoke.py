@@ -85,6 +85,11 @@ T_MOE = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_basel
 T_MOE_TRITON = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-triton")
 T_MOE_MODEL = ("tests/test_moe_peft.py", "-k", "test_qwen3_moe_matches_peft_and_float64 and torch")
 T_MOE_DROP = ("tests/test_moe.py", "-k", "test_dropout_matches_the_oracle_with_the_same_mask and torch")
+T_RECIPE = ("tests/test_qlora.py", "-k", "test_recipe_layer_float32_x_into_half_compute and 0.0-compute0-torch")
+T_INPLACE = ("tests/test_outputs_inplace.py", "-k", "lora-3d-torch")
+T_MHA = ("tests/test_patch_kinds.py", "-k", "test_multihead_attention_is_skipped")
+T_TUNER = ("tests/test_patch_kinds.py", "-k", "test_lora_on_a_tuner_layer_is_not_served and loha")
+T_WARN_ONCE = ("tests/test_trace.py", "-k", "test_mixed_batch_adapter_names_are_fallbacks")
 T_TORCH_MASK = ("tests/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
 T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
 
@@ -167,6 +172,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("moe-dropout-seed", "fastlora/moe.py",
            "None if seed is None else int(seed) + 1", "seed", T_MOE_DROP,
            "down_proj's dropout reuses gate_up's seed (correlated masks, not the documented draw)"),
+    # --- issue 19: what runs is what the user is told ---
+    Mutant("qlora-recipe-rounds-x", "fastlora/qlora.py",
+           "    if recipe(x, cd, lora_A):", "    if False:", T_RECIPE,
+           "the QLoRA recipe's float32 x is rounded to the compute dtype for the LoRA branch too (and kept)"),
+    Mutant("output-view", "fastlora/ops.py",
+           "    return y if y._base is None else y.detach()\n", "    return y\n", T_INPLACE,
+           "the autograd Function returns a view: in-place ops on the output fail in training"),
+    Mutant("fingerprint-by-id", "fastlora/patching.py",
+           "    return {k: (v.data_ptr(), tuple(v.shape),", "    return {k: (id(v), tuple(v.shape),", T_MHA,
+           "patch's integrity check compares Python ids: PEFT's MultiheadAttention makes it undo every patch"),
+    Mutant("tuner-base-served", "fastlora/patching.py",
+           "        why = tuner_base_reason(m)\n", "        why = None\n", T_TUNER,
+           "LoRA on a LoHa / LoKr layer computed from the innermost weight (the inner adapter dropped)"),
+    Mutant("fallback-warns-every-call", "fastlora/tracing.py",
+           "    warned.add(reason)\n", "    pass\n", T_WARN_ONCE,
+           "a fall-back warns on every call instead of once per layer and reason"),
     # --- the CPU torch path's own mask (issue 20) ---
     Mutant("torch-dx-mask", "fastlora/reference.py",
            "        if dropout_p > 0:\n            lora_dx.mul_(keep)\n", "", T_TORCH_MASK,
