@@ -1,7 +1,7 @@
 """Microbenchmark: one LoRA linear layer, forward and forward+backward, fastlora vs the alternatives.
 
     python -m pytest benchmarks/bench_linear.py --benchmark-only -q     # CSV + PNG in benchmarks/out/
-    python -m benchmarks.bench_linear                                   # paired ratios: forward vs base GEMM, fwd+bwd vs PEFT
+    python -m benchmarks.bench_linear [--threads N]                     # paired ratios: forward vs base GEMM, fwd+bwd vs PEFT
 
 Providers (all with the same W0 (N, K), bias (N,), A (r, K), B (N, r), s = alpha/r = 2):
     base       F.linear(x, W0, bias) — the base GEMM alone, the floor (no LoRA at all)
@@ -183,9 +183,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_linear",
                                  description="paired ratios: fastlora forward vs the base GEMM, forward+backward vs PEFT")
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {a.rounds}")
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.error(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
     checks = [("fwd", 0.0, "fastlora", "base"), ("fwd", 0.0, "peft", "base"),
               ("fwd+bwd", 0.1, "fastlora", "peft"), ("fwd+bwd", 0.0, "fastlora", "peft")]
     rows = []

@@ -58,13 +58,14 @@ def step(model, x, g):
 def components(model, x, p: float, trials: int) -> dict[str, float]:
     """Median ms of the pieces the two sides differ in or share, on the benchmark's shapes."""
     from fastlora import qlora
-    from fastlora.dropout import keep_mask
+    from fastlora.dropout import draw_packed
     base = model.base_model.model.lin.get_base_layer()
     w = qlora.dequantize(base, x.dtype)
-    seed = torch.tensor(3)
+    M, K = x.shape
+
     pieces = {"bnb dequantize_4bit": lambda: qlora.dequantize(base, x.dtype),
               "base GEMM x·Wᵀ": lambda: x.detach() @ w.t(),
-              "fastlora dropout mask (Philox, keep_mask)": lambda: keep_mask(seed, x.shape[0], x.shape[1], p),
+              "fastlora dropout mask (torch.rand, bit-packed)": lambda: draw_packed(None, M, K, p, x.dtype),
               "torch dropout (bernoulli, PEFT's nn.Dropout)": lambda: torch.nn.functional.dropout(x.detach(), p)}
     return {k: common.quantile(common.time_ms(fn, "cpu", trials, 1), 0.5) for k, fn in pieces.items()}
 

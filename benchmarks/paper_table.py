@@ -1,12 +1,21 @@
 """Reproduce Table 1 of the LoRA paper: inference latency of GPT-2 medium with adapters vs LoRA.
 
-    python -m benchmarks.paper_table                    # CPU: batch 1 / seq 128, few trials
-    python -m benchmarks.paper_table --columns all      # the paper's three columns
+    python -m benchmarks.paper_table                    # CPU: batch 1 / seq 128 and decode, few trials
+    python -m benchmarks.paper_table --columns all      # the paper's three columns and decode
     python -m benchmarks.paper_table --device cuda      # CUDA default: full table, 100 trials
 
 Model: transformers GPT2Model built from a GPT2Config (24 layers, d 1024, 16 heads; random
 weights, no download; no LM head), eval mode, one forward pass per trial, mean ± std over
-trials after warm-up. Rows:
+trials after warm-up.
+
+Columns: the paper's three (batch x sequence length, one full forward each), and ``decode``: batch 1, one
+new token per step on a KV cache of DECODE_CACHE (128) prompt tokens (each row's model runs the prompt once
+with use_cache=True; every timed step adds one token, then the cache is cropped back, so every step does the
+same work). A trial is the mean of DECODE_STEPS separately timed steps, in ms per token. This is the
+latency-bound case where per-op host cost shows: a batch-1 full forward is compute-bound on a CPU (every row
+≈ merged there), while a decode step launches the same ops for one token. The paper has no decode column.
+
+Rows:
 
     merged     Fine-Tune / LoRA merged into W: the base model itself
     AdapterL   one adapter per block after the MLP, with a LayerNorm  (benchmarks/adapters.py)
@@ -42,8 +51,12 @@ import torch
 from . import adapters as adp
 from . import common
 
-# Table 1 of Hu et al. 2021 (Quadro RTX8000): column -> (batch, seq, adapter |Θ|)
-COLUMNS = {"32x512": (32, 512, 0.5e6), "16x256": (16, 256, 11e6), "1x128": (1, 128, 11e6)}
+# Table 1 of Hu et al. 2021 (Quadro RTX8000): column -> (batch, seq, adapter |Θ|); "decode" (not in the paper):
+# batch 1, one new token per step on a KV cache of DECODE_CACHE tokens, adapters sized as in the batch-1 column
+COLUMNS = {"32x512": (32, 512, 0.5e6), "16x256": (16, 256, 11e6), "1x128": (1, 128, 11e6), "decode": (1, 1, 11e6)}
+DECODE = "decode"
+DECODE_CACHE = 128      # prompt tokens in the KV cache (the batch-1 column's sequence)
+DECODE_STEPS = 8        # decode steps timed per trial (the trial's time: their mean, ms per token)
 # row -> column -> (mean ms, std ms) as published; the LoRA rows compare against "Fine-Tune/LoRA".
 PAPER = {
     "merged": {"32x512": (1449.4, 0.8), "16x256": (338.0, 0.6), "1x128": (19.8, 2.7)},
@@ -52,7 +65,7 @@ PAPER = {
 }
 ROWS = ("merged", "AdapterL", "AdapterH", "LoRA PEFT", "LoRA fastlora")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CSV_COLUMNS = ("column", "batch", "seq", "row", "mean_ms", "std_ms", "overhead_pct", "median_ms",
+CSV_COLUMNS = ("column", "batch", "seq", "kv_cache", "row", "mean_ms", "std_ms", "overhead_pct", "median_ms",
                "median_overhead_pct", "ratio", "ratio_lo", "ratio_hi", "vs_merged", "trials", "warmup",
                "paper_mean_ms", "paper_std_ms", "paper_overhead_pct", "adapter_params", "bottleneck_r",
                "lora_r", "n_layer", "n_embd", "device", "dtype", "versions", "timestamp")
@@ -85,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
                    help="timed forward passes per cell (default: 100 on CUDA as in the paper, 10 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed passes first (default: 10 CUDA, 2 CPU)")
     p.add_argument("--columns", default=None,
-                   help=f"comma list of {', '.join(COLUMNS)} or 'all' (default: all on CUDA, 1x128 on CPU)")
+                   help=f"comma list of {', '.join(COLUMNS)} or 'all' (default: all on CUDA, 1x128 and decode "
+                        f"on CPU)")
     p.add_argument("--quick", action="store_true", help="few trials (3 on CPU, 10 on CUDA) and 1 warm-up")
     common.add_out_dir_option(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -111,7 +125,7 @@ def make_config(args: argparse.Namespace) -> Config:
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
     if args.columns is None:
-        columns = list(COLUMNS) if cuda else ["1x128"]
+        columns = list(COLUMNS) if cuda else ["1x128", DECODE]
     elif args.columns.strip() == "all":
         columns = list(COLUMNS)
     else:
@@ -138,8 +152,8 @@ def make_config(args: argparse.Namespace) -> Config:
                  n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, bottleneck=args.bottleneck,
                  out_dir=common.output_dir(args.out_dir), progress=not args.no_progress)
     if not cuda and set(columns) != set(COLUMNS):
-        cfg.notes.append("CPU default runs the batch 1 / seq 128 column only; the other columns need "
-                         "--columns all (minutes per cell on a small CPU).")
+        cfg.notes.append("CPU default runs the batch 1 / seq 128 and decode columns only; the other columns "
+                         "need --columns all (minutes per cell on a small CPU).")
     return cfg
 
 
@@ -191,8 +205,8 @@ class _PerSequenceAdapters(torch.nn.Module):
         super().__init__()
         self.multi, self.names = multi, names
 
-    def forward(self, input_ids, use_cache=False):
-        return self.multi(input_ids=input_ids, use_cache=use_cache, adapter_names=self.names)
+    def forward(self, input_ids, use_cache=False, **kwargs):
+        return self.multi(input_ids=input_ids, use_cache=use_cache, adapter_names=self.names, **kwargs)
 
 
 def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
@@ -227,14 +241,47 @@ def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
 
 
 def _inputs(cfg: Config, column: str, seed: int = 0) -> torch.Tensor:
+    """The column's token ids (batch, seq); for decode the prompt that fills the KV cache (1, DECODE_CACHE)."""
     b, s, _ = COLUMNS[column]
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab, (b, s), generator=g).to(cfg.device)
+    return torch.randint(0, cfg.vocab, (b, DECODE_CACHE if column == DECODE else s), generator=g).to(cfg.device)
 
 
 def forward(model, ids):
     out = model(input_ids=ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _cache_kw() -> str:
+    """GPT2Model's keyword for a KV cache: ``cache`` (transformers >= 5.2x), ``past_key_values`` before."""
+    import inspect
+    from transformers import GPT2Model
+    return "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+
+
+class Call:
+    """One timed call of a row's model in a column: a full forward over the column's ids, or (decode) one new
+    token on the model's own KV cache of the DECODE_CACHE-token prompt; ``reset`` (untimed) crops the cache back
+    so that every step does the same work."""
+
+    def __init__(self, model, cfg: Config, column: str):
+        self.model, self.ids, self.cache = model, _inputs(cfg, column), None
+        if column == DECODE:
+            self.kw = _cache_kw()
+            with torch.inference_mode():
+                out = model(input_ids=self.ids, use_cache=True)
+            self.cache = out[self.kw] if self.kw in out else out["past_key_values"]   # output named as the input
+            self.ids = torch.randint(0, cfg.vocab, (1, 1), generator=torch.Generator().manual_seed(1)).to(cfg.device)
+
+    def __call__(self) -> torch.Tensor:
+        if self.cache is None:
+            return forward(self.model, self.ids)
+        out = self.model(input_ids=self.ids, use_cache=True, **{self.kw: self.cache})
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def reset(self) -> None:
+        if self.cache is not None and self.cache.get_seq_length() > DECODE_CACHE:
+            self.cache.crop(DECODE_CACHE - self.cache.get_seq_length())     # negative: drop that many tokens
 
 
 # ---------------------------------------------------------------------------- run
@@ -280,21 +327,32 @@ def ratio_to_merged(row_ms: list[float], merged_ms: list[float]) -> dict:
     return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict)
 
 
-def _time_interleaved(models: dict, ids, cfg: Config, bar) -> dict[str, list[float]]:
+def _time_interleaved(calls: dict[str, Call], cfg: Config, column: str, bar) -> dict[str, list[float]]:
     """Per-row trial times (ms). Rows are interleaved — each trial times every row once, in a fresh
-    random order — so a slow spell on a shared machine hits all rows alike instead of one row."""
+    random order — so a slow spell on a shared machine hits all rows alike instead of one row. A decode
+    trial is the mean of DECODE_STEPS separately timed steps (the cache cropped back between them)."""
     import random
+    steps = DECODE_STEPS if column == DECODE else 1
+
+    def one(call):
+        ts = []
+        for _ in range(steps):
+            ts += common.time_ms(call, cfg.device, 1, 0)
+            call.reset()
+        return sum(ts) / steps
+
     with torch.inference_mode():
-        for model in models.values():
+        for call in calls.values():
             for _ in range(cfg.warmup):
-                forward(model, ids)
-        times = {row: [] for row in models}
-        order = list(models)
+                call()
+                call.reset()
+        times = {row: [] for row in calls}
+        order = list(calls)
         rng = random.Random(0)
         for _ in range(cfg.trials):
             rng.shuffle(order)
             for row in order:
-                times[row] += common.time_ms(lambda: forward(models[row], ids), cfg.device, 1, 0)
+                times[row].append(one(calls[row]))
                 bar.update(1)
     return times
 
@@ -310,7 +368,6 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
                unit="fwd", disable=not cfg.progress)
     for column in cfg.columns:
         b, s, theta = COLUMNS[column]
-        ids = _inputs(cfg, column)
         bar.set_postfix_str(f"{column}: building models")
         made = {row: make_variant(base, row, cfg, column) for row in rows}
         for row, hook in hooks.items():
@@ -319,13 +376,15 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
                 bar.total -= cfg.trials
             else:
                 made[row] = m
+        calls = {row: Call(m[0], cfg, column) for row, m in made.items()}
         if "LoRA PEFT" in made and "LoRA fastlora" in made:
             peft_model = made["LoRA PEFT"][0]
-            with torch.inference_mode():
-                check_row("LoRA fastlora", forward(made["LoRA fastlora"][0], ids), forward(peft_model, ids),
-                          lambda: forward(_fp32_copy(peft_model), ids))
-        bar.set_postfix_str(f"batch {b} / seq {s}")
-        times = _time_interleaved({row: m[0] for row, m in made.items()}, ids, cfg, bar)
+            with torch.inference_mode():      # the timed call itself (decode: a step on the cache), then reset
+                got, ref = calls["LoRA fastlora"](), calls["LoRA PEFT"]()
+                check_row("LoRA fastlora", got, ref, lambda: Call(_fp32_copy(peft_model), cfg, column)())
+                calls["LoRA fastlora"].reset(), calls["LoRA PEFT"].reset()
+        bar.set_postfix_str(_column_title(column))
+        times = _time_interleaved(calls, cfg, column, bar)
         results, paired = {}, {}
         for row, ts in times.items():
             mean = sum(ts) / len(ts)
@@ -333,10 +392,10 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
             results[row] = (mean, std, common.quantile(ts, 0.5), made[row][1], made[row][2])
             if "merged" in times:
                 paired[row] = ratio_to_merged(ts, times["merged"])
-        del made
+        del made, calls
         bar.refresh()
         base_mean = results["merged"][0] if "merged" in results else None
-        pbase = PAPER["merged"][column][0]
+        pbase = PAPER["merged"].get(column, ("",))[0]
         base_median = results["merged"][2] if "merged" in results else None
         for row, (mean, std, median, params, r) in results.items():
             paper = PAPER.get(row, {})      # the paper has no unmerged-LoRA row
@@ -344,7 +403,7 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
             pr = paired.get(row)
             fmt = lambda k: "" if pr is None or pr[k] != pr[k] else f"{pr[k]:.4f}"   # noqa: E731 (x != x: nan)
             out.append(dict(
-                column=column, batch=b, seq=s, row=row, mean_ms=f"{mean:.3f}", std_ms=f"{std:.3f}",
+                column=column, batch=b, seq=s, kv_cache=DECODE_CACHE if column == DECODE else "", row=row, mean_ms=f"{mean:.3f}", std_ms=f"{std:.3f}",
                 overhead_pct=f"{100 * (mean / base_mean - 1):.2f}" if base_mean else "",
                 median_ms=f"{median:.3f}",
                 median_overhead_pct=f"{100 * (median / base_median - 1):.2f}" if base_median else "",
@@ -358,6 +417,13 @@ def run(cfg: Config, rows=ROWS, base=None) -> list[dict]:
                 dtype=str(cfg.dtype).replace("torch.", ""), versions=vers, timestamp=stamp))
     bar.close()
     return out
+
+
+def _column_title(column: str) -> str:
+    b, s, _ = COLUMNS[column]
+    if column == DECODE:
+        return f"decode: batch {b}, one new token per step, KV cache {DECODE_CACHE}"
+    return f"batch {b} / seq {s}"
 
 
 def _ratio_cell(r: dict) -> str:
@@ -375,8 +441,9 @@ def format_table(rows: list[dict]) -> str:
     for column in dict.fromkeys(r["column"] for r in rows):
         sel = [r for r in rows if r["column"] == column]
         b, s, theta = COLUMNS[column]
-        lines.append(f"\nbatch {b} / seq {s}   (adapter |Θ| target {theta / 1e6:g}M; "
-                     f"{sel[0]['device']}, {sel[0]['dtype']}, {sel[0]['trials']} trials)")
+        unit = f", ms per token (mean of {DECODE_STEPS} steps per trial)" if column == DECODE else ""
+        lines.append(f"\n{_column_title(column)}   (adapter |Θ| target {theta / 1e6:g}M; "
+                     f"{sel[0]['device']}, {sel[0]['dtype']}, {sel[0]['trials']} trials{unit})")
         lines.append(f"  {'row':<24}{'measured ms':>22}{'median ms':>11}   {'ratio to merged [95%]':<32}"
                      f"{'paper ms (RTX8000)':>24}   {'params':>10}  r")
         for r in sel:

@@ -57,11 +57,12 @@ def plot_paper_table(csv_path, png_path) -> Path:
             paper = [_f(sel[c]["paper_overhead_pct"]) if c in sel else float("nan") for c in columns]
         axes[1].scatter(xs, paper, marker="x", color="black", zorder=3,
                         label="paper (RTX8000)" if i == 0 else None)
-    labels = [f"batch {rows_[0]['batch']} / seq {rows_[0]['seq']}"
-              for rows_ in ([r for r in rows if r["column"] == c] for c in columns)]
+    labels = [f"decode, batch {r0['batch']}\n(1 token, KV {r0['kv_cache']})" if r0.get("kv_cache")
+              else f"batch {r0['batch']} / seq {r0['seq']}"
+              for r0 in (next(r for r in rows if r["column"] == c) for c in columns)]
     for ax in axes:
         ax.set_xticks([j + w * (len(names) - 1) / 2 for j in range(len(columns))], labels)
-    axes[0].set_ylabel("ms per forward pass (mean ± std)")
+    axes[0].set_ylabel("ms per forward pass / decode step (mean ± std)")
     axes[1].set_ylabel("ratio to merged, paired trials (95% interval)" if paired else "% over merged (base model)")
     axes[1].axhline(1 if paired else 0, color="grey", lw=0.8)
     axes[0].legend(fontsize=8)

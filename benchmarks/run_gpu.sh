@@ -20,7 +20,7 @@
 #   3 train   benchmarks.train_step at Llama-3.2-1B dimensions, then its 4-bit variant (--qlora)
 #   4 multi   bench_multi: multi-adapter decode / prefill layer, eager and CUDA-graph replay, whole-model decode;
 #     moe     bench_moe: LoRA on MoE experts, PEFT target_parameters vs fastlora, and vs LoRA on attention only
-#   5 paper   the paper table's batch-1 columns (benchmarks.paper_table)
+#   5 paper   the paper table's batch-1 columns: batch 1 / seq 128 and decode (benchmarks.paper_table)
 #   6 tune    python -m fastlora.tune, then the probe again with the tuned cache (gpu_probe_*_tuned.csv)
 #
 # --dry-run: the same steps on the CPU at toy sizes (no timing claims), under 5 minutes; exit 0 when every step
@@ -91,7 +91,7 @@ if [ $DRY = 1 ]; then    # toy sizes, CPU; every step below runs the same code p
     PAPER=(--quick --device cpu --n-layer 2 --n-embd 64 --n-head 4 --bottleneck 4)
     TUNE=(env TRITON_INTERPRET=1 python3 -m fastlora.tune --device cpu --tokens 16 --dims 32 --ranks 4 --dtype fp32)
 else
-    PROBE=() TRAIN=() PAPER=(--device cuda --columns 1x128)
+    PROBE=() TRAIN=() PAPER=(--device cuda --columns 1x128,decode --trials 50)
     TUNE=(python3 -m fastlora.tune --tokens 128 4096 --dims 4096 8192 --ranks 16)
 fi
 # the GPU tests (on a CPU every one of them skips: the dry run checks that they collect)

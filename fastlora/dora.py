@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import _amp
 from . import tracing as _tracing
 from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, pack_mask, unpack_mask
+from .dropout import draw_keep, draw_packed, keep_mask, unpack_mask
 from .functional import _constant, check_inputs, op_scalars
 from .modules import _INT_VIEW, LoraLinear, base_layout
 from .ops import own_output
@@ -64,10 +64,11 @@ def _weight_nk(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
 # ---------------------------------------------------------------------------
 
 def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, seed=0,
-                          fan_in_fan_out=False):
+                          fan_in_fan_out=False, keep=None):
     """PEFT's DoRA forward in plain torch, differentiable, with PEFT's dtype flow (the DoRA branch in the adapter
-    dtype, the sum cast back to x's); the dropout mask is fastlora's for ``seed`` (dropout_p > 0 means training
-    with dropout; 0 is PEFT's reuse-the-base-result path, mathematically the same formula with x̃ = x)."""
+    dtype, the sum cast back to x's); the dropout mask is ``keep`` (boolean, x's shape or (M, K)) if given, else
+    the kernels' Philox mask for ``seed`` (dropout_p > 0 means training with dropout; 0 is PEFT's
+    reuse-the-base-result path, mathematically the same formula with x̃ = x)."""
     W = _weight_nk(weight, fan_in_fan_out)
     cdt = lora_A.dtype
     n = torch.linalg.vector_norm(W.to(cdt) + scaling * (lora_B @ lora_A), dim=1).detach()
@@ -78,7 +79,8 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
     d = x.to(cdt)
     if dropout_p > 0:
         K = x.shape[-1]
-        d = d * keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape) / (1 - dropout_p)
+        keep = keep_mask(seed, x.numel() // K, K, dropout_p, x.device) if keep is None else keep
+        d = d * keep.reshape(x.shape) / (1 - dropout_p)
         v = d @ W.t().to(cdt)                             # the second GEMM, on x̃
     else:
         v = base - bias if bias is not None else base     # PEFT reuses the base result, less bias
@@ -129,8 +131,8 @@ def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
 
 def _dropped(x2, cdt, p, seed, keep=None):
     """D = x ⊙ keep / (1 − p) in the adapter dtype (PEFT: x cast to lora_A's dtype, then dropout), and keep
-    (drawn from ``seed`` unless given)."""
-    keep = keep_mask(seed, x2.shape[0], x2.shape[1], p, x2.device) if keep is None else keep
+    (the 1/0 mask in the adapter dtype, drawn from ``seed`` unless given: fastlora.dropout.draw_keep)."""
+    keep = draw_keep(seed, x2.shape[0], x2.shape[1], p, x2.device, cdt) if keep is None else keep
     return (x2.to(cdt) * keep).div_(1 - p), keep
 
 
@@ -162,7 +164,7 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
     s = scale                                                     # 0-d fp32: never rounded to a half dtype
     fuse = select_backend(x.device, backend) == "torch" and x.dtype == weight.dtype == cdt == _acc(cdt)
     if dropout_p > 0:
-        keep = keep_mask(seed, M, K, dropout_p, x.device) if keep is None else keep
+        keep = draw_keep(seed, M, K, dropout_p, x.device, cdt) if keep is None else keep
         Dx = x2.new_empty((M + r if fuse else M, K), dtype=cdt)  # D = x ⊙ keep / (1 − p), PEFT's x̃ in cdt
         torch.mul(x2.to(cdt), keep, out=Dx[:M]).div_(1 - dropout_p)
         if fuse:
@@ -342,8 +344,8 @@ torch.library.register_autograd("fastlora::dora_linear_fwd", _backward, setup_co
 
 class DoraFunction(torch.autograd.Function):
     """Eager-mode autograd for dora_linear: the custom ops' forward / backward without the dispatcher layers (less
-    host time per call). On CPU with dropout the forward's mask is kept bit-packed (1/32 of an fp32 x) for the
-    backward instead of being drawn again; on a GPU it is drawn again from the seed."""
+    host time per call). On CPU with dropout the forward's mask (torch's generator; ``seed`` None: the default
+    one) is kept bit-packed (1/32 of an fp32 x) for the backward; on a GPU it is drawn again from the seed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v,
@@ -351,8 +353,7 @@ class DoraFunction(torch.autograd.Function):
         keep = bits = None
         if dropout_p > 0 and x.device.type == "cpu":
             K = x.shape[-1]
-            keep = keep_mask(seed, math.prod(x.shape[:-1]), K, dropout_p, x.device)
-            bits = pack_mask(keep)
+            keep, bits = draw_packed(seed, math.prod(x.shape[:-1]), K, dropout_p, lora_A.dtype)
         y, v, S, n, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed,
                                      fan_in_fan_out, save_v, save_s, backend, keep)
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, n, v, S, scale, seed, bits)
@@ -366,7 +367,7 @@ class DoraFunction(torch.autograd.Function):
     def backward(ctx, dy, _dw2):
         x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, seed, bits = ctx.saved_tensors
         nx, nw, nb, na, nbb, nm = ctx.needs_input_grad[:6]
-        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
         dx, dA, dB, dm, dbias, dW = torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale,
                                                    ctx.dropout_p, seed, ctx.fan_in_fan_out, nx, na, nbb, nm, nb, nw,
                                                    keep)
@@ -448,8 +449,11 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     N, K, r = check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     check_magnitude(magnitude, x, N)
     be = resolve_backend_choice(backend)
-    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, scale_dtype=_acc(x.dtype))
     compiling = torch.compiler.is_compiling()
+    # the mask is drawn by torch code (the GEMMs are torch's on every backend): on the CPU, eagerly, torch's
+    # default generator draws it when no seed is given
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, scale_dtype=_acc(x.dtype),
+                                  host_rng=x.device.type == "cpu" and not compiling)
     cache = not compiling and not weight.requires_grad
     w2 = _cached_w2(weight, fan_in_fan_out) if cache else None
     grad = torch.is_grad_enabled()

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from . import _amp
 from . import tracing as _tracing
-from .functional import lora_linear
+from .functional import _lora_linear, lora_linear
 from .tracing import ACTIVE as _TRACING
 
 _INITS = ("kaiming", "gaussian")
@@ -67,6 +67,16 @@ def block_lora_B(lora_B: Tensor, groups: int, rows: Tensor, out_features: int) -
     """
     blocks = torch.block_diag(*lora_B.split(lora_B.shape[0] // groups))           # (per·G, r·G)
     return blocks.new_zeros(out_features, blocks.shape[1]).index_copy(0, rows, blocks)
+
+
+def _own_params(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out):
+    """lora_linear on a module's own parameters (their shapes, dtypes and the settings were checked when it was
+    built, and .to() moves them together): only x is checked per call; anything else takes lora_linear's full
+    checks, so a bad x still gets its error naming the argument."""
+    if (isinstance(x, Tensor) and x.dtype is weight.dtype and x.ndim and x.shape[-1] == lora_A.shape[1]
+            and x.device == weight.device):
+        return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out)
 
 
 class _LoraBase(nn.Module):
@@ -124,7 +134,7 @@ class _LoraBase(nn.Module):
             _tracing.record(self, _tracing.MERGED if self.merged else None)
         if self.merged:
             return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-        return _amp.call(lora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A,
+        return _amp.call(_own_params, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A,
                          self.lora_B_effective(), self.scale_arg(), self.lora_dropout, self.training,
                          self.fan_in_fan_out)
 

@@ -32,7 +32,8 @@ Per experts call (sections below, in this order):
                  over k in the weights' dtype, cast to x's (as transformers' grouped_mm experts).
                  experts_forward(module, ...): the same on a transformers experts module.
   module         LoraExperts: a transformers experts module + LoRA on its projections, with dropout
-                 (the counter-based mask of each projection's input seen as (slots, in), slots in expert order).
+                 (fastlora.dropout's mask of each projection's input seen as (slots, in), slots in expert order:
+                 the kernels' counter-based mask, on the CPU torch path a generator seeded with the seed).
 
 Saved for backward per projection: its input (S, in) (S = T·K slots), S = drop(x)·A_eᵀ (S, r) float32 and the
 seed; the activation, the routing weights' product and the gather keep what autograd keeps for them. Never an
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, new_seed
+from .dropout import draw_keep, new_seed
 from .functional import _constant, cached_tensor
 from .multi_plan import BatchPlan, _pieces, choose_regime
 from . import tracing as _tracing
@@ -124,10 +125,11 @@ def _w_in_out(weight: Tensor, e: int, transposed: bool) -> Tensor:
 
 
 def _keep(seed, S: int, C: int, p: float, device) -> Optional[Tensor]:
-    """None (no dropout) or the (S, C) float32 keep/(1−p) of the slot inputs (fastlora.dropout.keep_mask)."""
+    """None (no dropout) or the (S, C) float32 keep/(1−p) of the slot inputs (fastlora.dropout.draw_keep: on the
+    CPU a generator seeded with ``seed``, on a GPU the kernels' counter-based mask)."""
     if p <= 0 or S == 0:
         return None
-    return keep_mask(seed, S, C, p, device).to(torch.float32).mul_(1.0 / (1.0 - p))
+    return draw_keep(seed, S, C, p, torch.device(device), torch.float32).mul_(1.0 / (1.0 - p))
 
 
 # ---------------------------------------------------------------------------
@@ -568,7 +570,7 @@ class LoraExperts(nn.Module):
     weights are frozen here). targets: the projections that get LoRA ("gate_up_proj" / "up_proj", "down_proj").
     lora_A[name] (E·r, in), lora_B[name] (out, E·r) in PEFT's ParamWrapper layout (B zero-initialised, A as
     PEFT's kaiming init), scaling = lora_alpha / r (√r with use_rslora). Dropout: each projection's input, per
-    (slot, feature), the counter-based mask of fastlora.dropout with slots in expert order; a fresh seed per call.
+    (slot, feature), fastlora.dropout's mask for the call's seed with slots in expert order; a fresh seed per call.
     Install it in place of the experts: ``block.experts = LoraExperts(block.experts, r=8)``.
     """
 

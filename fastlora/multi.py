@@ -209,10 +209,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, bank: Adap
     x (..., K) · weight (N, K) or (K, N) with fan_in_fan_out · bias (N,) or None · the batch's adapters as
     EITHER ``adapter_ids`` (see fastlora.multi_plan.expand_ids; a list of names per sequence also works) OR a
     ``plan`` from ``plan_batch`` (built once, shared by every layer whose bank holds the same adapters).
-    The bank's dtype is x's or float32. Dropout is the single-adapter op's mask (seed, row, col) with one p
-    for every adapter, or ``dropout_p`` = one p per adapter (bank order, as PEFT's per-adapter lora_dropout):
-    token m of adapter k keeps column c iff u(seed, m, c) ≥ p_k, one seed for the whole call, one launch for
-    every p. ``regime`` applies when the plan is built here from ``adapter_ids``.
+    The bank's dtype is x's or float32. Dropout is the single-adapter op's mask for the call's seed (the
+    kernels' (seed, row, col) mask; on the CPU torch path u = torch.rand from a generator seeded with it) with
+    one p for every adapter, or ``dropout_p`` = one p per adapter (bank order, as PEFT's per-adapter
+    lora_dropout): token m of adapter k keeps column c iff u(m, c) ≥ p_k, one seed for the whole call, one
+    launch for every p. ``regime`` applies when the plan is built here from ``adapter_ids``.
     """
     from .functional import check_inputs
     if not isinstance(bank, AdapterBank):

@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from .dropout import keep_mask
+from .dropout import draw_keep
 
 
 def _column_masks(offsets, scalings, ids, R_tot):
@@ -48,12 +48,13 @@ def _segments(plan, x, M, K, N, R_tot, offsets):
 
 
 def _keep_scale(seed, M, K, plan, pk, dropout, device):
-    """None (no dropout) or the (M, K) float32 keep/(1−p_k) of each token's adapter k."""
+    """None (no dropout) or the (M, K) float32 keep/(1−p_k) of each token's adapter k; the mask is drawn from
+    ``seed`` (fastlora.dropout.draw_keep: on the CPU a generator seeded with it), again in backward."""
     if not dropout:
         return None
     k = plan.ids.long().clamp(min=0)                  # base-only tokens: any row (their LoRA term is unused)
     p_rows, inv_rows = pk[k, 0], pk[k, 1]
-    return keep_mask(seed, M, K, p_rows, device).to(torch.float32) * inv_rows[:, None]
+    return draw_keep(seed, M, K, p_rows, device, torch.float32).mul_(inv_rows[:, None])
 
 
 def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan, r_max, pk, dropout, seed,

@@ -9,11 +9,13 @@ them without graph breaks, and autograd wires them together:
         -> (dx, dA, dB, dbias, dW)   (empty tensors for what was not asked)
 
 Saved for backward: x (already alive for the previous layer), S (M×r), the
-0-d scale and seed tensors. Never a mask, never a dropped copy of x.
+0-d scale and seed tensors. Never a mask, never a dropped copy of x: backward draws the mask again from the seed
+(the kernels' Philox mask; on the CPU torch path a generator seeded with it, fastlora.dropout).
 
 Eager training does not go through the custom ops: ``LoraFunction`` (a plain torch.autograd.Function) runs the
-same forward and backward without the dispatcher's layers (less host time per call); on the pure-torch backend
-it keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward.
+same forward and backward without the dispatcher's layers (less host time per call); on the CPU torch path it
+keeps the forward's dropout mask bit-packed (1/32 of an fp32 x) instead of drawing it again in backward, so its
+seed may be None there (the mask then comes from torch's default generator, as nn.Dropout's).
 torch.compile traces the custom ops (fastlora.functional picks the path).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import select_backend
-from .dropout import keep_mask, pack_mask, unpack_mask
+from .dropout import draw_packed, unpack_mask
 
 
 def _kernels():
@@ -37,7 +39,7 @@ def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_
     """The forward computation itself, on the selected backend. The custom op below wraps it; eager calls
     (inference, and LoraFunction in training) call it directly, skipping the op's dispatcher layers
     (fastlora.functional). ``keep``: the dropout mask, when the torch backend's caller drew it already."""
-    if select_backend(x.device, backend) == "triton":
+    if backend != "torch" and select_backend(x.device, backend) == "triton":     # "torch": already selected
         return _kernels()[0].lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                    fan_in_fan_out, save_s)
     return reference.torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
@@ -47,7 +49,7 @@ def forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_
 def backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
              needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW, deterministic, backend, keep=None):
     """(dx, dA, dB, dbias, dW) on the selected backend, None where not needed."""
-    if select_backend(x.device, backend) == "triton":
+    if backend != "torch" and select_backend(x.device, backend) == "triton":
         dx, dA, dB, dbias = _kernels()[1].lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed,
                                                 fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dbias,
                                                 deterministic)
@@ -68,7 +70,9 @@ def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
                     scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool, save_s: bool,
                     deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
     # deterministic only shapes the backward; it is an input here so setup_context can keep it.
-    return forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend)
+    y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, backend)
+    return y, (S if S is not None else
+               x.new_empty((0, lora_A.shape[0]), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
 
 
 @lora_linear_fwd.register_fake
@@ -137,31 +141,32 @@ def own_output(y: Tensor) -> Tensor:
 
 class LoraFunction(torch.autograd.Function):
     """Eager-mode autograd for lora_linear: the custom ops' forward / backward without the dispatcher layers.
-    On the torch backend with dropout, the mask drawn in forward is saved bit-packed and reused in backward."""
+    ``cfg`` = (scale, p, seed, fan_in_fan_out, deterministic, backend), the backend already selected; on the CPU
+    torch path scale may be a Python float and seed None (fastlora.functional.op_scalars). On the CPU torch path
+    with dropout, the mask drawn in forward is saved bit-packed and reused in backward (elsewhere backward draws
+    it again from the seed)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, deterministic,
-                backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, cfg):
+        scale, p, seed, fan_in_fan_out, _, backend = cfg
         keep = bits = None
-        if dropout_p > 0 and select_backend(x.device, backend) == "torch":
+        if p > 0 and backend == "torch" and x.device.type == "cpu":
             K = x.shape[-1]
-            keep = keep_mask(seed, x.numel() // K if K else 0, K, dropout_p, x.device)
-            bits = pack_mask(keep)
-        y, S = forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, True, backend, keep)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, scale, seed, bits)
-        ctx.dropout_p, ctx.fan_in_fan_out, ctx.backend = dropout_p, fan_in_fan_out, backend
+            keep, bits = draw_packed(seed, x.numel() // K if K else 0, K, p, lora_A.dtype)
+        y, S = forward(x, weight, bias, lora_A, lora_B, scale, p, seed, fan_in_fan_out, True, backend, keep)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S, bits)
+        ctx.cfg = cfg                  # scale and seed: 0-d tensors (or a float / None), not inputs of the Function
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.deterministic = deterministic
         return own_output(y)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
+        x, weight, lora_A, lora_B, S, bits = ctx.saved_tensors
+        scale, p, seed, fan_in_fan_out, deterministic, backend = ctx.cfg
         nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
-        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
-        dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, ctx.dropout_p, seed,
-                                         ctx.fan_in_fan_out, nx, na, nbb, nb, nw, ctx.deterministic, ctx.backend,
-                                         keep)
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
+        dx, dA, dB, dbias, dW = backward(dy, x, weight, lora_A, lora_B, S, scale, p, seed, fan_in_fan_out,
+                                         nx, na, nbb, nb, nw, deterministic, backend, keep)
         if nb:
             dbias = dbias.to(ctx.bias_dtype)
-        return dx, dW, dbias, dA, dB, None, None, None, None, None, None
+        return dx, dW, dbias, dA, dB, None

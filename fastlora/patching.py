@@ -28,8 +28,9 @@ listed on their own.
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
-in training mode. The mask is fastlora's counter-based mask (fastlora.dropout.keep_mask) with a
-seed drawn from torch's generator, so it differs from nn.Dropout's draw but has the same law.
+in training mode. The mask is fastlora's (fastlora.dropout): on the CPU torch path one torch.rand per
+element from torch's generator, as nn.Dropout draws (a different draw than its bernoulli_, the same law);
+in the kernels a counter-based mask keyed by a seed drawn from torch's generator.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from . import _amp
 from . import dora as _dora
 from . import moe_peft
 from . import tracing as _tracing
-from .functional import lora_linear
+from .functional import _lora_linear, lora_linear
 from .modules import block_lora_B
 from .tracing import ACTIVE as _TRACING, DISABLED, MERGED, FallbackWarning
 
@@ -149,7 +150,11 @@ def _dropout_p(d):
 
 
 def _peft_base(m):
-    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear."""
+    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear. The usual one-level
+    wrap is read from the module dict (get_base_layer's hasattr probe costs a failed attribute lookup per call)."""
+    b = m._modules.get("base_layer")
+    if b is not None and "base_layer" not in b._modules and "base_layer" not in b.__dict__:
+        return b
     return m.get_base_layer() if hasattr(m, "get_base_layer") else m
 
 
@@ -288,10 +293,10 @@ def peft_call_reason(m, args, kwargs, dora_ok: bool = True):
             return f"extra forward arguments ({len(args)} positional, keywords {extra})", None
     if getattr(m, "merged", False):
         return MERGED, None
-    active = _peft_active(m)
-    if len(active) != 1:
+    a = _peft_single_active(m)
+    if a is None:
+        active = _peft_active(m)
         return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)", None
-    a = active[0]
     if a in getattr(m, "lora_variant", {}) and not (dora_ok and _dora.is_peft_dora(m, a)):
         return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})", None
     return None, a
@@ -304,16 +309,34 @@ def hand_back(m, reason: str, x, args=(), kwargs=None, library: str = "PEFT"):
     return type(m).forward(m, x, *args, **(kwargs or {}))
 
 
+def _fused(x, w, lora_A):
+    """The fused op for this call: without lora_linear's checks (the layer's tensors were checked at patch time,
+    their dtypes by runtime_reason) when x fits the layer, else lora_linear itself, whose error names what is wrong."""
+    if x.ndim and x.shape[-1] == lora_A.shape[1] and x.device == w.device:
+        return _lora_linear
+    return lora_linear
+
+
+def _peft_single_active(m):
+    """The one active adapter with weights in this PEFT layer (PEFT's forward skips the others), else None."""
+    act, here = m.active_adapter, m._modules["lora_A"]._modules
+    if type(act) is str:
+        return act if act in here else None
+    act = [a for a in act if a in here]
+    return act[0] if len(act) == 1 else None
+
+
 def _peft_forward(self, x, *args, **kwargs):
     st = getattr(self, _ATTR)
     amp = _amp.autocast_dtype(x)
     why, a = peft_call_reason(self, args, kwargs)
     if why is None:
-        base = _peft_base(self)
-        why = runtime_reason(x, base.weight, self.lora_A[a].weight, self.lora_B[a].weight, self.lora_dropout[a], amp)
+        base, mods = _peft_base(self), self._modules        # ModuleDicts read directly: host time per call
+        drop = mods["lora_dropout"]._modules[a]
+        lora_A, lora_B = mods["lora_A"]._modules[a].weight, mods["lora_B"]._modules[a].weight
+        why = runtime_reason(x, base.weight, lora_A, lora_B, drop, amp)
     if why is not None:
         return hand_back(self, why, x, args, kwargs)
-    drop = self.lora_dropout[a]
     p = _dropout_p(drop)[0] if drop.training else 0.0
     if _dora.is_peft_dora(self, a):
         y = _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device), p, amp)
@@ -321,7 +344,7 @@ def _peft_forward(self, x, *args, **kwargs):
             return hand_back(self, "DoRA tensors' dtypes (weight, lora_A, lora_B, magnitude) not served", x, args,
                              kwargs)
     else:
-        y = _amp.call(lora_linear, amp, x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+        y = _amp.call(_fused(x, base.weight, lora_A), amp, x, base.weight, base.bias, lora_A, lora_B,
                       st.scale(self.scaling[a], x.device), p, drop.training, self.fan_in_fan_out)
     if _TRACING:
         _tracing.record(self, None, st.name)
@@ -342,7 +365,7 @@ def _loralib_forward(self, x):
         if st.rows is None or st.rows.device != lora_B.device:
             st.rows = self.lora_ind.to(lora_B.device).nonzero().squeeze(1)
         lora_B = block_lora_B(lora_B, sum(self.enable_lora), st.rows, self.out_features)
-    y = _amp.call(lora_linear, amp, x, self.weight, self.bias, self.lora_A, lora_B,
+    y = _amp.call(_fused(x, self.weight, self.lora_A), amp, x, self.weight, self.bias, self.lora_A, lora_B,
                   st.scale(self.scaling, x.device), p if training else 0.0, training, self.fan_in_fan_out)
     if _TRACING:
         _tracing.record(self, None, st.name)

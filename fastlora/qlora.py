@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from . import _amp, ops
 from . import patching as _patching
 from . import tracing as _tracing
-from .backend import resolve_backend_choice, select_backend
-from .dropout import keep_mask, pack_mask, unpack_mask
+from .backend import select_backend
+from .dropout import draw_packed, unpack_mask
 from .functional import check_inputs, op_scalars
 from .modules import LoraLinear, check_rank
 from .patching import _ATTR, _dropout_p, _peft_active, peft_adapter_reason
@@ -133,10 +133,9 @@ class _QLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, scale, seed, layer, dtype, p, deterministic, backend):
         keep = bits = None
-        if p > 0 and select_backend(x.device, backend) == "torch":   # as ops.LoraFunction: the torch backend
-            K = x.shape[-1]                                          # keeps its mask bit-packed (M·K/8 bytes)
-            keep = keep_mask(seed, x.numel() // K, K, p, x.device)
-            bits = pack_mask(keep)
+        if p > 0 and backend == "torch" and x.device.type == "cpu":   # as ops.LoraFunction: the CPU torch path
+            K = x.shape[-1]                                             # keeps its mask bit-packed (M·K/8 bytes)
+            keep, bits = draw_packed(seed, x.numel() // K, K, p, lora_A.dtype)
         w = dequantize(layer, dtype)
         y, S = ops.forward(x, w, bias, lora_A, lora_B, scale, p, seed, False, True, backend, keep)
         del w, keep
@@ -149,7 +148,7 @@ class _QLoraFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, S, scale, seed, bits = ctx.saved_tensors
         nx, nb, na, nbb = (ctx.needs_input_grad[i] for i in range(4))
-        keep = None if bits is None else unpack_mask(bits, x.shape[-1])
+        keep = None if bits is None else unpack_mask(bits, x.shape[-1], lora_A.dtype)
         w = dequantize(ctx.layer, ctx.dtype)
         dx, dA, dB, dbias, _ = ops.backward(dy.contiguous(), x, w, lora_A, lora_B, S, scale, ctx.p, seed, False,
                                             nx, na, nbb, nb, False, ctx.deterministic, ctx.backend, keep)
@@ -212,10 +211,11 @@ def _qlora(x, base_layer, bias, lora_A, lora_B, scaling, dropout_p, training, se
     n, k = base_layer.out_features, base_layer.in_features
     stand_in = x.new_empty(()).expand(n, k)                       # shape / dtype / device only, no memory
     check_inputs(x, stand_in, None, lora_A, lora_B, scaling, dropout_p, False)
-    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed)
+    backend = select_backend(x.device, backend)
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=backend == "torch"
+                                  and x.device.type == "cpu" and not torch.compiler.is_compiling())
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    backend = resolve_backend_choice(backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         return _QLoraFunction.apply(x, bias, lora_A, lora_B, scale, seed_t, base_layer, cd, p, bool(deterministic),
                                     backend)

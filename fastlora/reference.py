@@ -27,8 +27,9 @@ base term is dY cast to the weight's dtype times W.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .dropout import keep_mask
+from .dropout import draw_keep, keep_mask
 
 
 def _weight_nk(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -37,13 +38,16 @@ def _weight_nk(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
-                          fan_in_fan_out=False):
-    """y = x·Wᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ with autograd; the mask is the kernels' mask for ``seed``."""
+                          fan_in_fan_out=False, keep=None):
+    """y = x·Wᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ with autograd. The mask: ``keep`` (a boolean tensor of x's
+    shape, or (M, K)) if given, e.g. the CPU torch path's ``fastlora.dropout.torch_keep_mask``; else the Triton
+    kernels' mask for ``seed``."""
     K = x.shape[-1]
     d = x
     if dropout_p > 0:
-        keep = keep_mask(seed, x.numel() // K, K, dropout_p, x.device).reshape(x.shape)
-        d = x * keep / (1 - dropout_p)
+        if keep is None:
+            keep = keep_mask(seed, x.numel() // K, K, dropout_p, x.device)
+        d = x * keep.reshape(x.shape) / (1 - dropout_p)
     y = x @ _weight_nk(weight, fan_in_fan_out).t().to(x.dtype)
     if bias is not None:
         y = y + bias
@@ -52,67 +56,88 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
 
 # ---------------------------------------------------------------------------
 # pure-torch backend (same contract as fastlora.kernels.lora_fwd / lora_bwd, in kernels/linear_fwd.py and linear_bwd.py)
+#
+# Few ops per call (host time is what a small layer costs): F.linear for the GEMMs, no-op casts skipped, the scale
+# and 1/(1 − p) applied to the (M, r) side, as a GEMM's alpha where they are Python floats. ``scale``: a 0-d tensor,
+# or a Python float (eager CPU calls: an alpha, no tensor op). ``keep``: the (M, K) 1/0 mask in the adapter dtype;
+# on the CPU torch's generator draws it (seed None: the default generator), elsewhere it is the kernels' Philox mask.
 # ---------------------------------------------------------------------------
 
+_ZEROS: dict = {}
+
+
+def _scaled_mm(a, b, s):
+    """s·(a @ b): with a float s one GEMM (alpha = s; beta = 0 ignores the cached 0-d input), else mm then mul_."""
+    if not isinstance(s, float):
+        return a.mm(b).mul_(s)
+    z = _ZEROS.get((a.dtype, a.device))
+    if z is None:
+        with torch.inference_mode(False):
+            z = _ZEROS[(a.dtype, a.device)] = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.addmm(z, a, b, beta=0, alpha=s)
+
+
 def torch_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s, keep=None):
-    """Returns (y of shape (..., N), S of shape (M, r) in float32 (float64 for float64 x), or (0, r) when not saved).
-    ``keep``: the (M, K) keep-mask for ``seed`` if the caller already has it (else drawn here). ``weight`` may
-    be in a half dtype under float32 x (the module docstring: the QLoRA recipe)."""
+    """Returns (y of shape (..., N), S = drop(x)·Aᵀ of shape (M, r) in float32 (float64 for float64 x), or None
+    when not saved). ``keep``: the mask for this call if the caller drew it already (else drawn here); consumed:
+    its buffer becomes x ⊙ keep (no (M, K) allocation). ``weight`` may be in a half dtype under float32 x (the
+    module docstring: the QLoRA recipe)."""
     K = x.shape[-1]
-    w = _weight_nk(weight, fan_in_fan_out)
+    w = weight.t() if fan_in_fan_out else weight
     x2 = x.reshape(-1, K)
-    d = x2.to(lora_A.dtype)
+    ad = lora_A.dtype
     if dropout_p > 0:
-        d = d * (keep_mask(seed, x2.shape[0], K, dropout_p, x.device) if keep is None else keep)
-    S = d @ lora_A.t()                                   # (M, r), adapter dtype
-    if dropout_p > 0:
-        S = S * (1.0 / (1.0 - dropout_p))
-    Ss = S * scale.to(S.dtype)                           # scale the (M, r) side: no (M, N) temp
-    if w.dtype != x.dtype:                               # float32 x, half base (QLoRA recipe): base as bnb, in
-        xb = x2.to(w.dtype)                              # W's dtype on x cast to it; the LoRA branch on x itself
-        y = (Ss @ lora_B.t()).add_(torch.addmm(bias, xb, w.t()) if bias is not None else xb @ w.t())
+        d = (draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad) if keep is None else keep).mul_(x2)
+        S = _scaled_mm(d, lora_A.t(), 1.0 / (1.0 - dropout_p))     # (M, r), adapter dtype
+    else:
+        S = F.linear(x2 if x2.dtype == ad else x2.to(ad), lora_A)
+    if w.dtype != x.dtype:                                   # float32 x, half base (QLoRA recipe): base as bnb, in
+        xb = x2.to(w.dtype)                                  # W's dtype on x cast to it; the LoRA branch on x itself
+        y = _scaled_mm(S, lora_B.t(), scale).add_(F.linear(xb, w, bias))
         del xb
     else:
-        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        if lora_B.dtype == y.dtype:
-            y.addmm_(Ss, lora_B.t())                     # fused: y += s·S·Bᵀ in place
-        else:                                            # fp32 adapters on a half base, like PEFT
-            y.add_((Ss @ lora_B.t()).to(y.dtype))
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    S_saved = S.to(acc) if save_s else S.new_empty((0, S.shape[1]), dtype=acc)
-    return y.reshape(*x.shape[:-1], w.shape[0]), S_saved
+        y = F.linear(x2, w, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
+        if lora_B.dtype != y.dtype:                          # fp32 adapters on a half base, like PEFT
+            y.add_(_scaled_mm(S, lora_B.t(), scale).to(y.dtype))
+        elif isinstance(scale, float):
+            y.addmm_(S, lora_B.t(), alpha=scale)             # fused: y += s·S·Bᵀ in place, no (M, N) temp
+        else:
+            y.addmm_(S * scale, lora_B.t())
+    if save_s:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        S = S if S.dtype == acc else S.to(acc)
+    return y.view(*x.shape[:-1], w.shape[0]), (S if save_s else None)
 
 
 def torch_backward(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fan_out,
                    needs_dx, needs_dA, needs_dB, needs_dbias, keep=None):
-    """Returns (dx, dA, dB, dbias); entries not needed are None. ``keep``: the forward's mask, if kept."""
+    """Returns (dx, dA, dB, dbias); entries not needed are None. ``keep``: the forward's mask, if kept (else
+    drawn again from ``seed``); consumed, as in torch_forward."""
     K = x.shape[-1]
-    w = _weight_nk(weight, fan_in_fan_out)
+    w = weight.t() if fan_in_fan_out else weight
     dy2 = dy.reshape(-1, w.shape[0])
     x2 = x.reshape(-1, K)
     ad = lora_A.dtype
-    dyl = dy2.to(ad)
-    s = scale.to(ad)
-    if dropout_p > 0 and keep is None:
-        keep = keep_mask(seed, x2.shape[0], K, dropout_p, x.device)
-    elif dropout_p == 0:
-        keep = None
-    inv_keep = 1.0 / (1.0 - dropout_p)
+    dyl = dy2 if dy2.dtype == ad else dy2.to(ad)
+    if dropout_p > 0 and keep is None and (needs_dx or needs_dA):
+        keep = draw_keep(seed, x2.shape[0], K, dropout_p, x.device, ad)
     dx = dA = dB = dbias = None
-    dS = (dyl @ lora_B) * s                                # computed once, reused below
+    # dS = s·dY·B, with 1/(1 − p) folded in where it goes to the (M, K) side (computed once, reused below)
+    dS = _scaled_mm(dyl, lora_B, scale / (1.0 - dropout_p) if dropout_p > 0 else scale)
     if needs_dB:
-        dB = (dyl.t() @ S.to(ad)) * s
+        dB = _scaled_mm(dyl.t(), S if S.dtype == ad else S.to(ad), scale)
     if needs_dbias:
         dbias = dy2.sum(0, dtype=torch.float64 if dy2.dtype == torch.float64 else torch.float32)
-    if needs_dA:
-        d = x2.to(ad) if keep is None else x2.to(ad) * keep
-        dA = (dS.t() @ d) * (inv_keep if keep is not None else 1.0)
     if needs_dx:
-        lora_dx = dS @ lora_A                              # (M, K)
-        if keep is not None:
-            lora_dx = lora_dx * keep * inv_keep
-        if w.dtype != dy2.dtype:                           # the QLoRA recipe: dx's base term as bnb's, in W's dtype
-            dx = lora_dx.to(dy2.dtype).add_(dy2.to(w.dtype) @ w).reshape(x.shape)
+        lora_dx = dS.mm(lora_A)                              # (M, K) adapter dtype
+        if dropout_p > 0:
+            lora_dx.mul_(keep)
+        dt = dy2.dtype
+        if w.dtype != dt:                                    # the QLoRA recipe: dx's base term as bnb's, in W's dtype
+            dx = (lora_dx if lora_dx.dtype == dt else lora_dx.to(dt)).add_(dy2.to(w.dtype) @ w).view(x.shape)
         else:
-            dx = torch.addmm(lora_dx.to(dy2.dtype), dy2, w.to(dy2.dtype)).reshape(x.shape)
+            dx = torch.addmm(lora_dx if lora_dx.dtype == dt else lora_dx.to(dt), dy2, w).view(x.shape)
+    if needs_dA:                                             # after dx: keep's buffer becomes x ⊙ keep here
+        d = keep.mul_(x2) if dropout_p > 0 else (x2 if x2.dtype == ad else x2.to(ad))
+        dA = dS.t().mm(d)
     return dx, dA, dB, dbias

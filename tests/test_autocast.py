@@ -86,8 +86,8 @@ def spy(monkeypatch):
     """Records, per fused call, the dtype its operands were all cast to."""
     calls = []
     for mod in (fp, fm):
-        real = mod.lora_linear
-        monkeypatch.setattr(mod, "lora_linear", lambda *a, _r=real, **k: calls.append(_dtype(a[:5])) or _r(*a, **k))
+        real = mod._lora_linear
+        monkeypatch.setattr(mod, "_lora_linear", lambda *a, _r=real, **k: calls.append(_dtype(a[:5])) or _r(*a, **k))
     return calls
 
 

@@ -134,6 +134,44 @@ def test_multi_adapter_row_half_precision_uses_the_idiom(torch_backend):
     assert made is not None and made[1] == 16 * cfg.n_layer * paper_table.LORA_R * 4 * cfg.n_embd
 
 
+@pytest.mark.parametrize("row", ["merged", "AdapterH", "LoRA PEFT", "LoRA fastlora", "fastlora multi-adapter"])
+def test_decode_call_is_one_token_on_the_kv_cache(row, torch_backend):
+    """The decode column's timed call: one new token on the model's own KV cache of the 128-token prompt = the
+    last position of a full forward over prompt + token (fp32 rounding apart); reset crops the cache back, so a
+    second step does the same work and gives the same numbers."""
+    cfg = tiny_cfg()
+    base = paper_table.build_base(cfg)
+    if row == "fastlora multi-adapter":
+        model = paper_table.multi_adapter_row(base, cfg, "decode")[0]      # checked against PEFT inside
+    else:
+        model = paper_table.make_variant(base, row, cfg, "decode")[0]
+    call = paper_table.Call(model, cfg, "decode")
+    assert call.cache.get_seq_length() == paper_table.DECODE_CACHE and call.ids.shape == (1, 1)
+    with torch.inference_mode():
+        step = call()
+        assert call.cache.get_seq_length() == paper_table.DECODE_CACHE + 1
+        call.reset()
+        assert call.cache.get_seq_length() == paper_table.DECODE_CACHE
+        again = call()
+        call.reset()
+        full = paper_table.forward(model, torch.cat([paper_table._inputs(cfg, "decode"), call.ids], 1))
+    assert step.shape == (1, 1, cfg.n_embd) and torch.equal(step, again)
+    torch.testing.assert_close(step, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_rows_are_checked_against_peft(torch_backend, monkeypatch):
+    """run() compares the fastlora row's decode step with PEFT's (the timed call itself) before timing."""
+    cfg = tiny_cfg(columns=["decode"])
+    seen = []
+    real = paper_table.check_row
+    monkeypatch.setattr(paper_table, "check_row", lambda row, out, ref, f32: seen.append((row, out.shape)) or
+                        real(row, out, ref, f32))
+    rows = paper_table.run(cfg, rows=("merged", "LoRA PEFT", "LoRA fastlora"))
+    assert ("LoRA fastlora", (1, 1, cfg.n_embd)) in seen
+    assert {r["row"] for r in rows} == {"merged", "LoRA PEFT", "LoRA fastlora", "fastlora multi-adapter"}
+    assert all(r["column"] == "decode" and r["kv_cache"] == paper_table.DECODE_CACHE for r in rows)
+
+
 def test_check_row_catches_a_wrong_row_not_rounding():
     g = torch.Generator().manual_seed(0)
     ref32 = torch.randn(4, 8, 16, generator=g)
@@ -151,32 +189,38 @@ def test_check_row_catches_a_wrong_row_not_rounding():
 # ----------------------------------------------------------------------------- the CLI
 
 def test_paper_table_main_writes_csv_and_png(tmp_path, torch_backend, capsys):
+    """The CPU default: the batch-1 / seq-128 column and the decode column, every row in both."""
     rc = paper_table.main(TINY + ["--trials", "2", "--warmup", "0", "--out-dir", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "--columns all" in out and "bottleneck r = 3" in out
+    assert "decode: batch 1, one new token per step, KV cache 128" in out and "ms per token" in out
     (csv_path,) = tmp_path.glob("paper_table_cpu_float32.csv")
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == paper_table.CSV_COLUMNS
         rows = list(reader)
-    expected = set(paper_table.ROWS)
-    assert expected <= {r["row"] for r in rows}
+    expected = set(paper_table.ROWS) | {"fastlora multi-adapter"}
+    for column in ("1x128", "decode"):
+        assert {r["row"] for r in rows if r["column"] == column} == expected, column
     for r in rows:
         assert float(r["mean_ms"]) > 0 and float(r["std_ms"]) >= 0 and float(r["median_ms"]) > 0
-        assert r["column"] == "1x128" and r["trials"] == "2" and r["dtype"] == "float32"
+        assert r["column"] in ("1x128", "decode") and r["trials"] == "2" and r["dtype"] == "float32"
+        assert r["kv_cache"] == ("128" if r["column"] == "decode" else "")
+        assert (r["batch"], r["seq"]) == (("1", "1") if r["column"] == "decode" else ("1", "128"))
         assert "torch=" in r["versions"] and "fastlora=" in r["versions"] and r["device"]
         dt.datetime.fromisoformat(r["timestamp"])
-    merged = next(r for r in rows if r["row"] == "merged")
+    merged = next(r for r in rows if r["row"] == "merged" and r["column"] == "1x128")
     assert float(merged["overhead_pct"]) == 0.0 and merged["paper_mean_ms"] == "19.8"
     assert merged["ratio"] == "1.0000" and merged["vs_merged"] == ""           # paired with itself
+    assert all(r["paper_mean_ms"] == r["paper_overhead_pct"] == "" for r in rows if r["column"] == "decode")
     for r in rows:
         if r["row"] != "merged":
             assert float(r["ratio_lo"]) <= float(r["ratio"]) <= float(r["ratio_hi"])
             assert r["vs_merged"] == ("indistinguishable" if float(r["ratio_lo"]) <= 1 <= float(r["ratio_hi"])
                                       else "slower" if float(r["ratio_lo"]) > 1 else "faster")
     assert "ratio to merged" in out
-    ad_h = next(r for r in rows if r["row"] == "AdapterH")
+    ad_h = next(r for r in rows if r["row"] == "AdapterH" and r["column"] == "1x128")
     assert float(ad_h["paper_overhead_pct"]) == pytest.approx(100 * (25.8 / 19.8 - 1), abs=0.05)
     assert int(ad_h["adapter_params"]) == adp.paper_param_count("H", 2, 32, 3)
     png = csv_path.with_suffix(".png")
@@ -209,7 +253,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 def test_cpu_defaults_and_quick():
     mk = lambda *o: paper_table.make_config(paper_table.parser().parse_args(["--device", "cpu", *o]))  # noqa: E731
     cfg = mk()
-    assert cfg.columns == ["1x128"] and cfg.trials == 10 and cfg.dtype == torch.float32 and cfg.notes
+    assert cfg.columns == ["1x128", "decode"] and cfg.trials == 10 and cfg.dtype == torch.float32 and cfg.notes
     assert mk("--quick").trials == 3
     assert mk("--columns", "all").columns == list(paper_table.COLUMNS) and not mk("--columns", "all").notes
 
@@ -364,6 +408,26 @@ def test_output_folder_rule(tmp_path, monkeypatch, capsys):
     assert traffic.main(["--out-dir", str(tmp_path / "given")]) == 0
     assert (tmp_path / "given" / "traffic_model.csv").exists()
     assert {p: p.stat().st_mtime_ns for p in common.RESULTS_DIR.rglob("*")} == before
+
+
+def test_host_overhead_dry_run(tmp_path, torch_backend, capsys):
+    """python -m benchmarks.host_overhead: the three models compute the same layer (same weights), and a short
+    run writes one row per (mode, dropout) with every provider's median."""
+    from benchmarks import host_overhead
+    ms = host_overhead.models(0.0)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        ys = {k: m.eval()(x) for k, m in ms.items()}
+        lora = ys["peft"] - ms["peft"].base_model.model.q.base_layer(x)
+    assert lora.abs().max() > 1e-2                                            # the LoRA term is really there
+    torch.testing.assert_close(ys["fastlora"], ys["peft"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ys["module"], ys["peft"], rtol=1e-5, atol=1e-6)
+    assert host_overhead.main(["--rounds", "2", "--out-dir", str(tmp_path)]) == 0
+    rows = common.read_csv(tmp_path / "host_overhead_cpu.csv")
+    assert [(r["mode"], r["dropout"]) for r in rows] == [("eval", "0.0"), ("train", "0.0"), ("eval", "0.1"),
+                                                         ("train", "0.1")]
+    assert all(float(r[k]) > 0 for r in rows for k in ("peft_us", "fastlora_us", "module_us", "ratio"))
+    assert "LoraLinear" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- train step

@@ -95,12 +95,12 @@ def _run(kind, mode, rank):
     x, y = data(kind)
     per = x.shape[0] // WORLD
     xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-    calls, real = [], fp.lora_linear
-    fp.lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls, real = [], fp._lora_linear
+    fp._lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         nn.functional.mse_loss(wrapped(xs), ys).backward()
     finally:
-        fp.lora_linear = real
+        fp._lora_linear = real
     grads = lora_grads(model)
     grads["fused calls"] = torch.tensor(len(calls))
     del wrapped, model        # DDP's reducer / FSDP's state go before the process group does

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 import fastlora
 import fastlora.dora as fd
 import fastlora.kernels.dora_norm as kdn
+from fastlora.dropout import torch_keep_mask
 from fastlora.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close
@@ -96,8 +97,8 @@ def test_patched_peft_parity(monkeypatch, spy, backend, dropout, dtype, adt):
     layer = pm.base_model.model.up
     assert layer.lora_A["default"].weight.dtype == adt
     assert layer.lora_magnitude_vector["default"].weight.dtype == adt
-    ref = replay_dropout(copy.deepcopy(pm))
-    o64 = replay_dropout(copy.deepcopy(pm).double())
+    ref = replay_dropout(copy.deepcopy(pm), op="dora")
+    o64 = replay_dropout(copy.deepcopy(pm).double(), op="dora")
     rep = fastlora.patch(pm)
     assert set(rep.patched) == {f"base_model.model.{n}" for n in TARGETS} and not rep.skipped
     x, g = torch.randn(2, 5, 24, dtype=dtype), torch.randn(2, 5, 16, dtype=dtype)
@@ -134,6 +135,12 @@ CASES = [
 ]
 
 
+def dora_mask(seed, x, p):
+    """The mask dora_linear draws for ``seed`` on CPU tensors, on every backend (its GEMMs and dropout are torch
+    code): fastlora.dropout.torch_keep_mask; None without dropout."""
+    return torch_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p) if p > 0 else None
+
+
 def _tensors(shape, K, N, r, dt, adt, ffo, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, d: torch.randn(*s, generator=g).to(d)  # noqa: E731
@@ -163,8 +170,9 @@ def test_functional_parity(backend, case):
         return {"y": y.detach(), **{f"d{k}": ts[k].grad for k in names}}
 
     got = go(fd.dora_linear, t, backend=backend)
-    base = go(fd.dora_linear_reference, t)                       # plain torch in the same dtypes (PEFT's flow)
-    o64 = go(fd.dora_linear_reference, {k: (v.double() if v is not None else None) for k, v in t.items()})
+    keep = dora_mask(11, t["x"], p)                              # the mask dora_linear drew for seed 11
+    base = go(fd.dora_linear_reference, t, keep=keep)            # plain torch in the same dtypes (PEFT's flow)
+    o64 = go(fd.dora_linear_reference, {k: (v.double() if v is not None else None) for k, v in t.items()}, keep=keep)
     assert set(got) == set(base) == set(o64) and len(got) == len(names) + 1
     for k in got:
         assert got[k].dtype == base[k].dtype, k
@@ -177,8 +185,9 @@ def test_trainable_base_weight_gets_its_gradient(p, ffo):
     t = _tensors((4,), 12, 10, 3, F32, F32, ffo, True)
     g = torch.randn(4, 10)
     out = {}
-    for name, fn, ts in (("got", fd.dora_linear, t), ("base", fd.dora_linear_reference, t),
-                         ("o64", fd.dora_linear_reference, {k: v.double() for k, v in t.items()})):
+    ref = lambda *a, **k: fd.dora_linear_reference(*a, **k, keep=dora_mask(4, t["x"], p))  # noqa: E731
+    for name, fn, ts in (("got", fd.dora_linear, t), ("base", ref, t),
+                         ("o64", ref, {k: v.double() for k, v in t.items()})):
         w = ts["weight"].detach().clone().requires_grad_(True)
         x = ts["x"].detach().clone().requires_grad_(True)
         fn(x, w, ts["bias"], ts["lora_A"], ts["lora_B"], ts["magnitude"], 2.0, p, fan_in_fan_out=ffo,
@@ -236,7 +245,7 @@ def test_torch_compile_fullgraph(backend):
                                      ts["magnitude"], 2.0, 0.1, seed=torch.tensor(5), backend=backend)
     compiled = torch.compile(ours, fullgraph=True)
     ref = lambda ts: fd.dora_linear_reference(ts["x"], ts["weight"], ts["bias"], ts["lora_A"],  # noqa: E731
-                                              ts["lora_B"], ts["magnitude"], 2.0, 0.1, seed=5)
+                                              ts["lora_B"], ts["magnitude"], 2.0, 0.1, keep=dora_mask(5, t["x"], 0.1))
     o64 = step(ref, {k: (v.double() if v is not None else None) for k, v in t.items()})
     base = step(ref, t)
     for kind, got in (("compiled", step(compiled, t)), ("eager", step(ours, t))):
@@ -541,7 +550,7 @@ def test_patched_dora_under_cpu_autocast_runs_fused(monkeypatch, spy, backend, d
     from tests.test_autocast import BF16 as AMP, compare, oracle, step
     monkeypatch.setenv("FASTLORA_BACKEND", backend)
     pm = tiny_dora(dropout=dropout)
-    ref, o64 = replay_dropout(copy.deepcopy(pm)), replay_dropout(oracle(pm, AMP))
+    ref, o64 = replay_dropout(copy.deepcopy(pm), "dora"), replay_dropout(oracle(pm, AMP), "dora")
     assert len(fastlora.patch(pm).patched) == 3
     x, g = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
     with fastlora.trace() as t:

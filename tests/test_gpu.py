@@ -57,7 +57,7 @@ CASES = lp.PAIRWISE + lp.SWEEPS + LARGE
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_linear_parity_gpu(case):
     pb = gpu_problem(case)
-    lp.check_parity(pb, lp.run_fastlora(pb, "triton"))
+    lp.check_parity(pb, lp.run_fastlora(pb, "triton"), "triton")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16+fp32"])
@@ -68,7 +68,7 @@ def test_deterministic_gpu(dtype):
     again = lp.run_fastlora(pb, "triton", deterministic=True)
     for name in first:
         assert torch.equal(first[name], again[name]), name
-    lp.check_parity(pb, first)
+    lp.check_parity(pb, first, "triton")
 
 
 def test_torch_compile_gpu():

@@ -2,9 +2,10 @@
 same model after fastlora.patch — 20 AdamW steps with LoRA dropout 0.1, generate(), save/load.
 
 Both sides see the same dropout masks: the PEFT reference's nn.Dropout modules are replaced by
-ReplayDropout, which draws its seed from torch's generator exactly as lora_linear does and builds
-fastlora's mask (fastlora.dropout.keep_mask). Nothing else in these models draws random numbers
-(attention/residual/embedding dropouts are 0), so seed i goes to the same layer on both sides.
+ReplayDropout (tests/_replay.py), which draws from torch's generator exactly what lora_linear draws on the
+backend under test (the CPU torch path's torch.rand mask, or a seed for the kernels' Philox mask) and builds the
+same mask. Nothing else in these models draws random numbers (attention/residual/embedding dropouts are 0), so
+draw i goes to the same layer on both sides.
 """
 import copy
 import warnings
@@ -76,8 +77,8 @@ def test_20_steps_losses_generate_and_save_load(kind, monkeypatch, tmp_path):
     batches = [torch.randint(0, VOCAB, (2, 12)) for _ in range(2)]
     data = [batches[i % 2] for i in range(20)]          # a tiny repeated dataset it can learn
     calls = []
-    real = fp.lora_linear
-    monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fp._lora_linear
+    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     l_fast, l_ref, l_64 = train(fast, data), train(ref, data), train(o64, data)
     assert len(calls) == 20 * n_layers
     assert l_ref[-1] < l_ref[0] - 0.05                 # it does learn something

@@ -16,6 +16,7 @@ import torch._dynamo
 from torch import nn
 
 from fastlora import lora_linear, lora_linear_reference
+from tests._replay import mask_of
 from tests._tolerance import assert_close
 
 K, N, R = 24, 20, 4
@@ -62,8 +63,8 @@ def _reference(model, x, seed, dtype, backward=True):
     xx = x.detach().to(dtype).requires_grad_(x.requires_grad)
     b, A, B = leaf(model.bias), leaf(model.lora_A), leaf(model.lora_B)
     p = model.p if model.training else 0.0
-    y = torch.tanh(lora_linear_reference(xx, model.weight.to(dtype), b, A, B, float(model.scaling), p,
-                                         0 if seed is None else int(seed)))
+    keep = mask_of(model.backend, int(seed), xx.numel() // K, K, p) if p > 0 else None   # the backend's mask
+    y = torch.tanh(lora_linear_reference(xx, model.weight.to(dtype), b, A, B, float(model.scaling), p, keep=keep))
     if not backward:
         return y.detach()
     y.square().mean().backward()

@@ -15,7 +15,8 @@ from torch import nn
 from fastlora import lora_linear, lora_linear_reference
 from tests._tolerance import assert_close
 from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, SEED, Case, abs_problem, build_peft, check_parity,
-                                      layout_ok, make_problem, run_fastlora, run_oracle, run_peft)
+                                      layout_ok, make_problem, problem_mask, run_fastlora, run_oracle,
+                                      run_peft)
 
 
 # ---------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def test_fuzz_parity(backend):
     @given(case=cases(), seed=st.integers(0, 2**16))
     def run(case, seed):
         pb = make_problem(case, seed)
-        check_parity(pb, run_fastlora(pb, backend))
+        check_parity(pb, run_fastlora(pb, backend), backend)
     run()
 
 
@@ -76,7 +77,7 @@ def test_deterministic_bitwise_repeatable(backend, dtype):
     first, again = run_fastlora(pb, backend, deterministic=True), run_fastlora(pb, backend, deterministic=True)
     for name in first:
         assert torch.equal(first[name], again[name]), f"{name} differs between two deterministic runs"
-    check_parity(pb, first)
+    check_parity(pb, first, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,7 +135,7 @@ def test_saves_nothing_x_sized_beyond_x(backend):
     assert any(t.untyped_storage().data_ptr() == x_ptr for t in saved), "x itself should be saved"
     y.sum().backward()                # what was saved is enough for backward
 
-    layer = build_peft(pb, dropout=nn.Dropout(0.1))
+    layer = build_peft(pb, backend, dropout=nn.Dropout(0.1))
     xp = pb.x.detach().requires_grad_()
     yp, peft_saved = _saved(lambda: layer(xp))
     peft_big = [t for t in peft_saved if t.numel() >= x.numel() and t.untyped_storage().data_ptr() != x_ptr]
@@ -157,7 +158,7 @@ def test_partial_requires_grad(backend, frozen):
     got = run_fastlora(pb, backend)              # asserts frozen inputs get no .grad
     expected_keys = {"y", "dx", "dA", "dB", "dbias"} - {"d" + n for n in frozen}
     assert set(got) == expected_keys
-    check_parity(pb, got)
+    check_parity(pb, got, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,7 +235,7 @@ def test_scaling_scales_adapter_grads(backend):
     g2 = run_fastlora(pb, backend)
     for name in ("dA", "dB"):
         torch.testing.assert_close(g2[name], 2 * g1[name], rtol=1e-6, atol=0)
-    check_parity(pb, g2, run_oracle(pb), run_peft(pb))
+    check_parity(pb, g2, backend, run_oracle(pb, backend), run_peft(pb, backend))
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_split_n_dsdb_pass(split_n, deterministic):
     dx, dA, dB, dbias = lora_bwd(pb.dy, x, pb.weight, A, B, S, scale, pb.case.p, seed, False,
                                  True, True, True, True, deterministic, split_n=split_n)
     got = {"dx": dx, "dA": dA, "dB": dB, "dbias": dbias}
-    oracle, peft, scale_of = run_oracle(pb), run_peft(pb), run_oracle(abs_problem(pb))
+    oracle, peft, scale_of = run_oracle(pb, "triton"), run_peft(pb, "triton"), run_oracle(abs_problem(pb), "triton")
     for name, t in got.items():
         assert_close(f"{name} (split_n={split_n})", t, oracle[name], peft[name], scale=scale_of[name])
 
@@ -278,7 +279,9 @@ def test_trainable_base_weight_gradient(backend, dtype, fan_in_fan_out):
     p, s = pb.case.p, pb.scaling
     fused = lambda x, W, b, A, B: lora_linear(x, W, b, A, B, s, p, fan_in_fan_out=fan_in_fan_out,  # noqa: E731
                                               seed=SEED, backend=backend)
-    ref = lambda x, W, b, A, B: lora_linear_reference(x, W, b, A, B, s, p, SEED, fan_in_fan_out)  # noqa: E731
+    keep = problem_mask(pb, backend)
+    ref = lambda x, W, b, A, B: lora_linear_reference(x, W, b, A, B, s, p, SEED, fan_in_fan_out,  # noqa: E731
+                                                      keep=keep)
     got, base, oracle = _all_grads(pb, fused), _all_grads(pb, ref), _all_grads(pb, ref, torch.float64)
     terms = _all_grads(abs_problem(pb), ref, torch.float64)      # Σ|terms| scales (tests/_tolerance.py)
     assert got["dW"].shape == pb.weight.shape and got["dW"].dtype == pb.weight.dtype

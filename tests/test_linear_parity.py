@@ -5,7 +5,8 @@ Every case runs three computations on the same inputs and the same dropout mask:
     CPU because tests/conftest.py sets TRITON_INTERPRET=1; "torch" = the pure-torch path);
   * fastlora.lora_linear_reference on float64 copies (the oracle; autograd gives its gradients);
   * PEFT's ``peft.tuners.lora.Linear`` in the case's dtypes, around an nn.Linear (or a
-    transformers Conv1D for fan_in_fan_out), its dropout replaced by the kernels' Philox mask.
+    transformers Conv1D for fan_in_fan_out), its dropout replaced by that backend's mask for SEED
+    (the kernels' Philox mask, or the torch path's torch.rand mask: tests/_replay.py mask_of).
 PEFT is the baseline of the tolerance idiom (tests/_tolerance.py): fastlora's error vs float64
 must be <= 2x PEFT's + atol, and PEFT itself must agree with the oracle (same maths).
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from fastlora import lora_linear, lora_linear_reference
-from fastlora.dropout import keep_mask
+from tests._replay import mask_of
 from tests._tolerance import assert_baseline_sane, assert_close
 
 SEED = 1234                      # dropout seed shared by fastlora, the oracle and PEFT
@@ -165,30 +166,38 @@ def run_fastlora(pb: Problem, backend: str, **kw) -> dict:
     return _grads(y, pb.dy, x, A, B, bias)
 
 
-def run_oracle(pb: Problem) -> dict:
+def problem_mask(pb: Problem, backend: str) -> torch.Tensor:
+    """The (M, K) keep mask ``backend`` draws for pb's x with SEED (p = 0: None)."""
+    if pb.case.p == 0:
+        return None
+    K = pb.case.KN[0]
+    return mask_of(backend, SEED, pb.x.numel() // K, K, pb.case.p, pb.x.device)
+
+
+def run_oracle(pb: Problem, backend: str) -> dict:
+    """The float64 oracle with ``backend``'s mask."""
     c = pb.case
     x, bias, A, B = (_leaf(t, torch.float64) for t in (pb.x, pb.bias, pb.A, pb.B))
-    y = lora_linear_reference(x, pb.weight.double(), bias, A, B, pb.scaling, c.p, SEED, c.fan_in_fan_out)
+    y = lora_linear_reference(x, pb.weight.double(), bias, A, B, pb.scaling, c.p, SEED, c.fan_in_fan_out,
+                              keep=problem_mask(pb, backend))
     return _grads(y, pb.dy.double(), x, A, B, bias)
 
 
 class MaskDropout(nn.Module):
-    """PEFT's lora_dropout replaced by the kernels' Philox mask: x ⊙ keep(seed, M, K, p) / (1 − p)."""
+    """PEFT's lora_dropout replaced by a given keep mask (M, K): x ⊙ keep / (1 − p)."""
 
-    def __init__(self, seed: int, p: float):
+    def __init__(self, keep: torch.Tensor | None, p: float):
         super().__init__()
-        self.seed, self.p = seed, p
+        self.keep, self.p = keep, p
 
     def forward(self, x):
         if self.p == 0:
             return x
-        K = x.shape[-1]
-        keep = keep_mask(self.seed, x.numel() // K, K, self.p, x.device).reshape(x.shape)
-        return x * keep / (1 - self.p)
+        return x * self.keep.reshape(x.shape) / (1 - self.p)
 
 
-def build_peft(pb: Problem, dropout: nn.Module | None = None) -> nn.Module:
-    """PEFT lora.Linear with pb's weights, adapters in their dtype, ``dropout`` (default: pb's mask)."""
+def build_peft(pb: Problem, backend: str, dropout: nn.Module | None = None) -> nn.Module:
+    """PEFT lora.Linear with pb's weights, adapters in their dtype, ``dropout`` (default: ``backend``'s mask)."""
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
     from transformers.pytorch_utils import Conv1D
@@ -217,12 +226,13 @@ def build_peft(pb: Problem, dropout: nn.Module | None = None) -> nn.Module:
         mod.to(w.dtype)
         mod.weight.data.copy_(w.detach())
         mod.weight.requires_grad_(w.requires_grad)
-    layer.lora_dropout["default"] = dropout if dropout is not None else MaskDropout(SEED, c.p)
+    layer.lora_dropout["default"] = dropout if dropout is not None else MaskDropout(problem_mask(pb, backend), c.p)
     return layer.to(pb.x.device).train()          # the problem's device (tests/test_gpu.py: CUDA)
 
 
-def run_peft(pb: Problem) -> dict:
-    layer = build_peft(pb)
+def run_peft(pb: Problem, backend: str) -> dict:
+    """PEFT in the case's dtypes with ``backend``'s mask."""
+    layer = build_peft(pb, backend)
     x = pb.x.detach()
     if pb.case.fan_in_fan_out and pb.case.layout == "3d_t":
         x = x.contiguous()        # transformers' Conv1D calls x.view(-1, K): it cannot take this layout
@@ -239,12 +249,13 @@ def abs_problem(pb: Problem) -> Problem:
                    pb.dy.abs(), pb.case)
 
 
-def check_parity(pb: Problem, got: dict, oracle: dict | None = None, peft: dict | None = None) -> None:
-    """Every output and gradient: PEFT agrees with the oracle; fastlora within the idiom of both.
-    Tolerances scale with Σ|terms| (abs_problem), not with the possibly cancelled result."""
-    oracle = oracle if oracle is not None else run_oracle(pb)
-    peft = peft if peft is not None else run_peft(pb)
-    scale = run_oracle(abs_problem(pb))
+def check_parity(pb: Problem, got: dict, backend: str, oracle: dict | None = None, peft: dict | None = None) -> None:
+    """Every output and gradient of ``got`` (fastlora on ``backend``): PEFT agrees with the oracle (both with
+    that backend's mask); fastlora within the idiom of both. Tolerances scale with Σ|terms| (abs_problem),
+    not with the possibly cancelled result."""
+    oracle = oracle if oracle is not None else run_oracle(pb, backend)
+    peft = peft if peft is not None else run_peft(pb, backend)
+    scale = run_oracle(abs_problem(pb), backend)
     assert set(got) == set(oracle) == set(peft), (set(got), set(oracle), set(peft))
     errors = []
     for name in oracle:                    # every output checked; all failures reported together
@@ -332,11 +343,11 @@ def test_layouts_are_what_they_claim():
 @pytest.mark.parametrize("case", PAIRWISE, ids=lambda c: c.id)
 def test_parity_pairwise(case, backend):
     pb = make_problem(case)
-    check_parity(pb, run_fastlora(pb, backend))
+    check_parity(pb, run_fastlora(pb, backend), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", SWEEPS, ids=lambda c: c.id)
 def test_parity_sweep(case, backend):
     pb = make_problem(case)
-    check_parity(pb, run_fastlora(pb, backend))
+    check_parity(pb, run_fastlora(pb, backend), backend)

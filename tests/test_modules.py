@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora.dropout import new_seed
 from fastlora.modules import LoraLinear, MergedLoraLinear, block_lora_B
+from tests._replay import fastlora_mask
 from tests._tolerance import assert_close
 
 
@@ -83,12 +83,12 @@ def test_linear_dropout_matches_oracle_with_same_seed(backend):
     torch.manual_seed(123)
     y, dx, dA, dB = _grads(m, x, g)
     torch.manual_seed(123)
-    seed = int(new_seed())             # the seed lora_linear drew (its first use of the generator)
+    keep = fastlora_mask(x, 0.25)      # the mask lora_linear drew (its first use of the generator)
     args = [t.detach().double().requires_grad_(True) for t in (x, m.weight, m.bias, m.lora_A, m.lora_B)]
-    r = fastlora.lora_linear_reference(args[0], args[1], args[2], args[3], args[4], 2.0, 0.25, seed)
+    r = fastlora.lora_linear_reference(args[0], args[1], args[2], args[3], args[4], 2.0, 0.25, keep=keep)
     r.backward(g.double())
     args32 = [t.detach().requires_grad_(True) for t in (x, m.weight, m.bias, m.lora_A, m.lora_B)]
-    p = fastlora.lora_linear_reference(*args32, 2.0, 0.25, seed)
+    p = fastlora.lora_linear_reference(*args32, 2.0, 0.25, keep=keep)
     p.backward(g)
     check("y", y, r.detach(), p.detach())
     for name, got, a64, a32 in (("dx", dx, args[0], args32[0]), ("dA", dA, args[3], args32[3]),
@@ -214,8 +214,8 @@ def test_float_scaling_is_one_cached_tensor_per_value(monkeypatch):
 def test_forward_goes_through_fused_op(monkeypatch):
     calls = []
     import fastlora.modules as mod
-    real = mod.lora_linear
-    monkeypatch.setattr(mod, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mod._lora_linear
+    monkeypatch.setattr(mod, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = LoraLinear(8, 8, 2, merge_weights=False)
     m(torch.randn(2, 8)), m.eval(), m(torch.randn(2, 8))
     assert len(calls) == 2

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from fastlora import moe
-from fastlora.dropout import keep_mask
 from fastlora.moe import ExpertLora, LoraExperts, lora_experts
+from tests._replay import mask_of
 from tests._tolerance import assert_baseline_sane, assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -269,14 +269,15 @@ def test_trainable_expert_weights_and_biases_get_gradients(backend):
 # dropout (beyond PEFT, which refuses lora_dropout on ParamWrapper)
 # ---------------------------------------------------------------------------
 
-def _replayed_keeps(prob, seed, p):
-    """The masks fastlora draws: keep_mask(seed, S, in, p) of each projection's input, rows = slots in stable
-    expert order (gate_up: seed, down: seed + 1), mapped back to slot order t·K + k for the oracle."""
+def _replayed_keeps(prob, seed, p, backend):
+    """The masks fastlora draws on ``backend``: mask_of(backend, seed, S, in, p) of each projection's input (the
+    kernels' counter-based mask, or the CPU torch path's torch.rand mask), rows = slots in stable expert order
+    (gate_up: seed, down: seed + 1), mapped back to slot order t·K + k for the oracle."""
     ids = prob.idx.reshape(-1)
     inv = torch.argsort(torch.sort(ids, stable=True).indices)
     S = ids.numel()
     in1, in2 = prob.A1.shape[1], prob.A2.shape[1]
-    return tuple(keep_mask(sd, S, c, p).double()[inv] / (1 - p) for sd, c in ((seed, in1), (seed + 1, in2)))
+    return tuple(mask_of(backend, sd, S, c, p).double()[inv] / (1 - p) for sd, c in ((seed, in1), (seed + 1, in2)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -285,7 +286,7 @@ def test_dropout_matches_the_oracle_with_the_same_mask(backend):
     out, leaves = prob.fastlora(backend, p=p, seed=seed)
     g = torch.randn(out.shape, dtype=torch.float64)
     got = [out] + grads(out, leaves, g.float())
-    o64, l64 = prob.reference(torch.float64, keeps=_replayed_keeps(prob, seed, p))
+    o64, l64 = prob.reference(torch.float64, keeps=_replayed_keeps(prob, seed, p, backend))
     ref = [o64] + grads(o64, l64, g)
     for name, a, r in zip(("y",) + NAMES, got, ref):
         torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5 * r.abs().max().item(), msg=name)

@@ -1,7 +1,7 @@
 """Multi-adapter LoRA: outputs and every gradient vs a float64 oracle and a same-dtype baseline.
 
-Oracle (float64): for each adapter k, fastlora.lora_linear_reference on the whole batch (so the dropout
-mask is the (seed, row, col) mask of x seen as (M, K), as in the single-adapter op), then token m takes
+Oracle (float64): for each adapter k, fastlora.lora_linear_reference on the whole batch with the op's dropout
+mask for its seed (the single-adapter op's mask of x seen as (M, K) on that backend), then token m takes
 the row of its own adapter (−1: x·Wᵀ + bias). Autograd through it gives dx, dA_k, dB_k independently of
 our backward.
 Baseline (same dtype): the same selection done PEFT's way in the test's dtype (x cast to the adapter
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from fastlora.bank import AdapterBank
-from fastlora.dropout import keep_mask
+from fastlora.backend import select_backend
 from fastlora.multi import MultiLoraLinear, multi_lora_linear
 from fastlora.reference import lora_linear_reference
+from tests._replay import mask_of
 from tests._tolerance import assert_close
 
 MIXED = (1, 4, 8, 16, 64)
@@ -52,17 +53,18 @@ def packed_grads(bank):
     return torch.cat([a for a, _ in grads]), torch.cat([b for _, b in grads], 1)
 
 
-def oracle(x, W, b, adapters, ids_tok, p, seed):
-    """float64 per-adapter lora_linear_reference, each token taking its adapter's row."""
+def oracle(x, W, b, adapters, ids_tok, p, keep):
+    """float64 per-adapter lora_linear_reference, each token taking its adapter's row; ``keep``: the (M, K)
+    dropout mask (None without dropout)."""
     N, K = W.shape
     y = (x.reshape(-1, K) @ W.t() + b)
     for k, (A, B, s) in enumerate(adapters):
-        yk = lora_linear_reference(x, W, b, A, B, s, p, seed).reshape(-1, N)
+        yk = lora_linear_reference(x, W, b, A, B, s, p, keep=keep).reshape(-1, N)
         y = torch.where((ids_tok == k)[:, None], yk, y)
     return y.reshape(*x.shape[:-1], N)
 
 
-def baseline(x, W, b, adapters, ids_tok, p, seed):
+def baseline(x, W, b, adapters, ids_tok, p, keep):
     """PEFT's arithmetic in x's dtype: base rounded, LoRA in the adapter dtype, rounded, added."""
     N, K = W.shape
     x2 = x.reshape(-1, K)
@@ -70,13 +72,13 @@ def baseline(x, W, b, adapters, ids_tok, p, seed):
     for k, (A, B, s) in enumerate(adapters):
         d = x2.to(A.dtype)
         if p > 0:
-            d = d * keep_mask(seed, x2.shape[0], K, p, x2.device) / (1 - p)
+            d = d * keep / (1 - p)
         lk = (s * ((d @ A.t()) @ B.t())).to(x.dtype)
         y = torch.where((ids_tok == k)[:, None], y + lk, y)
     return y.reshape(*x.shape[:-1], N)
 
 
-def abs_scales(x, W, b, adapters, ids_tok, p, seed, dy, weight_grad=False):
+def abs_scales(x, W, b, adapters, ids_tok, p, keep, dy, weight_grad=False):
     """The oracle's gradients on |inputs| (and |dy|, |s|): Σ|terms| of every nested sum, the scale that
     rounding errors are relative to (tests/_tolerance.py). dA_k = Σ_m dS[m]·x[m] nests the sum over N in
     dS = s·dY·B_k, so max|dA| alone understates it by ~sqrt(N) (an H200 run showed fp32 at K = N ≈ 1000
@@ -85,7 +87,7 @@ def abs_scales(x, W, b, adapters, ids_tok, p, seed, dy, weight_grad=False):
     ab = lambda t: t.detach().double().abs().requires_grad_()  # noqa: E731
     xa, ba, Wa = ab(x), ab(b), ab(W)
     ada = [(ab(A), ab(B), abs(s)) for A, B, s in adapters]
-    oracle(xa, Wa, ba, ada, ids_tok, p, seed).backward(dy.double().abs())
+    oracle(xa, Wa, ba, ada, ids_tok, p, keep).backward(dy.double().abs())
     return (xa.grad, ba.grad, [(A.grad, B.grad) for A, B, _ in ada]) + ((Wa.grad,) if weight_grad else ())
 
 
@@ -152,7 +154,7 @@ def check_forward(case, K=45, N=70, device="cpu", *, fan_in_fan_out=False):
         layer.base_layer.bias.copy_(b)
         y = layer(x, ids)
     it = tok_ids(ids, x)
-    ref = oracle(x.double(), W.double(), b.double(), split(bank, torch.float64), it, 0.0, 0)
+    ref = oracle(x.double(), W.double(), b.double(), split(bank, torch.float64), it, 0.0, None)
     base = baseline(x, W, b, split(bank), it, 0.0, 0)
     assert y.dtype == xdt and y.shape == (*lead[:len(x.shape) - 1], N)
     assert_close("y", y, ref, base)
@@ -197,18 +199,21 @@ def check_grads(case, backend=None, K=38, N=52, device="cpu", *, fan_in_fan_out=
     y.backward(dy)
 
     it = tok_ids(ids, x)
+    keep = None                                        # the mask the op drew: its backend's for this seed
+    if p > 0:
+        keep = mask_of(select_backend(x.device, backend), seed, x.numel() // K, K, p, x.device)
     x64, b64 = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     W64 = Ws.detach().double().requires_grad_(train_weight)
     ad64 = split(bank, torch.float64, requires_grad=True)
-    oracle(x64, nk(W64), b64, ad64, it, p, seed).backward(dy.double())
+    oracle(x64, nk(W64), b64, ad64, it, p, keep).backward(dy.double())
     xb, bb = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     Wb = Ws.detach().clone().requires_grad_(train_weight)
     adb = split(bank, requires_grad=True)
-    yb = baseline(xb, nk(Wb), bb, adb, it, p, seed)
+    yb = baseline(xb, nk(Wb), bb, adb, it, p, keep)
     yb.backward(dy)
 
-    sx, sbias, sad, *sW = abs_scales(x, nk(Ws), b, split(bank), it, p, seed, dy, weight_grad=train_weight)
-    checks = [("y", y, oracle(x64.detach(), W.double(), b64.detach(), ad64, it, p, seed), yb, None),
+    sx, sbias, sad, *sW = abs_scales(x, nk(Ws), b, split(bank), it, p, keep, dy, weight_grad=train_weight)
+    checks = [("y", y, oracle(x64.detach(), W.double(), b64.detach(), ad64, it, p, keep), yb, None),
               ("dx", x.grad, x64.grad, xb.grad, sx), ("dbias", bias.grad, b64.grad, bb.grad, sbias)]
     if train_weight:
         assert Ws.grad is not None and Ws.grad.shape == Ws.shape and Ws.grad.dtype == Ws.dtype

@@ -337,13 +337,13 @@ def peft_dropout_model(dtype=torch.float32):
     return model
 
 
-def peft_by_adapter(model, x, names, dy, seed):
+def peft_by_adapter(model, x, names, dy, seed, backend):
     """PEFT (with fastlora's replayed dropout masks), one adapter at a time on the whole batch, each sequence
     taking its own adapter's rows: torch.manual_seed(seed) before each run, so every layer draws the same
     seed as the mixed-batch call. Loss Σ y·dy over those rows: the grads accumulate in PEFT's parameters,
     which is the mixed batch's gradient (a sum over sequences). Returns y."""
     from tests._replay import replay_dropout
-    replay_dropout(model)
+    replay_dropout(model, op="multi", backend=backend)
     y = None
     for name in dict.fromkeys(names):
         rows = torch.tensor([n == name for n in names])[:, None, None]
@@ -389,8 +389,8 @@ def test_per_adapter_dropout_matches_peft_adapter_by_adapter(backend):
     names = ["d3", "d0", "__base__", "d1", "d3"]
     g = torch.Generator().manual_seed(5)
     x, dy = torch.randn(5, 3, 48, generator=g), torch.randn(5, 3, 56, generator=g)
-    ref = peft_by_adapter(oracle_model, x.double(), names, dy.double(), seed=11)
-    base = peft_by_adapter(baseline_model, x, names, dy, seed=11)
+    ref = peft_by_adapter(oracle_model, x.double(), names, dy.double(), seed=11, backend=backend)
+    base = peft_by_adapter(baseline_model, x, names, dy, seed=11, backend=backend)
     wrapped = MultiAdapterModel(model, backend=backend).train()
     q = wrapped.model.get_base_model().q
     assert q.adapter_dropout == {"d3": 0.3, "d0": 0.0, "d1": 0.1}
@@ -449,7 +449,7 @@ def test_sgd_steps_train_peft_adapters(backend, tmp_path):
         for m, xx, dd in ((oracle_model, x.double(), dy.double()), (baseline_model, x, dy)):
             m.train()
             m.zero_grad()
-            peft_by_adapter(m, xx, names, dd, seed=100 + step)
+            peft_by_adapter(m, xx, names, dd, seed=100 + step, backend=backend)
             with torch.no_grad():
                 for n, p in m.named_parameters():
                     if p.grad is not None:
@@ -524,7 +524,7 @@ def test_adamw_leaves_adapters_peft_froze_bitwise_unchanged(backend):
             xx, dd = (x.double(), dy.double()) if m is oracle_model else (x, dy)
             m.train()
             m.zero_grad()
-            peft_by_adapter(m, xx, names, dd, seed=100 + step)
+            peft_by_adapter(m, xx, names, dd, seed=100 + step, backend=backend)
             o.step()
     assert mm.sync_to_peft() == 2                                          # math on q and on v
     mm.restore()

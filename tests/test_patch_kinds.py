@@ -149,7 +149,8 @@ def test_in_place_ops_on_a_patched_output_in_training(monkeypatch, backend, shap
     monkeypatch.setenv("FASTLORA_BACKEND", backend)
     pm = tiny_peft(dropout, targets=("up",), use_dora=dora)
     layer = pm.base_model.model.up
-    ref, o64 = replay_dropout(copy.deepcopy(layer)), replay_dropout(copy.deepcopy(layer).double())
+    op = "dora" if dora else "lora"                           # the mask each op draws (tests/_replay.py)
+    ref, o64 = replay_dropout(copy.deepcopy(layer), op), replay_dropout(copy.deepcopy(layer).double(), op)
     fp.patch(pm)
     x, g = torch.randn(*shape), torch.randn(*shape[:-1], 40)
 

@@ -54,8 +54,8 @@ def run(model, x, g):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_parity_train_eval(dropout, monkeypatch):
     calls = []
-    real = fp.lora_linear
-    monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fp._lora_linear
+    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = make(dropout)
     ref, o64 = replay_dropout(copy.deepcopy(model)), replay_dropout(copy.deepcopy(model).double())
     rep = fp.patch(model, warn=False)

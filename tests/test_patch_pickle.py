@@ -25,8 +25,8 @@ def save_load(obj):
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = fp.lora_linear
-    monkeypatch.setattr(fp, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fp._lora_linear
+    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

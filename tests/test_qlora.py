@@ -27,7 +27,7 @@ import fastlora.patching as fp  # noqa: E402
 from fastlora import qlora  # noqa: E402
 from fastlora.dropout import new_seed  # noqa: E402
 from fastlora.reference import lora_linear_reference  # noqa: E402
-from tests._replay import replay_dropout  # noqa: E402
+from tests._replay import mask_of, replay_dropout  # noqa: E402
 from tests._tolerance import assert_baseline_sane, assert_close, atol_for  # noqa: E402
 
 DEQ = qlora.dequantize          # the real one (tests build oracles with it; the spy wraps it)
@@ -316,23 +316,27 @@ def test_layer_parity_with_peft_and_float64(spy, kind, compute, quant):
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_dropout_matches_reference_with_the_same_seed(spy, monkeypatch, backend):
-    """Same seed, same mask as the reference; the torch backend draws the mask once (kept bit-packed)."""
+    """Same seed, same mask as the reference given that backend's mask (auto = the interpreted kernels here);
+    the torch backend draws the mask once (kept bit-packed, never drawn again in backward)."""
+    from fastlora import reference
     draws = []
-    real_keep = qlora.keep_mask
-    monkeypatch.setattr(qlora, "keep_mask", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
+    real_keep = qlora.draw_packed
+    monkeypatch.setattr(qlora, "draw_packed", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
+    monkeypatch.setattr(reference, "draw_keep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
     pm, lay = _layer_case("4bit", torch.float32)
     base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight
     x = torch.randn(4, 64, requires_grad=True)
     y = fastlora.qlora_linear(x, base, A, B, 2.0, 0.25, True, seed=11, backend=backend)
     y.sum().backward()
     assert len(draws) == (1 if backend == "torch" else 0) and len(spy.calls) == 2
+    keep = mask_of("torch" if backend == "torch" else "triton", 11, 4, 64, 0.25)
     W = DEQ(base, torch.float64)
     x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
-    y64 = lora_linear_reference(x64, W, base.bias.double(), A64, B64, 2.0, 0.25, seed=11)
+    y64 = lora_linear_reference(x64, W, base.bias.double(), A64, B64, 2.0, 0.25, keep=keep)
     y64.sum().backward()
     Wf = DEQ(base, torch.float32)
     x32, A32, B32 = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
-    y32 = lora_linear_reference(x32, Wf, base.bias.detach(), A32, B32, 2.0, 0.25, seed=11)
+    y32 = lora_linear_reference(x32, Wf, base.bias.detach(), A32, B32, 2.0, 0.25, keep=keep)
     y32.sum().backward()
     assert_close("y", y, y64, y32)
     for name, a, o, r in (("dx", x.grad, x64.grad, x32.grad), ("dA", A.grad, A64.grad, A32.grad),

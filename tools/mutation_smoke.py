@@ -94,6 +94,8 @@ T_PRECISION = ("tests/test_launch_choices.py", "-k", "test_each_launch_receives_
 T_SM_CAP = ("tests/test_launch_choices.py", "-k", "test_rule_caps_program_counts_at_the_sm_count")
 T_REREAD = ("tests/test_launch_choices.py", "-k", "test_tune_cache_is_read_again_after_each_write")
 T_TIE = ("tests/test_dropout.py", "-k", "test_kernels_keep_the_element_whose_uniform_equals_p and single")
+T_TORCH_MASK = ("tests/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
+T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
@@ -205,6 +207,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("keep-tie", "kernels/_common.py",
            "    return u >= p\n", "    return u > p\n", T_TIE,
            "the kernels' dropout drops the element whose uniform equals p exactly (u > p keeps)"),
+    # --- the CPU torch path's own mask (issue 20) ---
+    Mutant("torch-dx-mask", "fastlora/reference.py",
+           "        if dropout_p > 0:\n            lora_dx.mul_(keep)\n", "", T_TORCH_MASK,
+           "CPU torch backward forgets the dropout mask on dx's LoRA term"),
+    Mutant("packed-bit-order", "fastlora/dropout.py",
+           'np.packbits(u.numpy() >= np.float32(p), axis=-1, bitorder="little")',
+           'np.packbits(u.numpy() >= np.float32(p), axis=-1, bitorder="big")', T_PACKED,
+           "the bit-packed mask kept for backward is packed in the wrong bit order (backward sees another mask)"),
 )
 
 
