@@ -63,7 +63,7 @@ def build(d: int, r: int, dropout: float, seed: int = 0):
 def providers(d: int, r: int, tokens: int, dropout: float):
     """name -> (callable running one forward + backward, the tensors whose .grad it fills)."""
     import fastlora
-    from fastlora.dora import dora_linear
+    from fastlora.ops.dora import dora_linear
     peft_dora, peft_lora = build(d, r, dropout)
     layer = peft_dora.base_model.model[0]
     W, b = layer.base_layer.weight, layer.base_layer.bias
@@ -91,7 +91,7 @@ def providers(d: int, r: int, tokens: int, dropout: float):
 
 def check(peft_dora, x, g, W, b, A, B, m, s, dropout) -> None:
     """fastlora's DoRA output and gradients vs PEFT's (no dropout: the masks would differ)."""
-    from fastlora.dora import dora_linear
+    from fastlora.ops.dora import dora_linear
     if dropout:
         return
     outs = []

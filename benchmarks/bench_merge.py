@@ -5,14 +5,14 @@
 (the output folder: $FASTLORA_BENCH_OUT if set, else benchmarks/out/, git-ignored; benchmarks.common.output_dir)
 
 Providers, same W0 (N, K), A (r, K), B (N, r), s = 2:
-    fastlora   fastlora.modules.LoraLinear.merge() / unmerge() — computes the delta in float64 (float32 on
+    fastlora   fastlora.nn.lora.LoraLinear.merge() / unmerge() — computes the delta in float64 (float32 on
                a half base) and restores W0's exact bytes on unmerge (it records the elements whose
                round trip would not be exact), so it does more work than a bare addmm_
     peft       peft.tuners.lora.Linear.merge() / unmerge()
     torch      W0.addmm_(B, A, alpha=±s): the bare in-place update, the floor
 Each round is timed from the opposite state (an untimed setup merges or unmerges first).
 Shapes: CPU d = 2048, r = 16, float32; CUDA d ∈ {4096, 8192}, r = 16, bfloat16.
-Skipped with a reason when fastlora.modules is absent.
+Skipped with a reason when fastlora.nn.lora is absent.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _sync():
 
 def _layers(d, r):
     """(fastlora LoraLinear, PEFT lora.Linear, (W, A, B, s) for the bare update), same numbers."""
-    from fastlora import modules
+    from fastlora.nn import lora as modules
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ Cases, each a forward + backward (gradients set to None outside the timing):
   model   a whole training step: causal-LM loss of the model, backward
 Providers:
   peft       PEFT's own forward (its parametrization adds s·B_e·A_e to every expert stack, every call)
-  fastlora   the same model after fastlora.patch (fastlora.moe: grouped base GEMM + per-expert LoRA)
+  fastlora   the same model after fastlora.patch (fastlora.ops.moe: grouped base GEMM + per-expert LoRA)
   attn_only  LoRA on attention only (no expert LoRA), patched too: the floor the expert LoRA is measured against
              (GPU target: fastlora ≤ 1.15 × attn_only, unmeasured until a GPU run)
 Timing is paired: each round runs every provider once, the order rotating, and the ratios peft / fastlora and

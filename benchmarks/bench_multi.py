@@ -7,7 +7,7 @@
 
 Providers (all compute y = x·W0ᵀ + bias + s_k·(x·A_kᵀ)·B_kᵀ with k = the token's adapter, eval mode):
     base       F.linear(x, W0, bias): the floor, no LoRA at all
-    fastlora   fastlora.multi.MultiLoraLinear over an AdapterBank packed without padding, given the batch plan
+    fastlora   fastlora.nn.multi.MultiLoraLinear over an AdapterBank packed without padding, given the batch plan
                (CUDA: the gather kernels; CPU without TRITON_INTERPRET: the pure-torch path, per-adapter
                segments or dense masking by its cost model)
     plan       fastlora.plan_batch alone: built once per model forward and shared by every layer, so a
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 import fastlora
 from benchmarks import common
-from fastlora.bank import AdapterBank
-from fastlora.multi import MultiLoraLinear
-from fastlora.multi_plan import plan_batch
+from fastlora.ops.bank import AdapterBank
+from fastlora.nn.multi import MultiLoraLinear
+from fastlora.ops.multi_plan import plan_batch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -211,7 +211,7 @@ def model_for():
 
 @pytest.mark.parametrize("provider", MODEL_PROVIDERS)
 def test_multi_model_decode(benchmark, record, provider):
-    from fastlora.multi_peft import MultiAdapterModel
+    from fastlora.integrations.multi_peft import MultiAdapterModel
     m = model_for()
     model, ids, names = m["model"], m["ids"], m["names"]
     mm = MultiAdapterModel(model) if provider == "fastlora" else None
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
             report(f"layer {scenario} {ranks}", f"{scenario} n{n}x{per} d{D} r={ranks}", paired(calls, a.rounds))
     if not a.no_model:                     # a wrapped copy, so that PEFT's own layers stay in the original
         import copy
-        from fastlora.multi_peft import MultiAdapterModel
+        from fastlora.integrations.multi_peft import MultiAdapterModel
         m = model_for()
         model, ids, names = m["model"], m["ids"], m["names"]
         mm = MultiAdapterModel(copy.deepcopy(model))

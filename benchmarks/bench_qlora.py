@@ -57,8 +57,8 @@ def step(model, x, g):
 
 def components(model, x, p: float, trials: int) -> dict[str, float]:
     """Median ms of the pieces the two sides differ in or share, on the benchmark's shapes."""
-    from fastlora import qlora
-    from fastlora.dropout import draw_packed
+    from fastlora.ops import qlora
+    from fastlora.core.dropout import draw_packed
     base = model.base_model.model.lin.get_base_layer()
     w = qlora.dequantize(base, x.dtype)
     M, K = x.shape

@@ -24,9 +24,9 @@ Rows:
                GPT-2 M rank; c_attn is GPT-2's fused q|k|v projection, so PEFT adapts q, k and v
                (the paper adapts q and v; the cost difference is one r×d slice)
     LoRA fastlora  the same PEFT model with every lora.Linear routed through fastlora.lora_linear
-                   (fastlora.patching.patch)
+                   (fastlora.integrations.patching.patch)
     fastlora multi-adapter  a different adapter per sequence (batch adapters in a PEFT model, run
-                   through fastlora.multi.MultiAdapterModel); checked against PEFT's mixed batch
+                   through fastlora.integrations.multi_peft.MultiAdapterModel); checked against PEFT's mixed batch
 
 Output: a table (ms ± std, the ratio to merged with its 95% interval, the paper's numbers beside), a
 CSV in the output folder (benchmarks/out/ unless --out-dir; benchmarks.common.output_dir) with device,
@@ -192,7 +192,7 @@ def make_variant(base: torch.nn.Module, row: str, cfg: Config, column: str, zero
         model = get_peft_model(model, lora_config(init_b_zero=zero_init)).eval()
         n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
         if row == "LoRA fastlora":
-            from fastlora.patching import patch
+            from fastlora.integrations.patching import patch
             patch(model, strict=True)      # every lora.Linear now calls fastlora.lora_linear
         return model, n, None
     raise ValueError(f"unknown row {row!r}; rows are {ROWS}")
@@ -212,12 +212,12 @@ class _PerSequenceAdapters(torch.nn.Module):
 def multi_adapter_row(base, cfg: Config, column: str, zero_init: bool = False):
     """HOOK — the "fastlora multi-adapter" row: a different LoRA adapter (r=4, on c_attn) per sequence.
 
-    A PEFT model holding ``batch`` adapters, run through fastlora.multi.MultiAdapterModel (packed
+    A PEFT model holding ``batch`` adapters, run through fastlora.integrations.multi_peft.MultiAdapterModel (packed
     adapter bank, gather kernels). Returns (model, LoRA params, None). The first forward is checked against
-    PEFT's own mixed-batch forward (adapter_names=). fastlora.multi is part of fastlora: an import error
+    PEFT's own mixed-batch forward (adapter_names=). fastlora.ops.multi is part of fastlora: an import error
     there is an error here, not a missing row.
     """
-    from fastlora.multi import MultiAdapterModel
+    from fastlora.integrations.multi_peft import MultiAdapterModel
     from peft import get_peft_model
     b = COLUMNS[column][0]
     names = [f"a{i}" for i in range(b)]

@@ -200,7 +200,7 @@ def load_4bit(cfg: Config, folder: str):
 
 def make_pair(cfg: Config):
     """(PEFT model, patched copy, number of patched layers, reference builder for the first-step check)."""
-    from fastlora.patching import patch
+    from fastlora.integrations.patching import patch
     if not cfg.qlora:
         peft = build_peft(cfg)
         fast = copy.deepcopy(peft)
@@ -220,7 +220,7 @@ def dequantized_reference(cfg: Config, folder: str, peft):
     import bitsandbytes as bnb
     from transformers import LlamaForCausalLM
 
-    from fastlora.qlora import dequantize
+    from fastlora.ops.qlora import dequantize
     dt = torch.float64 if cfg.dtype == torch.float32 else torch.float32
     ref = LlamaForCausalLM.from_pretrained(folder, dtype=dt).to(cfg.device)
     with torch.no_grad():

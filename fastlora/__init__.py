@@ -16,22 +16,33 @@ Public API:
     dora_linear, DoraLinear         DoRA (PEFT use_dora) without the N×K matrix W0 + s·B·A
     lora_experts, LoraExperts       LoRA on MoE experts (PEFT target_parameters) without E×out×in temporaries
     trace, FallbackWarning          what ran fused and what fell back (and why); the warning a fall-back raises
+
+Layers (each imports only the ones below it; docs/ARCHITECTURE.md):
+    fastlora.integrations   PEFT / loralib patching, PEFT multi-adapter wrapper, PEFT checkpoints
+    fastlora.tune, .inspect the command-line tools (python -m fastlora.tune / fastlora.inspect)
+    fastlora.nn             the modules
+    fastlora.ops            one file per op: the maths in torch -> dispatch -> registered op -> functional
+    fastlora.core           backend choice, dropout masks, autocast, input checks, tracing, op registration
+    fastlora.kernels        the Triton kernels and their one launch policy
 """
-from .backend import select_backend
-from .bank import AdapterBank
-from .checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
-from .dora import DoraLinear, dora_linear
-from .functional import lora_linear
-from .modules import LoraLinear, MergedLoraLinear
-from .moe import LoraExperts, lora_experts
-from .multi import MultiLoraLinear, multi_lora_linear
-from .multi_peft import MultiAdapterModel
-from .multi_plan import BatchPlan, plan_batch
-from .patching import PatchReport, is_patched, patch, unpatch
-from .qlora import QLoraLinear, qlora_linear
-from .reference import lora_linear_reference
-from .tracing import FallbackWarning, trace
+from .core.backend import select_backend
+from .core.tracing import FallbackWarning, trace
+from .ops.lora import lora_linear, lora_linear_reference
+from .ops.multi import multi_lora_linear
+from .ops.multi_plan import BatchPlan, plan_batch
+from .ops.bank import AdapterBank
+from .ops.dora import dora_linear
+from .ops.qlora import qlora_linear
+from .ops.moe import lora_experts
+from .nn.lora import LoraLinear, MergedLoraLinear, QLoraLinear
+from .nn.dora import DoraLinear
+from .nn.multi import MultiLoraLinear
+from .nn.moe import LoraExperts
+from .integrations.patching import PatchReport, is_patched, patch, unpatch
+from .integrations.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
+from .integrations.multi_peft import MultiAdapterModel
 from .tune import tune
+from . import _moved
 
 __version__ = "0.1.0"
 __all__ = ["lora_linear", "lora_linear_reference", "select_backend", "LoraLinear", "MergedLoraLinear",

@@ -21,12 +21,14 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .core.backend import interpreting
+
 # Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def all_specs(only: str | None = None):
-    import fastlora.kernels as pkg
+    pkg = importlib.import_module("fastlora.kernels")     # every kernel module: walked, not named
     specs = []
     for mod in pkgutil.iter_modules(pkg.__path__):
         m = importlib.import_module(f"fastlora.kernels.{mod.name}")
@@ -74,7 +76,7 @@ def _job(args):
 
 
 def run(only: str | None = None, targets=(80, 90), jobs: int = 0, out=sys.stdout) -> list[dict]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("fastlora.inspect compiles real kernels: unset TRITON_INTERPRET")
     specs = all_specs(only)
     work = [(i, cc, only) for i, s in enumerate(specs) for cc in targets if cc in s.targets]

@@ -21,8 +21,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .backend import interpreting
-from .dropout import new_seed
+from .core.backend import interpreting
+from .core.dropout import new_seed
 
 
 def _candidates_timed(kernel, tier_, run, timer):

@@ -1,7 +1,5 @@
-"""Pieces shared by the LoRA kernels: jit helpers (dropout mask, mixed-dtype MMA) and the interpreter check."""
+"""Pieces shared by the LoRA kernels: jit helpers (dropout mask, mixed-dtype MMA); the interpreter's bf16 fix."""
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
@@ -16,7 +14,7 @@ def _keep(seed, rows, col0, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dropout keep-mask (BLOCK_M, BLOCK_K) for x seen as (M, K), columns col0 .. col0 + BLOCK_K − 1
     (col0 a multiple of 4). One Philox call per 4 columns: counter row·⌈K/4⌉ + col // 4, word col % 4.
 
-    Bit-identical to fastlora.dropout.keep_mask; regenerated wherever needed, never stored.
+    Bit-identical to fastlora.core.dropout.keep_mask; regenerated wherever needed, never stored.
     """
     counters = rows.to(tl.int64)[:, None] * ((K + 3) // 4) + (col0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
     u0, u1, u2, u3 = tl.rand4x(seed, counters)
@@ -41,9 +39,7 @@ def _mma(a, b, acc, FP32_PRECISION: tl.constexpr):
 # ---------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from ._env import interpreting  # noqa: E402 - the one reader of TRITON_INTERPRET
 
 if interpreting():   # bf16 dots are wrong in the stock interpreter (every kernel module imports this one)
     from ._interpreter import patch_bf16_dot

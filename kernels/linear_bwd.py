@@ -25,7 +25,8 @@ from . import policy
 from ._common import _keep, _mma
 from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
 from ._tiles import _span
-from .linear_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R, weight_nk
+from ._layout import weight_nk
+from .linear_fwd import SPEC_K, SPEC_M, SPEC_N, SPEC_R
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, S, scale, dropout_p, seed, fan_in_fa
             HAS_DROPOUT=p > 0, COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, ATOMIC=atomic,
             FP32_PRECISION=prec, DA_PRECISION=lprec, BLOCK_R=policy.CHUNK_R, **meta, **opts)
         if needs_dx:
-            if w.dtype != dx.dtype:            # a half W0 under fp32 x (fastlora.qlora): dY·W0 in W0's dtype
+            if w.dtype != dx.dtype:            # a half W0 under fp32 x (fastlora.ops.qlora): dY·W0 in W0's dtype
                 dx.add_(dy2.to(w.dtype) @ w)
             else:
                 dx.addmm_(dy2, w)              # cuBLAS: dx = dx0 + dY·W0 (beta = 1)

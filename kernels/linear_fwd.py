@@ -11,9 +11,9 @@ needs a matrix).
 
 Rounding: y = round(round(s·S·Bᵀ + bias) + x·W0ᵀ) — two roundings, like PEFT and the torch composite; S stays
 fp32 (saved for backward). Dropout: keep = uniform(Philox(seed, row·⌈K/4⌉ + col // 4)[col % 4]) ≥ p
-(_common._keep, = fastlora.dropout.keep_mask); p = 0 draws nothing. The K-loop of the shrink and the rank loop
+(_common._keep, = fastlora.core.dropout.keep_mask); p = 0 draws nothing. The K-loop of the shrink and the rank loop
 of the expand are kernels/_tiles.py's, shared with the multi-adapter kernels; configs: kernels/policy.py.
-A half W0 under float32 x (fastlora.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
+A half W0 under float32 x (fastlora.ops.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
 layer): the expand writes s·S·Bᵀ in fp32, then torch adds the base GEMM + bias computed in W0's dtype on x cast
 to it (bitsandbytes' maths).
 Why not one fused GEMM: on an H200 our Triton GEMM reached ~490 TFLOP/s where cuBLAS reached ~770
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import policy
+from ._layout import weight_nk
 from ._tiles import _expand_tile, _shrink_tile, _span
 from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
 
@@ -125,11 +126,6 @@ def expand(S, lora_B, bias, y, scale, precision: str) -> None:
         HAS_BIAS=bias is not None, FP32_PRECISION=precision, BLOCK_R=policy.CHUNK_R, **meta, **opts)
 
 
-def weight_nk(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """W0 as (N, K): a transposed view of a GPT-2 Conv1D weight stored (K, N)."""
-    return weight.t() if fan_in_fan_out else weight
-
-
 def lora_fwd(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, fan_in_fan_out, save_s):
     """Returns (y (..., N) in x's dtype, S (M, r) fp32 (fp64 for fp64 x) — (0, r) when not ``save_s``)."""
     w = weight_nk(weight, fan_in_fan_out)
@@ -194,4 +190,4 @@ def compile_specs():
     return specs
 
 
-__all__ = ["lora_fwd", "shrink", "expand", "weight_nk", "compile_specs"]
+__all__ = ["lora_fwd", "shrink", "expand", "compile_specs"]

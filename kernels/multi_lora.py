@@ -7,7 +7,7 @@ adapter bank packed WITHOUT padding along the rank: A (R_tot, K) rows off[k] …
 B (N, R_tot) columns off[k] … off[k+1]−1 are B_k (N, r_k), R_tot = Σ r_k · off (n+1,) int32 ·
 scales (n,) float32 (runtime values, never constexpr) · pk (n, 2) float32 (p_k, 1/(1−p_k)) · S (M, r_max) float32, S[m, j] for j < r_{ids[m]}
 (other entries unset: never read) · seed: 0-d int64 tensor (dropout keep-mask: kernels/_common._keep, the single-adapter op's mask of x
-seen as (M, K), = fastlora.dropout.keep_mask; regenerated in backward, never stored).
+seen as (M, K), = fastlora.core.dropout.keep_mask; regenerated in backward, never stored).
 
 Three kernels, each indexing the packed weight as W[off[k] + j, c] through (stride_wr, stride_wc), so one
 kernel serves forward and backward by swapping strides:
@@ -19,7 +19,7 @@ Anchored, as the single-adapter op: the expand kernel WRITES every row of y (dx)
 The LoRA term is rounded once to x's dtype, then the base GEMM's fp32 sum is added and rounded (two roundings,
 like PEFT).
 
-Tiles come from the batch plan (fastlora/multi_plan.py), built once per model forward on the device and shared
+Tiles come from the batch plan (fastlora/ops/multi_plan.py), built once per model forward on the device and shared
 by every layer: "decode" = one tile per token, no sorting (BGMV-like); "grouped" = tiles of BLOCK_M tokens of
 one adapter (SGMV-like), base-only tokens in tiles of their own. The gradient kernel reads the plan's
 tokens-sorted-by-adapter segments. Ranks are looped per tile up to the tile's own r_k (rank blocks past r_k
@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 
 from . import policy
-from ._common import _keep, _mma, interpreting
+from ._common import _keep, _mma
+from ._env import interpreting
+from ._layout import weight_nk
 from ._specs import SPEC_DTYPES, CompileSpec, cfg_name, shipped, specialize
 from ._tiles import _expand_tile, _shrink_tile, _span
 
@@ -200,7 +202,7 @@ def _grad_kernel(
 
 
 # ---------------------------------------------------------------------------
-# launchers (tensors in, tensors out). ``plan``: the batch plan (fastlora.multi_plan.BatchPlan: rows,
+# launchers (tensors in, tensors out). ``plan``: the batch plan (fastlora.ops.multi_plan.BatchPlan: rows,
 # tile_adapter, tile_lo, tile_hi, sorted_rows, bounds, all int32 on the device, built once per model forward).
 # ``pk``: float32 (n, 2) table of (p_k, 1/(1−p_k)), read only when ``dropout``.
 # ---------------------------------------------------------------------------
@@ -277,7 +279,7 @@ def multi_lora_fwd(x, weight, bias, lora_A, lora_B, off, scales, plan, r_max, pk
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, n = x2.shape[0], off.numel() - 1
-    w = weight.t() if fan_in_fan_out else weight                    # (N, K) view
+    w = weight_nk(weight, fan_in_fan_out)                           # (N, K) view
     N = w.shape[0]
     S = _scratch((M if save_s else 0, r_max), x.device)
     if not (n and M and r_max):
@@ -305,7 +307,7 @@ def multi_lora_bwd(dy, x, weight, lora_A, lora_B, off, scales, plan, S, r_max, p
     N = dy.shape[-1]
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
     M, n = x2.shape[0], off.numel() - 1
-    w = (weight.t() if fan_in_fan_out else weight).to(dy2.dtype)
+    w = weight_nk(weight, fan_in_fan_out).to(dy2.dtype)
     if not (n and M and r_max):
         return ((dy2 @ w).reshape(x.shape) if needs_dx else None), (torch.zeros_like(lora_A) if needs_dA else None), \
             (torch.zeros_like(lora_B) if needs_dB else None)

@@ -4,7 +4,7 @@ dot. Decided here, nowhere else, and never by timing inside a user's call.
 Kernels (the keys of CANDIDATES):
   shrink, expand, dsdb, dx                   single adapter (linear_fwd.py, linear_bwd.py)
   multi_shrink, multi_expand, multi_grad     multi adapter (multi_lora.py): one config per tier, BLOCK_M = the
-                                             batch plan's tile (fastlora/multi_plan.py TILE_M)
+                                             batch plan's tile (fastlora/ops/multi_plan.py TILE_M)
   dora_norm                                  DoRA's row norms (dora_norm.py)
 
 Tile configs come, in this order, from
@@ -38,7 +38,8 @@ import warnings
 import torch
 import triton
 
-from ._common import interpreting
+from ._env import interpreting
+from ._layout import acc_dtype  # noqa: F401 - launchers read policy.acc_dtype
 from ._torch_compat import cuda_matmul_allows_tf32
 
 # ---------------------------------------------------------------------------
@@ -73,11 +74,6 @@ def block_r(r: int, precision: str = "tf32") -> int:
     """Rank block of the skinny kernels: a tl.dot-legal power of two ≥ 16, at most MAX_BLOCK_R (MAX_BLOCK_R_X3
     for tf32x3 dots)."""
     return max(16, min(triton.next_power_of_2(r), MAX_BLOCK_R_X3 if precision == "tf32x3" else MAX_BLOCK_R))
-
-
-def acc_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """Accumulator / S / partial-buffer dtype: float32, float64 for float64 inputs (gradcheck)."""
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
 def tier(kernel: str, x_dtype: torch.dtype, precision: str, dropout: bool = False) -> str:

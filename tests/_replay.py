@@ -2,15 +2,15 @@
 masks: ReplayDropout draws from torch's generator exactly what fastlora's op draws at that point of the stream
 (``fastlora_mask``) and applies x ⊙ keep / (1 − p).
 
-What the op draws (fastlora.dropout): torch code on the CPU (the torch backend of lora_linear / qlora_linear;
+What the op draws (fastlora.core.dropout): torch code on the CPU (the torch backend of lora_linear / qlora_linear;
 DoRA on any backend, its GEMMs are torch's) takes u = torch.rand(M, K) from the default generator; otherwise
-one seed (fastlora.dropout.new_seed) keys the kernels' Philox mask. The multi-adapter op always draws a seed;
+one seed (fastlora.core.dropout.new_seed) keys the kernels' Philox mask. The multi-adapter op always draws a seed;
 on the CPU torch path a generator seeded with it draws u."""
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
-from fastlora.backend import select_backend
-from fastlora.dropout import keep_mask, new_seed, torch_keep_mask
+from fastlora.core.backend import select_backend
+from fastlora.core.dropout import keep_mask, new_seed, torch_keep_mask
 
 OPS = ("lora", "dora", "multi")
 

@@ -1,6 +1,6 @@
 """Test setup. TRITON_INTERPRET must be set before anything imports triton, so it is set here,
 at the top of the first file pytest imports. With it, fastlora's dispatch sends CPU tensors to
-the real Triton kernels, run by the interpreter (see fastlora/backend.py)."""
+the real Triton kernels, run by the interpreter (see fastlora/core/backend.py)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

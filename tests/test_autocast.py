@@ -16,9 +16,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fastlora
-import fastlora.modules as fm
-import fastlora.patching as fp
-from fastlora.backend import interpreting
+import fastlora.nn.lora as fm
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
+from fastlora.core.backend import interpreting
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close, atol_for
 from tests.test_patch_loralib import make as make_loralib
@@ -85,7 +86,7 @@ def _dtype(operands):
 def spy(monkeypatch):
     """Records, per fused call, the dtype its operands were all cast to."""
     calls = []
-    for mod in (fp, fm):
+    for mod in (fpl, fm):                      # where the patched forwards and the modules read the op
         real = mod._lora_linear
         monkeypatch.setattr(mod, "_lora_linear", lambda *a, _r=real, **k: calls.append(_dtype(a[:5])) or _r(*a, **k))
     return calls

@@ -97,7 +97,7 @@ def test_zero_initialised_variants_give_the_base_output(row, torch_backend):
 def test_fastlora_row_matches_peft_row_and_float64(torch_backend):
     """fastlora's row vs PEFT's row: error vs a float64 copy of the PEFT model ≤ 2× PEFT's fp32
     error + 1e-5·max|y| (fp32 rounding differs by GEMM order; both must stay within ~1e-6 rel.)."""
-    from fastlora.patching import is_patched
+    from fastlora.integrations.patching import is_patched
     cfg = tiny_cfg()
     base = paper_table.build_base(cfg)
     ids = paper_table._inputs(cfg, "1x128")
@@ -466,7 +466,7 @@ def test_train_step_check_catches_a_wrong_adapter(torch_backend):
 
 
 def test_train_step_qlora_dry_run(tmp_path, torch_backend, capsys):
-    """--qlora: both models load the same 4-bit weights, every LoRA layer is patched (fastlora.qlora), and the
+    """--qlora: both models load the same 4-bit weights, every LoRA layer is patched (fastlora.ops.qlora), and the
     first step agrees with the dequantized float64 reference."""
     pytest.importorskip("bitsandbytes")
     from benchmarks import train_step

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fastlora.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
-from fastlora.modules import LoraLinear, MergedLoraLinear
+from fastlora.integrations.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
+from fastlora.nn.lora import LoraLinear, MergedLoraLinear
 
 
 class Net(nn.Module):
@@ -245,7 +245,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 {inspect.getsource(Net)}
 {inspect.getsource(fresh)}
-from fastlora.checkpoint import load_peft_adapter
+from fastlora.integrations.checkpoint import load_peft_adapter
 io = torch.load({str(tmp_path / 'io.pt')!r})
 m = fresh(); load_peft_adapter(m, {str(tmp_path)!r}); m.eval()
 with torch.no_grad():

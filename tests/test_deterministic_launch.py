@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlora.bank import AdapterBank
-from fastlora.multi import multi_lora_linear
+from fastlora.ops.bank import AdapterBank
+from fastlora.ops.multi import multi_lora_linear
 from tests._launches import launches  # noqa: F401  (the fixture)
 from tests.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
 

@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import fastlora.patching as fp
-from fastlora.modules import LoraLinear, MergedLoraLinear
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
+from fastlora.nn.lora import LoraLinear, MergedLoraLinear
 
 WORLD = 2
 
@@ -95,12 +96,12 @@ def _run(kind, mode, rank):
     x, y = data(kind)
     per = x.shape[0] // WORLD
     xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-    calls, real = [], fp._lora_linear
-    fp._lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls, real = [], fpl._lora_linear
+    fpl._lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         nn.functional.mse_loss(wrapped(xs), ys).backward()
     finally:
-        fp._lora_linear = real
+        fpl._lora_linear = real
     grads = lora_grads(model)
     grads["fused calls"] = torch.tensor(len(calls))
     del wrapped, model        # DDP's reducer / FSDP's state go before the process group does

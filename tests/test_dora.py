@@ -1,4 +1,4 @@
-"""DoRA (fastlora.dora): PEFT's use_dora layers served without the N×K matrix W0 + s·B·A.
+"""DoRA (fastlora.ops.dora): PEFT's use_dora layers served without the N×K matrix W0 + s·B·A.
 
 * parity with PEFT's DoRA (patched PEFT models) and with the plain-torch reference, each against a float64
   oracle under the tolerance idiom (tests/_tolerance.py): the output and every gradient (x, lora_A, lora_B,
@@ -9,7 +9,7 @@
 * no N×K temporary: saved-tensor hooks, and every op's output inside forward and backward (a dispatch mode
   that also walks into fastlora's custom ops) — both checks are shown to catch PEFT's N×K tensors;
 * DoraLinear (PEFT's initialisation, merge / unmerge semantics, exact bytes after cycles), patch / unpatch,
-  PEFT checkpoints through fastlora.checkpoint, bad input.
+  PEFT checkpoints through fastlora.integrations.checkpoint, bad input.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import fastlora
-import fastlora.dora as fd
+import fastlora.integrations.peft_dora as fpd
+import fastlora.nn.dora as fnd
+import fastlora.ops.dora as fd
 import fastlora.kernels.dora_norm as kdn
-from fastlora.dropout import torch_keep_mask
-from fastlora.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
+from fastlora.core.dropout import torch_keep_mask
+from fastlora.integrations.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close
 from tests.test_patch_peft import run
@@ -79,7 +81,8 @@ def tiny_dora(dtype=F32, dropout=0.0, adapter_dtype=None, trainable_bias=True, s
 def spy(monkeypatch):
     calls = []
     real = fd.dora_linear
-    monkeypatch.setattr(fd, "dora_linear", lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
+    for module in (fd, fnd, fpd):       # the functional, and where the module and the PEFT hook read it
+        monkeypatch.setattr(module, "dora_linear", lambda *a, **k: calls.append(k.get("backend")) or real(*a, **k))
     return calls
 
 
@@ -137,7 +140,7 @@ CASES = [
 
 def dora_mask(seed, x, p):
     """The mask dora_linear draws for ``seed`` on CPU tensors, on every backend (its GEMMs and dropout are torch
-    code): fastlora.dropout.torch_keep_mask; None without dropout."""
+    code): fastlora.core.dropout.torch_keep_mask; None without dropout."""
     return torch_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p) if p > 0 else None
 
 
@@ -417,7 +420,7 @@ def test_no_nxk_temporary_in_forward_or_backward(monkeypatch, backend, p, wdt, a
 def test_dora_linear_module_matches_peft_layer():
     torch.manual_seed(0)
     lin = nn.Linear(24, 20)
-    layer = fd.DoraLinear.from_linear(lin, r=4, lora_alpha=8)
+    layer = fnd.DoraLinear.from_linear(lin, r=4, lora_alpha=8)
     assert layer.weight is lin.weight and not layer.weight.requires_grad
     assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "lora_A", "lora_B", "lora_magnitude_vector"]
     pm = get_peft_model(nn.Sequential(copy.deepcopy(lin)), LoraConfig(r=4, lora_alpha=8, use_dora=True,
@@ -451,7 +454,7 @@ def test_merge_matches_peft_and_unmerge_restores_exact_bytes(dtype, ffo):
     torch.manual_seed(0)
     base = Conv1D(20, 24) if ffo else nn.Linear(24, 20)
     base = base.to(dtype)
-    layer = fd.DoraLinear.from_linear(base, r=4, lora_alpha=8)
+    layer = fnd.DoraLinear.from_linear(base, r=4, lora_alpha=8)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.3)
         layer.lora_magnitude_vector.mul_(torch.rand(20) + 0.5)
@@ -498,7 +501,7 @@ def fastlora_eps(dtype):
 
 
 def test_safe_merge_rejects_non_finite_and_leaves_w0():
-    layer = fd.DoraLinear(8, 6, r=2, merge_weights=False)
+    layer = fnd.DoraLinear(8, 6, r=2, merge_weights=False)
     with torch.no_grad():
         layer.lora_B.fill_(float("inf"))
     w0 = layer.weight.detach().clone()
@@ -574,7 +577,7 @@ def test_peft_dora_checkpoint_load_and_save(tmp_path):
     model.load_state_dict({k.replace("base_model.model.", "").replace("base_layer.", ""): v
                            for k, v in pm.state_dict().items() if "lora_" not in k})
     loaded = load_peft_adapter(model, str(tmp_path / "peft"))
-    assert set(loaded) == set(TARGETS) and all(type(m) is fd.DoraLinear for m in loaded.values())
+    assert set(loaded) == set(TARGETS) and all(type(m) is fnd.DoraLinear for m in loaded.values())
     x = torch.randn(3, 24)
     with torch.no_grad():
         torch.testing.assert_close(model(x), pm(x), rtol=1e-5, atol=1e-5)

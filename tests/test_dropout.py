@@ -4,7 +4,7 @@ Triton kernels: Philox-4x32 keyed by (seed, row, col) of x seen as (M, K); one c
 u(m, k) = word k % 4 of philox(seed, counter = m·ceil(K/4) + k // 4). The CPU torch path: u = torch.rand(M, K)
 from torch's generator (the default one, or one seeded with ``seed``), kept bit-packed for backward.
 
-* fastlora.dropout.philox_uniform4 / philox_uniform (pure torch, the kernels' oracle) equal
+* fastlora.core.dropout.philox_uniform4 / philox_uniform (pure torch, the kernels' oracle) equal
   triton.language.rand4x / rand bit for bit (run here by the Triton interpreter, which executes tl.rand4x's
   own code), for 32- and 64-bit seeds and counters beyond 2**32 (the high counter word).
 * Both masks keep each element with probability 1 − p (bounds stated below), uniformly and independently
@@ -24,10 +24,9 @@ import triton
 import triton.language as tl
 
 from fastlora import lora_linear
-from fastlora.bank import AdapterBank
-from fastlora.dropout import (draw_packed, keep_mask, philox_uniform, philox_uniform4, torch_keep_mask,
-                              unpack_mask)
-from fastlora.multi import multi_lora_linear
+from fastlora.ops.bank import AdapterBank
+from fastlora.core.dropout import draw_packed, keep_mask, philox_uniform, philox_uniform4, torch_keep_mask, unpack_mask
+from fastlora.ops.multi import multi_lora_linear
 from tests._replay import mask_of
 
 # ---------------------------------------------------------------------------
@@ -268,7 +267,8 @@ def test_no_seed_drawn_without_dropout(backend):
 def test_torch_backend_draws_the_mask_once_and_keeps_it_bit_packed(monkeypatch):
     """Eager training on the torch backend: the mask is drawn in forward only (reused in backward from a
     bit-packed copy, 1 bit per element of x), and the gradients are those of that mask."""
-    from fastlora import ops, reference
+    from fastlora.ops import lora as ops
+    reference = ops                              # the torch backend lives beside the op
     drawn = []
     real = ops.draw_packed
     monkeypatch.setattr(ops, "draw_packed", lambda *a, **k: drawn.append(1) or real(*a, **k))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlora.backend import interpreting
+from fastlora.core.backend import interpreting
 from tests import test_linear_parity as lp
 from tests import test_multi_parity as mp
 
@@ -95,11 +95,11 @@ SIZES = (777, 1000, 1096, 16, 2.0, 0.1)     # M, K, N, r, scaling, p
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_mixed_dtype_qlora_recipe_gpu(half):
-    """The QLoRA recipe's op (fastlora.qlora: float32 x and adapters, a half base weight): the Triton shrink /
+    """The QLoRA recipe's op (fastlora.ops.qlora: float32 x and adapters, a half base weight): the Triton shrink /
     expand on float32 x, the base GEMM + bias in the half dtype added by torch; y, dx, dA, dB, dbias vs the float64
     oracle and PEFT's arithmetic (base in the half dtype on x cast to it, adapter branch in float32)."""
-    from fastlora import ops
-    from fastlora.dropout import keep_mask
+    from fastlora.ops import lora as ops
+    from fastlora.core.dropout import keep_mask
     from tests._tolerance import assert_close
     torch.manual_seed(0)
     M, K, N, r, s, p = SIZES

@@ -18,8 +18,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import fastlora
-import fastlora.patching as fp
-from fastlora.checkpoint import load_peft_adapter
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
+from fastlora.integrations.checkpoint import load_peft_adapter
 from tests._replay import replay_dropout
 
 VOCAB = 64
@@ -77,8 +78,8 @@ def test_20_steps_losses_generate_and_save_load(kind, monkeypatch, tmp_path):
     batches = [torch.randint(0, VOCAB, (2, 12)) for _ in range(2)]
     data = [batches[i % 2] for i in range(20)]          # a tiny repeated dataset it can learn
     calls = []
-    real = fp._lora_linear
-    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fpl._lora_linear
+    monkeypatch.setattr(fpl, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     l_fast, l_ref, l_64 = train(fast, data), train(ref, data), train(o64, data)
     assert len(calls) == 20 * n_layers
     assert l_ref[-1] < l_ref[0] - 0.05                 # it does learn something
@@ -118,7 +119,7 @@ def test_interpreted_kernels_end_to_end_gpt2(monkeypatch):
     """One short training step of the patched tiny GPT-2 on the Triton kernels (interpreted). A kernels package
     that fails to import, or a backend that cannot be selected, fails this test: both are fastlora's own."""
     pin_backend(monkeypatch, "triton")
-    assert fastlora.backend.select_backend(torch.device("cpu"), "triton") == "triton"
+    assert fastlora.core.backend.select_backend(torch.device("cpu"), "triton") == "triton"
     from fastlora.kernels import linear_bwd, linear_fwd
     assert callable(linear_fwd.lora_fwd) and callable(linear_bwd.lora_bwd)
     fast = peft_model("gpt2", dropout=0.1)

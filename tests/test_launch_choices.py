@@ -16,13 +16,13 @@ import torch
 import triton
 
 import fastlora
-from fastlora.bank import AdapterBank
-from fastlora.dora import dora_linear
+from fastlora.ops.bank import AdapterBank
+from fastlora.ops.dora import dora_linear
 from fastlora.kernels import dora_norm, linear_bwd, linear_fwd, multi_lora, policy
 from fastlora.kernels._specs import SPEC_DTYPES, TORCH_DTYPES
 from fastlora.kernels._torch_compat import cuda_matmul_tf32
-from fastlora.multi import multi_lora_linear
-from fastlora.multi_plan import TILE_M
+from fastlora.ops.multi import multi_lora_linear
+from fastlora.ops.multi_plan import TILE_M
 from tests._launches import launches  # noqa: F401  (the fixture)
 
 HALF = (torch.float16, torch.bfloat16)

@@ -2,7 +2,7 @@
 
 Every bad argument raises ValueError (wrong value/shape) or TypeError (wrong type/dtype) whose
 message names the argument; a failed call changes nothing (inputs, their .grad, torch's RNG).
-Dispatch: fastlora.backend.select_backend is the one place that picks "triton" or "torch";
+Dispatch: fastlora.core.backend.select_backend is the one place that picks "triton" or "torch";
 an impossible choice is an error, never a silent fallback.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fastlora.kernels import linear_fwd
-import fastlora.reference
+import fastlora.ops.lora
 from fastlora import lora_linear
-from fastlora.backend import select_backend
+from fastlora.core.backend import select_backend
 
 M, K, N, R = 4, 8, 6, 2
 
@@ -161,7 +161,7 @@ def spies(monkeypatch):
             return fn(*a, **k)
         return wrapped
     monkeypatch.setattr(linear_fwd, "lora_fwd", spy("triton", linear_fwd.lora_fwd))
-    monkeypatch.setattr(fastlora.reference, "torch_forward", spy("torch", fastlora.reference.torch_forward))
+    monkeypatch.setattr(fastlora.ops.lora, "torch_forward", spy("torch", fastlora.ops.lora.torch_forward))
     return calls
 
 

@@ -176,10 +176,10 @@ def test_training_false_ignores_dropout(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_calls_skip_the_custom_op_layers(backend, monkeypatch):
-    """Eager calls do not go through the custom op's dispatcher: under no_grad fastlora.ops.forward directly,
+    """Eager calls do not go through the custom op's dispatcher: under no_grad fastlora.ops.lora.forward directly,
     with grad ops.LoraFunction (a plain autograd.Function over the same forward / backward); the results are
     bitwise the op's. (torch.compile traces the op: tests/test_linear_compile.py.)"""
-    from fastlora import ops
+    from fastlora.ops import lora as ops
     pb = make_problem(Case(dtype="bf16+fp32", M=33, KN=(40, 24), r=8, layout="3d", p=0.0))
     args = (pb.x.detach(), pb.weight, pb.bias.detach(), pb.A.detach(), pb.B.detach(), pb.scaling)
     calls = []
@@ -247,7 +247,7 @@ def test_scaling_scales_adapter_grads(backend):
 def test_split_n_dsdb_pass(split_n, deterministic):
     """The dS/dB pass split over N's columns (GPUs split it to fill their SMs; on CPU the split is 1, so it
     is forced here through lora_bwd's split_n=) on an N that no split divides: dx, dA, dB, dbias vs float64."""
-    from fastlora import ops
+    from fastlora.ops import lora as ops
     from fastlora.kernels.linear_bwd import lora_bwd
     pb = make_problem(Case(dtype="fp32", M=21, KN=(20, 37), r=5, layout="contig", p=0.1))
     x, A, B = pb.x.detach(), pb.A.detach(), pb.B.detach()

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fastlora.modules import LoraLinear, MergedLoraLinear
+from fastlora.nn.lora import LoraLinear, MergedLoraLinear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

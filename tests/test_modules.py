@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastlora
-from fastlora.modules import LoraLinear, MergedLoraLinear, block_lora_B
+from fastlora.nn.lora import LoraLinear, MergedLoraLinear, block_lora_B
 from tests._replay import fastlora_mask
 from tests._tolerance import assert_close
 
@@ -27,7 +27,7 @@ def backend(request, monkeypatch):
 
 
 def force_backend(monkeypatch, name):
-    """FASTLORA_BACKEND=name for this test (fastlora.backend reads it at every call)."""
+    """FASTLORA_BACKEND=name for this test (fastlora.core.backend reads it at every call)."""
     monkeypatch.setenv("FASTLORA_BACKEND", name)
 
 
@@ -198,7 +198,7 @@ def test_init_and_scaling():
 def test_float_scaling_is_one_cached_tensor_per_value(monkeypatch):
     """A module's float scaling reaches the op as a cached 0-d tensor: nothing allocated per forward, and a
     changed scaling is a new value (never a stale cache)."""
-    from fastlora import ops
+    from fastlora.ops import lora as ops
     seen = []
     real = ops.forward
     monkeypatch.setattr(ops, "forward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
@@ -213,7 +213,7 @@ def test_float_scaling_is_one_cached_tensor_per_value(monkeypatch):
 
 def test_forward_goes_through_fused_op(monkeypatch):
     calls = []
-    import fastlora.modules as mod
+    import fastlora.nn.lora as mod
     real = mod._lora_linear
     monkeypatch.setattr(mod, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = LoraLinear(8, 8, 2, merge_weights=False)

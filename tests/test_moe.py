@@ -1,4 +1,4 @@
-"""fastlora.moe: LoRA on MoE experts, the op on both backends (the torch path by expert segments; the Triton
+"""fastlora.ops.moe: LoRA on MoE experts, the op on both backends (the torch path by expert segments; the Triton
 gather kernels and the grouped GEMM under TRITON_INTERPRET=1) against a float64 per-slot oracle written here and a
 same-dtype baseline that does what PEFT does (W + s·B_e·A_e materialised, then the experts' GEMMs): outputs and
 every gradient (x, top_k_weights, A and B of both projections), both layouts (standard, and gpt-oss's transposed,
@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from fastlora import moe
-from fastlora.moe import ExpertLora, LoraExperts, lora_experts
+from fastlora.ops import moe
+from fastlora.ops.moe import ExpertLora, lora_experts
+from fastlora.nn.moe import LoraExperts
 from tests._replay import mask_of
 from tests._tolerance import assert_baseline_sane, assert_close
 
@@ -472,7 +473,7 @@ def _on_cuda(prob):
     return prob
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("fastlora.backend").backend.interpreting(),
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or __import__("fastlora.core.backend").core.backend.interpreting(),
                          reason="needs CUDA with TRITON_INTERPRET unset or 0 (compiled kernels)")
 
 

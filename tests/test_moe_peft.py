@@ -20,7 +20,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from torch.profiler import ProfilerActivity, profile
 
 import fastlora
-from fastlora import moe_peft
+from fastlora.integrations import moe_peft
 from tests._tolerance import assert_close, atol_for
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.bank import AdapterBank
-from fastlora.multi import MultiLoraLinear, multi_lora_linear
+from fastlora.ops.bank import AdapterBank
+from fastlora.nn.multi import MultiLoraLinear
+from fastlora.ops.multi import multi_lora_linear
 
 K, N = 12, 10
 
@@ -288,7 +289,7 @@ def test_frozen_adapter_gets_no_gradient_and_stays_bitwise_under_adamw(backend):
 def test_no_gradient_computed_for_frozen_tensors(monkeypatch):
     """What is frozen is not even computed: a bank with no trainable adapter asks the backward for dx only; with
     only one adapter's A trainable, for dx and dA (the packed dA, cut into that adapter's block), not dB."""
-    import fastlora.multi as fm
+    import fastlora.ops.multi as fm
     seen, real = [], fm._backward
 
     def spy(*args):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fastlora.kernels.multi_lora as ml
-from fastlora.bank import AdapterBank
-from fastlora.multi import MultiLoraLinear
+from fastlora.ops.bank import AdapterBank
+from fastlora.nn.multi import MultiLoraLinear
 
 # ---------------------------------------------------------------------------
 # no host synchronisation
@@ -87,7 +87,7 @@ def _bank(K, N, ranks):
 def test_no_host_sync_forward_backward(monkeypatch, backend, regime):
     """No host read in the launch path (dropout on for the kernels; the torch path runs without dropout here:
     on the CPU it reads the seed tensor on the host, no sync there, to seed torch's generator; on a GPU it
-    draws the kernels' Philox mask on the device, fastlora.dropout.draw_keep)."""
+    draws the kernels' Philox mask on the device, fastlora.core.dropout.draw_keep)."""
     K, N = 24, 20
     layer = MultiLoraLinear(torch.nn.Linear(K, N), _bank(K, N, (1, 8, 16)), dropout_p=0.1 if backend == "triton"
                             else 0.0, regime=regime, backend=backend)
@@ -109,7 +109,7 @@ def test_no_host_sync_in_a_whole_model_call_with_adapter_ids(monkeypatch):
     """MultiAdapterModel(adapter_ids=...) over a tiny Llama (Triton backend): once a first call has made the
     lookup tables, nothing in fastlora reads a device value on the host — what a CUDA-graph capture of the whole
     step needs (transformers' own mask code reads the host outside a capture and skips it inside one)."""
-    from fastlora.multi_peft import MultiAdapterModel
+    from fastlora.integrations.multi_peft import MultiAdapterModel
     from tests.test_multi_peft import tiny_llama
     mm = MultiAdapterModel(tiny_llama(), backend="triton")
     tok, aid = torch.randint(0, 64, (3, 1)), torch.tensor([0, -1, 1])
@@ -118,7 +118,7 @@ def test_no_host_sync_in_a_whole_model_call_with_adapter_ids(monkeypatch):
         with forbid_host_reads(monkeypatch, only_fastlora=True) as f:
             again = mm(tok, adapter_ids=aid, use_cache=False).logits
     assert f["calls"] == [] and torch.equal(first, again)
-    from fastlora.multi_plan import plan_batch
+    from fastlora.ops.multi_plan import plan_batch
     plan = plan_batch(mm.model.base_model.model.model.layers[0].self_attn.q_proj.bank, aid, torch.empty(3, 1, 32))
     with forbid_host_reads(monkeypatch, only_fastlora=True) as f, pytest.raises(AssertionError, match="host read"):
         plan.host_runs()                        # the check bites on fastlora's code (the CPU path's plan read)
@@ -153,7 +153,7 @@ def test_cuda_graph_capture():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_with_a_plan_refilled_in_place():
     """The serving pattern: the plan is built outside the graph, the graph replays after plan.update_(new ids)."""
-    from fastlora.multi_plan import plan_batch
+    from fastlora.ops.multi_plan import plan_batch
     K, N = 256, 192
     layer = MultiLoraLinear(torch.nn.Linear(K, N), _bank(K, N, (4, 16, 64))).cuda().half()
     layer.bank.requires_grad_(False)
@@ -181,7 +181,7 @@ def test_cuda_graph_captures_a_whole_model_decode_shaped_step():
     """A tiny Llama's whole forward over 4 sequences × 1 token with mixed adapters (the decode shape; no KV
     cache) captured in ONE CUDA graph through MultiAdapterModel(adapter_ids=...): replays with new tokens and
     adapters equal eager calls with the same names, and PEFT's own mixed batch within bf16 rounding."""
-    from fastlora.multi_peft import MultiAdapterModel
+    from fastlora.integrations.multi_peft import MultiAdapterModel
     from tests.test_multi_peft import tiny_llama
     model = tiny_llama().cuda().to(torch.bfloat16)
     with torch.no_grad():

@@ -15,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlora.bank import AdapterBank
-from fastlora.backend import select_backend
-from fastlora.multi import MultiLoraLinear, multi_lora_linear
-from fastlora.reference import lora_linear_reference
+from fastlora.ops.bank import AdapterBank
+from fastlora.core.backend import select_backend
+from fastlora.nn.multi import MultiLoraLinear
+from fastlora.ops.multi import multi_lora_linear
+from fastlora.ops.lora import lora_linear_reference
 from tests._replay import mask_of
 from tests._tolerance import assert_close
 
@@ -296,7 +297,7 @@ def test_scaling_is_a_runtime_value():
 def force_segments(monkeypatch, gathered):
     """Make the CPU torch path run segments: in token order (runs of equal ids) or gathered by adapter.
     Returns the list of (function, gathered?) calls seen, so a test can prove the path ran."""
-    import fastlora.multi_reference as mr
+    import fastlora.ops.multi_reference as mr
     monkeypatch.setattr(mr, "_SEG_CALL", 1 if gathered else 0)
     monkeypatch.setattr(mr, "_SEG_COPY", 0 if gathered else 16)
     seen = []
@@ -334,8 +335,8 @@ def test_cpu_segments_forward_parity(case, gathered, monkeypatch):
 def test_cpu_cost_model_picks_segments_for_decode_and_dense_when_tiny():
     """32 adapters × 1 token at d 2048 (the issue's CPU case): segments; a 3-adapter toy layer: dense, decided
     from shapes alone (no host read of the plan)."""
-    from fastlora.multi_plan import plan_batch
-    from fastlora.multi_reference import _segments
+    from fastlora.ops.multi_plan import plan_batch
+    from fastlora.ops.multi_reference import _segments
     bank = make_bank(64, 48, (16,) * 32)
     x = torch.empty(32, 2048)
     plan = plan_batch(bank, torch.randperm(32).to(torch.int32), x[:, :64])
@@ -349,8 +350,8 @@ def test_cpu_cost_model_picks_segments_for_decode_and_dense_when_tiny():
 
 def test_plan_host_reads_are_shared_by_layers(monkeypatch):
     """The CPU path reads a plan on the host once, however many layers use it."""
-    from fastlora.multi_plan import BatchPlan, plan_batch
-    import fastlora.multi_reference as mr
+    from fastlora.ops.multi_plan import BatchPlan, plan_batch
+    import fastlora.ops.multi_reference as mr
     monkeypatch.setattr(mr, "_SEG_CALL", 0)
     calls = []
     orig = BatchPlan.host_runs
@@ -381,7 +382,7 @@ def test_cpu_segments_follow_a_bank_moved_in_place(monkeypatch):
         bank.lora_B.mul_(2)
     second = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch")
     ref = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch", dropout_p=0.0)
-    import fastlora.multi_reference as mr
+    import fastlora.ops.multi_reference as mr
     monkeypatch.setattr(mr, "segments_enabled", False)
     dense = multi_lora_linear(x.half(), W.half(), b.half(), bank, ids, backend="torch")
     assert second.dtype == torch.float16 and torch.equal(second, ref)

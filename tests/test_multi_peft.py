@@ -13,8 +13,9 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from fastlora.bank import AdapterBank, load_peft_adapter_into_banks, read_peft_checkpoint  # noqa: E402
-from fastlora.multi_peft import MultiAdapterModel  # noqa: E402
+from fastlora.ops.bank import AdapterBank
+from fastlora.integrations.checkpoint import load_peft_adapter_into_banks, read_peft_checkpoint
+from fastlora.integrations.multi_peft import MultiAdapterModel
 from tests._tolerance import assert_baseline_sane, assert_close  # noqa: E402
 
 RANKS = {"r1": 1, "r4": 4, "r8": 8, "r16": 16, "r64": 64}
@@ -233,7 +234,7 @@ def test_threads_each_use_their_own_names():
 
 
 def test_exception_inside_forward_leaves_no_stale_names():
-    from fastlora.multi import current_adapter_call
+    from fastlora.nn.multi import current_adapter_call
     model = peft_model(torch.float32)
     wrapped = MultiAdapterModel(model, backend="torch")
     q, v = _layers(wrapped)
@@ -427,7 +428,7 @@ def test_sgd_steps_train_peft_adapters(backend, tmp_path):
     sync_to_peft the PEFT model's Parameters hold the trained values (float64 oracle, PEFT fp32 baseline),
     save_pretrained writes them, and the restored PEFT model gives the trained outputs."""
     import copy
-    from fastlora.bank import read_peft_checkpoint
+    from fastlora.integrations.checkpoint import read_peft_checkpoint
     model = peft_dropout_model()
     oracle_model, baseline_model = copy.deepcopy(model).double(), copy.deepcopy(model)
     layers = peft_layers(model)

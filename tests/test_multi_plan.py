@@ -1,4 +1,4 @@
-"""The multi-adapter batch plan (fastlora.multi_plan): built once per model forward, shared by every layer,
+"""The multi-adapter batch plan (fastlora.ops.multi_plan): built once per model forward, shared by every layer,
 one shrink and one expand launch per layer whatever the adapters' dropout, clear errors for plans that do
 not fit, refilled in place for CUDA graphs, traced whole by torch.compile."""
 from __future__ import annotations
@@ -8,9 +8,10 @@ import torch
 
 import fastlora
 import fastlora.kernels.multi_lora as ml
-from fastlora.bank import AdapterBank
-from fastlora.multi import MultiLoraLinear, multi_lora_linear
-from fastlora.multi_plan import TILE_M, BatchPlan, n_tiles, plan_batch
+from fastlora.ops.bank import AdapterBank
+from fastlora.nn.multi import MultiLoraLinear
+from fastlora.ops.multi import multi_lora_linear
+from fastlora.ops.multi_plan import TILE_M, BatchPlan, n_tiles, plan_batch
 from tests.test_multi_parity import make_bank, packed_grads, setup
 
 
@@ -165,7 +166,7 @@ def test_one_shrink_and_one_expand_per_layer_whatever_the_dropout(monkeypatch):
 def test_a_model_call_builds_one_plan_per_bank_layout(monkeypatch):
     """MultiAdapterModel over a 2-layer Llama (4 LoRA layers, all holding "math" and "code"): one plan per call;
     over the tests' two-layer model whose adapter "r64" targets only q: two layouts, two plans."""
-    import fastlora.multi as fm
+    import fastlora.nn.multi as fm                  # where a model call builds its plans
     from tests.test_multi_peft import peft_model, tiny_llama
     built = []
     orig = fm.plan_batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.bank import AdapterBank
+from fastlora.ops.bank import AdapterBank
 
 K, N, R = 12, 10, 3
 

@@ -11,7 +11,7 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from torch import nn
 
 import fastlora
-import fastlora.patching as fp
+import fastlora.integrations.patching as fp
 from tests._replay import replay_dropout
 from tests._tolerance import assert_close
 from tests.test_patch_peft import run, tiny_peft

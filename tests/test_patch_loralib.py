@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import fastlora.patching as fp
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
 from tests._replay import replay_dropout
 from tests._tolerance import assert_close
 
@@ -54,8 +55,8 @@ def run(model, x, g):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_parity_train_eval(dropout, monkeypatch):
     calls = []
-    real = fp._lora_linear
-    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fpl._lora_linear
+    monkeypatch.setattr(fpl, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = make(dropout)
     ref, o64 = replay_dropout(copy.deepcopy(model)), replay_dropout(copy.deepcopy(model).double())
     rep = fp.patch(model, warn=False)

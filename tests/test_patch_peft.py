@@ -10,7 +10,8 @@ from peft.tuners.lora import layer as peft_lora
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import fastlora.patching as fp
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
 from tests._replay import replay_dropout
 from tests._tolerance import assert_close
 
@@ -58,8 +59,8 @@ def run(model, x, g, seed=7):
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = fp._lora_linear
-    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fpl._lora_linear
+    monkeypatch.setattr(fpl, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fastlora
-import fastlora.patching as fp
+import fastlora.integrations.patching as fp
+import fastlora.integrations.peft_layers as fpl
 from tests.test_patch_peft import run, tiny_peft
 
 PEFT_LAYERS = sorted(f"base_model.model.{n}" for n in ("up", "conv", "down"))
@@ -25,8 +26,8 @@ def save_load(obj):
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = fp._lora_linear
-    monkeypatch.setattr(fp, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fpl._lora_linear
+    monkeypatch.setattr(fpl, "_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -1,4 +1,4 @@
-"""QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base (fastlora.qlora).
+"""QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base (fastlora.ops.qlora).
 
 * patch / unpatch / a failed patch leave a quantized model bit-identical (parameters, buffers, every
   bnb QuantState field, logits): the bug where patch's own check (model.state_dict()) un-packed
@@ -23,10 +23,10 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastlora  # noqa: E402
-import fastlora.patching as fp  # noqa: E402
-from fastlora import qlora  # noqa: E402
-from fastlora.dropout import new_seed  # noqa: E402
-from fastlora.reference import lora_linear_reference  # noqa: E402
+import fastlora.integrations.patching as fp  # noqa: E402
+from fastlora.ops import qlora  # noqa: E402
+from fastlora.core.dropout import new_seed
+from fastlora.ops.lora import lora_linear_reference
 from tests._replay import mask_of, replay_dropout  # noqa: E402
 from tests._tolerance import assert_baseline_sane, assert_close, atol_for  # noqa: E402
 
@@ -318,10 +318,10 @@ def test_layer_parity_with_peft_and_float64(spy, kind, compute, quant):
 def test_dropout_matches_reference_with_the_same_seed(spy, monkeypatch, backend):
     """Same seed, same mask as the reference given that backend's mask (auto = the interpreted kernels here);
     the torch backend draws the mask once (kept bit-packed, never drawn again in backward)."""
-    from fastlora import reference
+    from fastlora.ops import lora as reference
     draws = []
-    real_keep = qlora.draw_packed
-    monkeypatch.setattr(qlora, "draw_packed", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
+    real_keep = reference.draw_packed              # QLoRA is the LoRA op with a dequantizing weight source
+    monkeypatch.setattr(reference, "draw_packed", lambda *a, **k: draws.append(1) or real_keep(*a, **k))
     monkeypatch.setattr(reference, "draw_keep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
     pm, lay = _layer_case("4bit", torch.float32)
     base, A, B = lay.get_base_layer(), lay.lora_A["default"].weight, lay.lora_B["default"].weight

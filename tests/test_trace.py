@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import fastlora
-import fastlora.patching as fp
-import fastlora.tracing as ft
-from fastlora.bank import AdapterBank
+
+import fastlora.integrations.peft_layers as fpl
+import fastlora.core.tracing as ft
+from fastlora.ops.bank import AdapterBank
 from tests.test_autocast import tiny_llama
 from tests.test_patch_peft import tiny_peft
 
@@ -54,8 +55,8 @@ def test_mixed_batch_adapter_names_are_fallbacks_with_a_reason_warned_once_per_l
         with fastlora.trace() as inner:                 # nested blocks each record what ran inside them
             pm(input_ids=ids)
     assert t.fused == 14 and inner.fused == 14 and inner.fallbacks == {}
-    assert t.fallbacks == {fp.ADAPTER_NAMES: 28}
-    assert all(c.fallbacks == {fp.ADAPTER_NAMES: 2} and c.fused == 1 for c in t.layers.values())
+    assert t.fallbacks == {fpl.ADAPTER_NAMES: 28}
+    assert all(c.fallbacks == {fpl.ADAPTER_NAMES: 2} and c.fused == 1 for c in t.layers.values())
     msgs = fallback_warnings(rec)
     assert len(msgs) == 14 and len(set(msgs)) == 14     # one per layer (and reason), naming the layer
     assert all("adapter_names=" in m and "runs PEFT's own forward" in m for m in msgs)
@@ -126,7 +127,7 @@ def test_fastlora_modules_are_traced_and_named_by_the_model():
 
 
 def test_tracing_off_records_nothing(monkeypatch):
-    """Off, a call's cost is one check of the list fastlora.tracing.ACTIVE: record() is never reached."""
+    """Off, a call's cost is one check of the list fastlora.core.tracing.ACTIVE: record() is never reached."""
     def boom(*a, **k):
         raise AssertionError("record() called with tracing off")
     pm = tiny_peft()
@@ -153,7 +154,7 @@ def test_report_names_layers_that_will_fall_back_and_when():
     with warnings.catch_warnings(record=True) as rec, fastlora.trace() as t:
         warnings.simplefilter("always")
         y = pm(x)
-    assert t.fallbacks == {fp.DROPOUT_1: 3} and len(fallback_warnings(rec)) == 3
+    assert t.fallbacks == {fpl.DROPOUT_1: 3} and len(fallback_warnings(rec)) == 3
     assert torch.equal(y, ref(x))                       # p = 1 behaves as PEFT: the LoRA term dropped
     with fastlora.trace() as t:                         # outside training p does not apply: fused
         pm.eval(), ref.eval()

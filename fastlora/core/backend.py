@@ -2,38 +2,20 @@
 
     CUDA tensors                         -> "triton" (compiled kernels)
     CPU tensors with TRITON_INTERPRET=1  -> "triton" (the same kernels, interpreted)
-    CPU tensors otherwise                -> "torch"  (fastlora.reference, the readable maths)
+    CPU tensors otherwise                -> "torch"  (fastlora.ops.<op>, the readable maths)
 
 An override — the ``backend=`` argument, else the FASTLORA_BACKEND environment
-variable — forces "triton" or "torch". An impossible choice is an error, never a
+variable — forces "triton" or "torch". The environment is read at every call, by kernels/_env.py (the one
+reader of TRITON_INTERPRET for the kernels and for this choice). An impossible choice is an error, never a
 silent fallback.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..kernels._env import env as _env, interpreting  # noqa: F401 - interpreting: part of this module's API
+
 BACKENDS = ("auto", "triton", "torch")
-
-
-_POSIX = os.name == "posix"
-
-
-def _env(name: str, default: str) -> str:
-    """os.environ.get(name, default), read at every call. On POSIX from the mapping's own dict of bytes:
-    os.environ.get of an unset variable raises and catches KeyError twice (0.7 µs alone, several times that
-    measured inside a layer call)."""
-    data = getattr(os.environ, "_data", None)
-    if not _POSIX or type(data) is not dict or torch.compiler.is_compiling():
-        return os.environ.get(name, default)
-    v = data.get(name.encode())
-    return default if v is None else v.decode()
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return _env("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend_choice(override: str | None = None) -> str:

@@ -8,8 +8,8 @@ every expert stack (a new E × out × in tensor per projection and call, kept fo
 gradient), then runs the experts module on W'. fastlora.patch shadows the OUTERMOST wrapper's forward (an
 instance attribute, as for lora.Linear: same objects, parameters, state-dict keys, save/load, unpatch) with
 ``peft_experts_forward``, which walks the chain (``.base_layer`` while it is a ParamWrapper), reads each
-wrapper's active lora_A / lora_B / scaling as they are (PEFT's layout: fastlora.moe takes it) and calls
-fastlora.moe.experts_forward on the experts module: its own weights, biases, orientation, ``_apply_gate`` and
+wrapper's active lora_A / lora_B / scaling as they are (PEFT's layout: fastlora.ops.moe takes it) and calls
+fastlora.ops.moe.experts_forward on the experts module: its own weights, biases, orientation, ``_apply_gate`` and
 ``post_expert_norm``; PEFT's parametrization never runs. The computation is transformers' grouped_mm experts
 implementation's (x cast to the experts' dtype, the sum over k in the routing weights' dtype) whatever
 ``config._experts_implementation`` says; the last bits may differ from eager / batched_mm, as those do from each
@@ -31,8 +31,9 @@ import inspect
 import torch
 from torch import nn
 
-from . import tracing
-from .moe import ExpertLora, experts_forward, experts_layout
+from ..core import tracing
+from ..ops.moe import ExpertLora, experts_forward, experts_layout
+from .peft_layers import _ATTR
 
 KIND = "peft.ParamWrapper(experts)"
 
@@ -140,7 +141,7 @@ def chain_reason(outer: nn.Module) -> str | None:
 
 
 class ChainState:
-    """What a patched outermost wrapper keeps on the side (fastlora.patching's attribute; not in the state dict)."""
+    """What a patched outermost wrapper keeps on the side (fastlora.integrations.patching's attribute; not in the state dict)."""
 
     def __init__(self, outer: nn.Module):
         self.kind = KIND
@@ -170,7 +171,6 @@ def _bind(st: ChainState, args, kwargs):
 
 def peft_experts_forward(self, hidden_states, *args, **kwargs):
     """The outermost ParamWrapper's forward under fastlora.patch (see the module docstring)."""
-    from .patching import _ATTR
     st = getattr(self, _ATTR)
     wrappers, experts = chain(self)
     bound = _bind(st, args, kwargs)

@@ -1,6 +1,7 @@
-"""LoRA nn.Modules whose forward is the fused op ``fastlora.lora_linear``.
+"""LoRA nn.Modules whose forward is the fused op ``fastlora.lora_linear`` (``fastlora.ops.lora``).
 
     LoraLinear        y = x·W0ᵀ + bias + s·(dropout(x)·Aᵀ)·Bᵀ            (loralib ``Linear``)
+    QLoraLinear       LoraLinear over a bitsandbytes 4-bit / 8-bit base  (``fastlora.ops.qlora``)
     MergedLoraLinear  the same with LoRA on some output slices only      (loralib ``MergedLinear``,
                       e.g. GPT-2 ``c_attn`` with enable_lora=[True, False, True])
 
@@ -29,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _amp
-from . import tracing as _tracing
-from .functional import _lora_linear, lora_linear
-from .tracing import ACTIVE as _TRACING
+from ..core import amp as _amp
+from ..core import tracing as _tracing
+from ..core.checks import is_conv1d
+from ..core.tracing import ACTIVE as _TRACING
+from ..ops.lora import _lora_linear, lora_linear
+from ..ops.qlora import _COMPUTE, base_reason, qlora_linear, quant_kind
 
 _INITS = ("kaiming", "gaussian")
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -54,7 +57,7 @@ def base_layout(layer: nn.Module, where: str = "layer"):
     """(weight, bias, in_features, out_features, fan_in_fan_out) of an nn.Linear or a transformers Conv1D."""
     if isinstance(layer, nn.Linear):
         return layer.weight, layer.bias, layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and hasattr(layer, "nx"):
+    if is_conv1d(layer):
         return layer.weight, layer.bias, layer.weight.shape[0], layer.weight.shape[1], True
     raise TypeError(f"{where}: expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
@@ -230,10 +233,9 @@ class LoraLinear(_LoraBase):
         """Wrap an nn.Linear or transformers Conv1D, sharing (never copying) its weight and bias.
 
         The base weight is frozen (requires_grad=False), as in PEFT and loralib. A bitsandbytes
-        Linear4bit / Linear8bitLt gives a ``fastlora.qlora.QLoraLinear`` (float32 adapters by default;
+        Linear4bit / Linear8bitLt gives a ``fastlora.nn.lora.QLoraLinear`` (float32 adapters by default;
         merge_weights does not apply).
         """
-        from .qlora import QLoraLinear, quant_kind   # lazy: qlora imports this module
         if quant_kind(layer) is not None:
             return QLoraLinear.from_quantized(layer, r, lora_alpha, lora_dropout, use_rslora, init, adapter_dtype)
         weight, bias, k, n, fifo = base_layout(layer, "LoraLinear.from_linear")
@@ -307,3 +309,74 @@ class MergedLoraLinear(_LoraBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", enable_lora={self.enable_lora}"
+
+
+class QLoraLinear(LoraLinear):
+    """LoraLinear over a quantized bitsandbytes base layer (kept as the submodule ``base_layer``).
+
+    Built by ``LoraLinear.from_linear(bnb_layer, r=...)``. State dict: the base layer's own keys
+    under ``base_layer.`` (bnb's quant-state entries included) plus ``lora_A`` / ``lora_B``.
+    Adapters default to float32 (PEFT's QLoRA default). merge() is not offered: merging into a
+    quantized weight would re-quantize it, which is lossy.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("QLoraLinear wraps an existing quantized layer: use "
+                        "fastlora.LoraLinear.from_linear(bnb_layer, r=...)")
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                       use_rslora: bool = False, init: str = "kaiming",
+                       adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
+        where = "LoraLinear.from_linear"
+        why = base_reason(layer)
+        if why is not None:
+            raise TypeError(f"{where}: layer: {why}")
+        k, n = layer.in_features, layer.out_features
+        r = check_rank(r, k, n, where)
+        if not isinstance(lora_dropout, numbers.Real) or not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"{where}: lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+        if not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+            raise ValueError(f"{where}: lora_alpha must be a finite number, got {lora_alpha!r}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"{where}: init must be one of ('kaiming', 'gaussian'), got {init!r}")
+        dtype = adapter_dtype or torch.float32
+        if dtype not in _COMPUTE:
+            raise TypeError(f"{where}: adapter_dtype must be float32, float16 or bfloat16, got {dtype}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.base_layer = layer
+        self.in_features, self.out_features, self.r, self.lora_alpha = k, n, r, lora_alpha
+        self.use_rslora, self.lora_dropout = bool(use_rslora), float(lora_dropout)
+        self.fan_in_fan_out, self.merge_weights, self.merged = False, False, False
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        kw = dict(device=layer.weight.device, dtype=dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, k, **kw))
+        self.lora_B = nn.Parameter(torch.empty(n, r, **kw))
+        self._merge_fix = None
+        self.reset_lora_parameters(init)
+        return self
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _TRACING:
+            _tracing.record(self)
+        return qlora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scale_arg(),
+                            self.lora_dropout, self.training)
+
+    def merge(self, safe_merge: bool = False) -> None:
+        raise NotImplementedError("QLoraLinear: merging into a quantized base weight is not supported "
+                                  "(it would re-quantize W0, a lossy change); dequantize the model first")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("QLoraLinear: never merged (merge is not supported on a quantized base)")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", base={quant_kind(self.base_layer)}"

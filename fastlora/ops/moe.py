@@ -9,13 +9,13 @@ transformers 5 keeps experts as 3-D stacks, gate_up_proj (E, 2I, H) and down_pro
     lora_A (E·r, in)    expert e = rows e·r … e·r + r − 1
     lora_B (out, E·r)   expert e = columns j·E + e, j < r          (rank-major: NOT the rows' order)
 
-Every function here takes that layout (fastlora.moe_peft hands PEFT's Parameters over as they are). Inside,
+Every function here takes that layout (fastlora.integrations.moe_peft hands PEFT's Parameters over as they are). Inside,
 B is copied into the bank layout of the multi-adapter kernels (expert e = columns e·r … e·r + r − 1; a copy
 of out × E·r elements per call, tiny next to W) and dB is copied back: the expert index is the adapter id.
 
 Per experts call (sections below, in this order):
   routing plan   plan_routing: the (token, k) slots sorted by expert on the device (no host sync), the slot
-                 inputs gathered in that order, a multi-adapter BatchPlan over them (fastlora.multi_plan), and
+                 inputs gathered in that order, a multi-adapter BatchPlan over them (fastlora.ops.multi_plan), and
                  the segment bounds = the grouped GEMM's offsets.
   maths          torch_forward / torch_backward: one projection, per expert segment on the host's bounds (the
                  CPU backend and the readable statement: two small GEMMs for LoRA, the base GEMM added onto
@@ -31,9 +31,9 @@ Per experts call (sections below, in this order):
                  base and LoRA alike, autograd: the router keeps its gradient), back to token order, sum
                  over k in the weights' dtype, cast to x's (as transformers' grouped_mm experts).
                  experts_forward(module, ...): the same on a transformers experts module.
-  module         LoraExperts: a transformers experts module + LoRA on its projections, with dropout
-                 (fastlora.dropout's mask of each projection's input seen as (slots, in), slots in expert order:
-                 the kernels' counter-based mask, on the CPU torch path a generator seeded with the seed).
+The module, LoraExperts (fastlora.nn.moe), is a transformers experts module + LoRA on its projections, with
+dropout (fastlora.core.dropout's mask of each projection's input seen as (slots, in), slots in expert order: the
+kernels' counter-based mask, on the CPU torch path a generator seeded with the seed).
 
 Saved for backward per projection: its input (S, in) (S = T·K slots), S = drop(x)·A_eᵀ (S, r) float32 and the
 seed; the activation, the routing weights' product and the gather keep what autograd keeps for them. Never an
@@ -47,18 +47,17 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .backend import resolve_backend_choice, select_backend
-from .dropout import draw_keep, new_seed
-from .functional import _constant, cached_tensor
+from ..core.backend import resolve_backend_choice, select_backend
+from ..core.checks import _constant, cached_tensor
+from ..core.dropout import draw_keep, new_seed
+from ..core.registration import register_op
 from .multi_plan import BatchPlan, _pieces, choose_regime
-from . import tracing as _tracing
-from .tracing import ACTIVE as _TRACING
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _kernels():
-    from .kernels import multi_lora    # lazily: Triton-only module
+    from ..kernels import multi_lora    # lazily: Triton-only module
     return multi_lora
 
 
@@ -125,7 +124,7 @@ def _w_in_out(weight: Tensor, e: int, transposed: bool) -> Tensor:
 
 
 def _keep(seed, S: int, C: int, p: float, device) -> Optional[Tensor]:
-    """None (no dropout) or the (S, C) float32 keep/(1−p) of the slot inputs (fastlora.dropout.draw_keep: on the
+    """None (no dropout) or the (S, C) float32 keep/(1−p) of the slot inputs (fastlora.core.dropout.draw_keep: on the
     CPU a generator seeded with ``seed``, on a GPU the kernels' counter-based mask)."""
     if p <= 0 or S == 0:
         return None
@@ -330,62 +329,58 @@ def _plan_view(plan: Tensor, x: Tensor, weight: Tensor, regime: str) -> BatchPla
     return BatchPlan(plan, (x.shape[0],), weight.shape[0], regime)
 
 
-@torch.library.custom_op("fastlora::moe_linear_fwd", mutates_args=())
-def moe_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor],
-                   lora_B: Optional[Tensor], scaling: float, plan: Tensor, regime: str, transposed: bool,
-                   dropout_p: float, seed: Tensor, save_s: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _op_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
+                scaling: float, plan: Tensor, regime: str, transposed: bool, dropout_p: float, seed: Tensor,
+                save_s: bool, backend: str) -> tuple[Tensor, Tensor]:
     y, S = _forward(x, weight, bias, lora_A, lora_B, scaling, _plan_view(plan, x, weight, regime), transposed,
                     dropout_p, seed, save_s, backend)
     return y, S.contiguous()
 
 
-@moe_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, plan, regime, transposed, dropout_p, seed, save_s, backend):
+def _op_forward_fake(x, weight, bias, lora_A, lora_B, scaling, plan, regime, transposed, dropout_p, seed, save_s,
+                     backend):
     out_f = weight.shape[2] if transposed else weight.shape[1]
     r = 0 if lora_A is None else lora_A.shape[0] // weight.shape[0]
     return x.new_empty((x.shape[0], out_f)), x.new_empty((x.shape[0] if save_s and r else 0, r),
                                                          dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlora::moe_linear_bwd", mutates_args=())
-def moe_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor],
-                   S: Tensor, scaling: float, plan: Tensor, regime: str, transposed: bool, dropout_p: float,
-                   seed: Tensor, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dbias: bool, needs_dW: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = _backward(dy, x, weight, lora_A, lora_B, S, scaling, _plan_view(plan, x, weight, regime), transposed,
-                    dropout_p, seed, (needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW), backend)
-    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in out)
+def _op_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Optional[Tensor], lora_B: Optional[Tensor], S: Tensor,
+                 scaling: float, plan: Tensor, regime: str, transposed: bool, dropout_p: float, seed: Tensor,
+                 needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dbias: bool, needs_dW: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward(dy, x, weight, lora_A, lora_B, S, scaling, _plan_view(plan, x, weight, regime), transposed,
+                     dropout_p, seed, (needs_dx, needs_dA, needs_dB, needs_dbias, needs_dW), backend)
 
 
-@moe_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, S, scaling, plan, regime, transposed, dropout_p, seed, needs_dx, needs_dA,
-      needs_dB, needs_dbias, needs_dW, backend):
-    def like(t, need, **kw):
-        return torch.empty_like(t, memory_format=torch.contiguous_format, **kw) if need and t is not None \
-            else x.new_empty(0)
+def _op_backward_fake(dy, x, weight, lora_A, lora_B, S, scaling, plan, regime, transposed, dropout_p, seed, needs_dx,
+                      needs_dA, needs_dB, needs_dbias, needs_dW, backend):
+    def like(t, need):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if need and t is not None else None
     return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB),
-            x.new_empty((weight.shape[0], dy.shape[1]), dtype=torch.float32) if needs_dbias else x.new_empty(0),
+            x.new_empty((weight.shape[0], dy.shape[1]), dtype=torch.float32) if needs_dbias else None,
             like(weight, needs_dW))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, plan, regime, transposed, dropout_p, seed, save_s, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, plan, output[1], seed)
     ctx.meta = (scaling, regime, transposed, dropout_p, backend)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _op_backward(ctx, dy, _dS):
+def _grads(ctx, bwd, dy, _dS):
     x, weight, lora_A, lora_B, plan, S, seed = ctx.saved_tensors
     scaling, regime, transposed, p, backend = ctx.meta
     nx, nw, nb, na, nbb = ctx.needs_input_grad[:5]
-    dx, dA, dB, dbias, dW = moe_linear_bwd(dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, plan, regime,
-                                           transposed, p, seed, nx, na, nbb, nb, nw, backend)
+    dx, dA, dB, dbias, dW = bwd(dy.contiguous(), x, weight, lora_A, lora_B, S, scaling, plan, regime, transposed, p,
+                                seed, nx, na, nbb, nb, nw, backend)
     return (dx if nx else None, dW if nw else None, dbias.to(ctx.bias_dtype) if nb else None,
             dA if na else None, dB if nbb else None) + (None,) * 8
 
 
-torch.library.register_autograd("fastlora::moe_linear_fwd", _op_backward, setup_context=_setup_context)
+moe_linear_fwd, moe_linear_bwd = register_op("moe_linear", _op_forward, _op_forward_fake, _op_backward,
+                                             _op_backward_fake, save=_save, grads=_grads)
 
 
 # ---------------------------------------------------------------------------
@@ -412,7 +407,7 @@ def _check_weight(name: str, w, E, x_dtype, device):
 
 def _check_lora(name: str, lora, E: int, in_f: int, out_f: int, x_dtype, device) -> None:
     if not isinstance(lora, ExpertLora):
-        raise TypeError(f"{name} must be a fastlora.moe.ExpertLora(lora_A, lora_B, scaling, dropout_p) or None, "
+        raise TypeError(f"{name} must be a fastlora.ops.moe.ExpertLora(lora_A, lora_B, scaling, dropout_p) or None, "
                         f"got {type(lora).__name__}")
     A, B = lora.lora_A, lora.lora_B
     if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.dim() != 2 or B.dim() != 2 \
@@ -558,57 +553,5 @@ def experts_forward(experts: nn.Module, x: Tensor, top_k_index: Tensor, top_k_we
     return out.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------
-# module
-# ---------------------------------------------------------------------------
-
-class LoraExperts(nn.Module):
-    """LoRA on the expert projections of a transformers experts module, with dropout (which PEFT's
-    ParamWrapper refuses): ``forward(hidden_states, top_k_index, top_k_weights)`` as the experts module's.
-
-    experts: e.g. ``model.model.layers[i].mlp.experts`` (Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, gpt-oss …; its
-    weights are frozen here). targets: the projections that get LoRA ("gate_up_proj" / "up_proj", "down_proj").
-    lora_A[name] (E·r, in), lora_B[name] (out, E·r) in PEFT's ParamWrapper layout (B zero-initialised, A as
-    PEFT's kaiming init), scaling = lora_alpha / r (√r with use_rslora). Dropout: each projection's input, per
-    (slot, feature), fastlora.dropout's mask for the call's seed with slots in expert order; a fresh seed per call.
-    Install it in place of the experts: ``block.experts = LoraExperts(block.experts, r=8)``.
-    """
-
-    def __init__(self, experts: nn.Module, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                 targets=("gate_up_proj", "down_proj"), use_rslora: bool = False, backend: str | None = None):
-        super().__init__()
-        why = experts_layout(experts)
-        if why:
-            raise TypeError(f"LoraExperts: {why}")
-        first = "gate_up_proj" if experts.has_gate else "up_proj"
-        bad = [t for t in targets if t not in (first, "down_proj")]
-        if bad or not targets:
-            raise ValueError(f"LoraExperts: targets must be a non-empty subset of {(first, 'down_proj')}, got "
-                             f"{list(targets)}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoraExperts: r must be an int >= 1, got {r!r}")
-        if not isinstance(lora_dropout, numbers.Real) or not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"LoraExperts: lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
-        self.experts = experts.requires_grad_(False)
-        self.r, self.lora_alpha, self.lora_dropout, self.backend = r, float(lora_alpha), float(lora_dropout), backend
-        self.scaling = lora_alpha / (r ** 0.5 if use_rslora else r)
-        E = experts.num_experts
-        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        for name in targets:
-            w = getattr(experts, name)
-            out_f, in_f = (w.shape[2], w.shape[1]) if experts.is_transposed else (w.shape[1], w.shape[2])
-            A = torch.empty(E * r, in_f, dtype=w.dtype, device=w.device)
-            nn.init.kaiming_uniform_(A, a=5 ** 0.5)                  # nn.Linear's (and PEFT's) default for lora_A
-            self.lora_A[name] = nn.Parameter(A)
-            self.lora_B[name] = nn.Parameter(torch.zeros(out_f, E * r, dtype=w.dtype, device=w.device))
-
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        if _TRACING:
-            _tracing.record(self)
-        loras = {n: ExpertLora(self.lora_A[n], self.lora_B[n], self.scaling, self.lora_dropout) for n in self.lora_A}
-        return experts_forward(self.experts, hidden_states, top_k_index, top_k_weights, loras,
-                               training=self.training, backend=self.backend)
-
-
-__all__ = ["lora_experts", "experts_forward", "ExpertLora", "LoraExperts", "plan_routing", "RoutingPlan",
-           "experts_layout", "bank_B", "peft_B"]
+__all__ = ["lora_experts", "experts_forward", "ExpertLora", "plan_routing", "RoutingPlan", "experts_layout",
+           "bank_B", "peft_B"]

@@ -9,8 +9,8 @@
                                                                        frozen ones), every one of a mixed batch
     mm.save_pretrained(path) / mm.sync_to_peft() / mm.restore()        the trained values back in PEFT's Parameters
 
-The adapter names travel with the call (fastlora.multi.using_adapters, a ContextVar), never as state on
-the layers; each call builds the batch plan once per bank layout (fastlora.multi_plan), shared by every layer. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
+The adapter names travel with the call (fastlora.nn.multi.using_adapters, a ContextVar), never as state on
+the layers; each call builds the batch plan once per bank layout (fastlora.ops.multi_plan), shared by every layer. Attributes the wrapper lacks come from the wrapped model (``mm.config``, ``mm.device`` …).
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .bank import BASE, AdapterBank
-from .multi import (_TRACED, AdapterCall, MultiLoraLinear, _names_list, keep_adapters_for_recompute,
-                    using_adapters)
+from ..nn.multi import _TRACED, AdapterCall, MultiLoraLinear, keep_adapters_for_recompute, using_adapters
+from ..ops.bank import BASE, AdapterBank
+from ..ops.multi_plan import names_list
+from .moe_peft import param_wrapper_cls
 
 # PEFT methods that read or change the LoRA layers, which are swapped out while wrapped
 _NEEDS_PEFT_LAYERS = ("merge_and_unload", "merge_adapter", "unmerge_adapter", "unload", "set_adapter",
@@ -59,7 +60,6 @@ class MultiAdapterModel(nn.Module):
         super().__init__()
         from peft.tuners.lora import Linear as PeftLoraLinear
 
-        from .moe_peft import param_wrapper_cls
         pw = param_wrapper_cls()
         experts = [n for n, m in peft_model.named_modules() if pw is not None and isinstance(m, pw)]
         if experts:   # they would run PEFT's active adapter for every sequence: refuse rather than mislead
@@ -84,7 +84,7 @@ class MultiAdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ calls
     def _check_names(self, adapter_names) -> list:
-        names = _names_list(adapter_names, "adapter_names")
+        names = names_list(adapter_names, "adapter_names")
         known = set().union(*(layer.bank.names for _, _, _, layer in self._swapped))
         unknown = sorted({n for n in names if n is not None and n != BASE and n not in known})
         if unknown:
@@ -128,7 +128,7 @@ class MultiAdapterModel(nn.Module):
     def _keep_adapters_for_recompute(self):
         """Activation checkpointing (transformers' ``_gradient_checkpointing_func`` on its layers) recomputes
         layers during backward, outside this call's using_adapters block: wrap each such function so the
-        recompute sees the names of the call that ran it first (fastlora.multi.keep_adapters_for_recompute)."""
+        recompute sees the names of the call that ran it first (fastlora.nn.multi.keep_adapters_for_recompute)."""
         for m in self.model.modules():
             f = m.__dict__.get("_gradient_checkpointing_func")
             if f is not None and not getattr(f, "_fastlora_keeps_adapters", False):

@@ -1,4 +1,4 @@
-"""What runs is what the user is told: ``fastlora.trace()`` and ``fastlora.FallbackWarning`` (fastlora.tracing).
+"""What runs is what the user is told: ``fastlora.trace()`` and ``fastlora.FallbackWarning`` (fastlora.core.tracing).
 
     with fastlora.trace() as t:
         model(**batch).loss.backward()

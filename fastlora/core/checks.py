@@ -1,4 +1,11 @@
-"""fastlora.lora_linear: the fused LoRA linear op, with its input checks."""
+"""What every op checks and shares: input validation, the op scalars, one name per layout rule.
+
+    check_inputs(x, W, bias, A, B, scaling, dropout_p, fan_in_fan_out) -> (N, K, r)
+    op_scalars(x, scaling, dropout_p, training, seed) -> (p, scale, seed) as the ops take them
+    weight_nk(W, fan_in_fan_out)   W0 as (N, K) (a GPT-2 Conv1D stores it (K, N))
+    acc_dtype(dtype)               the accumulator / S dtype: float32, float64 for float64
+    is_conv1d(layer)               transformers' Conv1D (weight stored (in, out))
+"""
 from __future__ import annotations
 
 import math
@@ -7,12 +14,23 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import ops
-from .backend import select_backend
+from ..kernels._layout import acc_dtype, weight_nk  # noqa: F401 - one definition, shared with the kernels
 from .dropout import new_seed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # the ops' x dtypes; float64: gradcheck, oracles
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def weight_grad(dy: Tensor, x: Tensor, fan_in_fan_out: bool, dtype: torch.dtype) -> Tensor:
+    """dW = dYᵀ·x in the stored layout of W (``dtype``), for a base weight that requires grad (not what LoRA is
+    for, but answered correctly, by a plain matmul)."""
+    g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dy.dtype)      # (N, K)
+    return weight_nk(g, fan_in_fan_out).to(dtype)
+
+
+def is_conv1d(layer) -> bool:
+    """transformers' GPT-2 Conv1D (weight stored (in_features, out_features): fan_in_fan_out)."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and hasattr(layer, "nx")
 
 
 def _shape(t: Tensor) -> str:
@@ -127,7 +145,7 @@ def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dty
     as a 0-d tensor on x's device (fp32; fp64 for fp64 x; cached for a float), and the seed as a 0-d int64
     tensor (drawn from torch's generator when p > 0 and none is given; a cached zero otherwise).
 
-    For an eager call on the CPU torch path: ``host_rng``: its mask is drawn by torch code (fastlora.dropout), so
+    For an eager call on the CPU torch path: ``host_rng``: its mask is drawn by torch code (fastlora.core.dropout), so
     with no seed given none is drawn (None) and the mask comes from torch's default generator itself, as
     nn.Dropout's; ``float_scale``: the scaling becomes a Python float (an alpha for the GEMMs, no tensor op; the
     GEMMs round it to their dtype, as the 0-d tensor would be)."""
@@ -135,10 +153,10 @@ def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dty
     if float_scale and (not isinstance(scaling, Tensor) or scaling.device.type == "cpu"):
         scale = float(scaling)                   # a CPU tensor is read on the host: no sync
     elif isinstance(scaling, Tensor):
-        sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+        sdt = scale_dtype or acc_dtype(x.dtype)
         scale = scaling.detach().reshape(()).to(device=x.device, dtype=sdt)
     else:
-        sdt = scale_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+        sdt = scale_dtype or acc_dtype(x.dtype)
         scale = _constant(float(scaling), sdt, x.device)
     if p > 0:
         if seed is not None:
@@ -148,61 +166,3 @@ def op_scalars(x: Tensor, scaling, dropout_p, training: bool, seed, *, scale_dty
     else:
         seed_t = None if host_rng else _constant(0, torch.int64, x.device)
     return p, scale, seed_t
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scaling: float | Tensor, dropout_p: float = 0.0, training: bool = True,
-                fan_in_fan_out: bool = False, *, seed: int | Tensor | None = None,
-                backend: str | None = None, deterministic: bool | None = None) -> Tensor:
-    """y = x·Wᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ, fused.
-
-    Args:
-        x: (..., K) float32/float16/bfloat16 (float64 too, for gradcheck and oracles), any strides.
-        weight: frozen base weight, (N, K); (K, N) when ``fan_in_fan_out`` (GPT-2 Conv1D), read
-            through strides, never copied. Same dtype as x.
-        bias: (N,) or None; gets a gradient when it requires one.
-        lora_A: (r, K); lora_B: (N, r). x's dtype, or float32 on a half base (PEFT's default).
-        scaling: alpha/r (or alpha/sqrt(r)); a float or 0-d tensor, a runtime value (no recompiles).
-        dropout_p: LoRA dropout on the adapter input, in [0, 1); applied only when ``training``.
-        seed: dropout seed (int or 0-d int tensor): the same seed gives the same mask on the same
-            backend and device. The Triton kernels draw a counter-based Philox mask of (seed, row, col),
-            regenerated in backward, never stored; the CPU torch path draws u = torch.rand ≥ p from a
-            generator seeded with it and keeps the mask bit-packed (1/32 of an fp32 x) in eager training.
-            CPU and GPU masks differ for one seed (as PEFT's do). Default: torch's generator on x's
-            device draws the seed (or, on the CPU torch path, the mask itself, as nn.Dropout), so
-            torch.manual_seed makes runs repeatable.
-        backend: "auto" (default), "triton" or "torch"; see fastlora.backend.
-        deterministic: backward without atomics (split reductions), bitwise repeatable. Default:
-            torch.are_deterministic_algorithms_enabled().
-
-    Returns (..., N) in x's dtype; accumulation in float32, rounded once.
-    """
-    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
-    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed, backend,
-                        deterministic)
-
-
-def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed=None,
-                 backend=None, deterministic=None):
-    """lora_linear without check_inputs, for callers whose tensors are known to fit: a module's own parameters
-    (checked when it was built) or a patched layer's (checked at patch time), x checked by the caller. Host time
-    per call is what a small layer costs, and every line counts there."""
-    dev = x.device
-    be = select_backend(dev, backend)                      # once per call: "torch" or "triton"
-    compiling = torch.compiler.is_compiling()
-    host = be == "torch" and dev.type == "cpu" and not compiling
-    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, host_rng=host, float_scale=host)
-    save_s = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                          or weight.requires_grad or (bias is not None and bias.requires_grad))
-    if deterministic is None:      # shapes the kernels' backward only (the torch path's is deterministic anyway)
-        deterministic = not host and torch.are_deterministic_algorithms_enabled()
-    if compiling:                                          # torch.compile traces the custom op
-        y, _ = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out,
-                                   save_s, bool(deterministic), be)
-        return y
-    if not save_s:
-        # inference in eager mode: no graph to record, so the op's dispatcher / autograd layers are skipped
-        return ops.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t, fan_in_fan_out, False, be)[0]
-    # eager training: a plain autograd.Function over the same forward / backward (no dispatcher layers)
-    return ops.LoraFunction.apply(x, weight, bias, lora_A, lora_B,
-                                  (scale, p, seed_t, fan_in_fan_out, bool(deterministic), be))

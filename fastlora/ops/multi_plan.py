@@ -32,6 +32,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .bank import BASE, AdapterBank
+
 TILE_M = 16            # tokens per grouped tile = the shrink / expand kernels' BLOCK_M (kernels/multi_lora.py)
 REGIMES = ("auto", "decode", "grouped")
 
@@ -202,6 +204,18 @@ class BatchPlan:
         return runs
 
 
+def names_list(names, what: str) -> list:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list with one adapter name per sequence, got the single str {names!r}; "
+                        f"for one adapter on every sequence pass [{names!r}] * batch_size (as PEFT)")
+    if not isinstance(names, Sequence):
+        raise TypeError(f"{what} must be a list with one adapter name per sequence, got {type(names).__name__}")
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must hold adapter names (str, or None / {BASE!r} for the base model), got {bad[0]!r}")
+    return list(names)
+
+
 def plan_batch(bank, adapter_ids: Tensor | Sequence[str | None], x: Tensor, *, regime: str = "auto") -> BatchPlan:
     """The plan of one batch for every layer whose bank holds ``bank``'s adapters in the same order.
 
@@ -211,15 +225,13 @@ def plan_batch(bank, adapter_ids: Tensor | Sequence[str | None], x: Tensor, *, r
     activations the layers will see (only its shape and device are read). regime: "auto" (by shape),
     "decode" or "grouped".
     """
-    from .bank import AdapterBank
     if not isinstance(bank, AdapterBank):
         raise TypeError(f"bank must be a fastlora AdapterBank, got {type(bank).__name__}")
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a tensor of shape (..., in_features) (the layers' input)")
     n = len(bank)
     if not isinstance(adapter_ids, Tensor):
-        from .multi import _names_list
-        adapter_ids = bank.ids(_names_list(adapter_ids, "adapter_ids"), device=x.device)
+        adapter_ids = bank.ids(names_list(adapter_ids, "adapter_ids"), device=x.device)
     ids = expand_ids(adapter_ids, x, n)
     regime = choose_regime(ids.numel(), n, regime) if n else "decode"      # an empty bank: nothing to tile
     return BatchPlan(torch.cat(_pieces(ids, n, regime)), x.shape[:-1], n, regime, tuple(bank.names))

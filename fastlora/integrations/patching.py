@@ -13,22 +13,22 @@ mark_only_lora_as_trainable / lora_state_dict keep working unchanged.
 At every call the patched forward re-checks what can change after patching (merged, adapters
 disabled, the active adapter, PEFT's mixed-batch ``adapter_names``, a dtype mismatch) and hands
 anything it cannot serve to the layer's original forward, saying so: a FallbackWarning once per layer
-and reason, and a count in ``fastlora.trace()`` (fastlora/tracing.py), which also counts fused calls.
+and reason, and a count in ``fastlora.trace()`` (fastlora/core/tracing.py), which also counts fused calls.
 The report lists the patched layers that will hand some calls back and when. Inside ``torch.autocast``
 the fused op runs on operands cast to the autocast dtype, as F.linear and PEFT's adapter matmuls would
-be (fastlora/_amp.py), so AMP training is fused too. Layers it can never serve (PEFT variants other
+be (fastlora/core/amp.py), so AMP training is fused too. Layers it can never serve (PEFT variants other
 than DoRA, several active adapters, lora_bias, embeddings, convolutions, MultiheadAttention, a base
 layer that is itself a tuner layer, hooked base layers, anything it cannot inspect…) are left alone
 and listed in the report with the reason; the rest of the model is patched. PEFT's bitsandbytes
-layers (lora.bnb.Linear4bit / Linear8bitLt) run fastlora.qlora.qlora_linear; PEFT DoRA adapters
-(use_dora) run fastlora.dora.dora_linear.
-PEFT's LoRA on MoE experts (``target_parameters``: nested lora.ParamWrappers) runs fastlora.moe through the
-outermost wrapper of each experts module (fastlora.moe_peft); the inner ones are served through it and are not
+layers (lora.bnb.Linear4bit / Linear8bitLt) run fastlora.ops.qlora.qlora_linear; PEFT DoRA adapters
+(use_dora) run fastlora.ops.dora.dora_linear.
+PEFT's LoRA on MoE experts (``target_parameters``: nested lora.ParamWrappers) runs fastlora.ops.moe through the
+outermost wrapper of each experts module (fastlora.integrations.moe_peft); the inner ones are served through it and are not
 listed on their own.
 
 Dropout: PEFT's per-adapter nn.Dropout(p) (or nn.Identity -> p = 0) and loralib's nn.Dropout
 (or its identity lambda) map onto lora_linear's dropout_p, applied when that dropout module is
-in training mode. The mask is fastlora's (fastlora.dropout): on the CPU torch path one torch.rand per
+in training mode. The mask is fastlora's (fastlora.core.dropout): on the CPU torch path one torch.rand per
 element from torch's generator, as nn.Dropout draws (a different draw than its bernoulli_, the same law);
 in the kernels a counter-based mask keyed by a seed drawn from torch's generator.
 """
@@ -41,17 +41,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _amp
-from . import dora as _dora
-from . import moe_peft
-from . import tracing as _tracing
-from .functional import _lora_linear, lora_linear
-from .modules import block_lora_B
-from .tracing import ACTIVE as _TRACING, DISABLED, MERGED, FallbackWarning
+from ..core import amp as _amp
+from ..core import tracing as _tracing
+from ..core.tracing import ACTIVE as _TRACING, MERGED, FallbackWarning
+from ..nn.lora import block_lora_B
+from . import moe_peft, peft_dora, peft_qlora
+from .peft_layers import (_ATTR, DROPOUT_1, _dropout_p, _fused, _loralib, _loralib_reason, _peft_active, _peft_base,
+                          _peft_linear_cls, _peft_lora_layer_cls, _peft_reason, hand_back, peft_call_reason,
+                          runtime_reason, tuner_base_reason)
 
-_ATTR = "_fastlora_patch"
-ADAPTER_NAMES = "adapter_names= (PEFT's mixed batch)"
-DROPOUT_1 = "lora_dropout p = 1 in training (the adapter's input is all dropped; fastlora's dropout takes p < 1)"
 
 
 @dataclass
@@ -90,130 +88,6 @@ class _State:
         return value if isinstance(value, torch.Tensor) else float(value)
 
 
-# ---------------------------------------------------------------------------- detection
-
-def _peft_linear_cls():
-    try:
-        from peft.tuners.lora.layer import Linear
-    except Exception:  # noqa: BLE001 - PEFT absent or broken: nothing of it to patch
-        return None
-    return Linear
-
-
-def _peft_lora_layer_cls():
-    try:
-        from peft.tuners.lora.layer import LoraLayer
-    except Exception:  # noqa: BLE001
-        return None
-    return LoraLayer
-
-
-def _peft_tuner_layer_cls():
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except Exception:  # noqa: BLE001
-        return None
-    return BaseTunerLayer
-
-
-def tuner_base_reason(m):
-    """Why a PEFT LoRA layer whose ``base_layer`` is itself a tuner layer (LoRA on LoHa / LoKr / another adapter,
-    PEFT's mixed models) is not served: the fused op computes the base from a plain weight, which would drop the
-    inner adapter's contribution. None for a plain base layer."""
-    inner = m._modules.get("base_layer")
-    tuner = _peft_tuner_layer_cls()
-    if inner is not None and tuner is not None and isinstance(inner, tuner):
-        return (f"base layer is a {type(inner).__module__}.{type(inner).__name__} (a tuner layer stacked under "
-                f"LoRA): its own forward computes the base, which fastlora does not fuse")
-    return None
-
-
-def _loralib():
-    try:
-        import loralib
-    except Exception:  # noqa: BLE001
-        return None
-    return loralib
-
-
-def _is_conv1d(m) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
-
-
-def _dropout_p(d):
-    """(p, reason): PEFT/loralib dropout -> lora_linear's dropout_p (p = 1 is served only outside training)."""
-    if type(d) is nn.Dropout:
-        return float(d.p), None
-    if type(d) is nn.Identity or getattr(d, "__name__", "") == "<lambda>":   # loralib: lambda x: x
-        return 0.0, None
-    return None, f"lora_dropout is {type(d).__name__}, not nn.Dropout or nn.Identity"
-
-
-def _peft_base(m):
-    """PEFT ≥ 0.7 wraps the base layer (get_base_layer); older versions subclassed nn.Linear. The usual one-level
-    wrap is read from the module dict (get_base_layer's hasattr probe costs a failed attribute lookup per call)."""
-    b = m._modules.get("base_layer")
-    if b is not None and "base_layer" not in b._modules and "base_layer" not in b.__dict__:
-        return b
-    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
-
-
-def _peft_active(m):
-    """The active adapters that have weights in this layer (PEFT's forward skips the others)."""
-    act = getattr(m, "active_adapters", None)
-    if act is None:
-        act = getattr(m, "active_adapter", [])
-    return [a for a in ([act] if isinstance(act, str) else act) if a in m.lora_A]
-
-
-def peft_adapter_reason(m, dora_ok: bool = False):
-    """Why the active adapter of a PEFT LoRA layer cannot take a fused forward (None if it can): exactly one
-    active adapter, plain LoRA (or DoRA, where ``dora_ok``), no lora_bias, a dropout fastlora draws itself."""
-    active = _peft_active(m)
-    if len(active) != 1:
-        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)"
-    a = active[0]
-    dora = dora_ok and _dora.is_peft_dora(m, a)
-    if getattr(m, "use_dora", {}).get(a, False) and not dora:
-        return f"adapter {a!r} uses DoRA"
-    if a in getattr(m, "lora_variant", {}) and not dora:
-        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})"
-    if getattr(m, "lora_bias", {}).get(a, False):
-        return f"adapter {a!r} has lora_bias=True"
-    return _dropout_p(m.lora_dropout[a])[1]
-
-
-def _peft_reason(m):
-    """Why this PEFT lora.Linear cannot take the fused forward (None if it can)."""
-    base = _peft_base(m)
-    if base is not m and not (type(base) is nn.Linear or _is_conv1d(base)):
-        return f"base layer is {type(base).__name__} (only nn.Linear and transformers Conv1D)"
-    if base is not m and (base._forward_hooks or base._forward_pre_hooks):
-        return "base layer has forward hooks"
-    why = peft_adapter_reason(m, dora_ok=True)
-    if why:
-        return why
-    a = _peft_active(m)[0]
-    w, A, B = base.weight, m.lora_A[a].weight, m.lora_B[a].weight
-    k, n = A.shape[1], B.shape[0]
-    want = (k, n) if m.fan_in_fan_out else (n, k)
-    if tuple(w.shape) != want or B.shape[1] != A.shape[0]:
-        return f"weight {tuple(w.shape)} does not match lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}"
-    if A.dtype != B.dtype or A.dtype not in (w.dtype, torch.float32) or w.dtype not in \
-            (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtypes weight {w.dtype}, lora_A {A.dtype}, lora_B {B.dtype} not supported"
-    return None
-
-
-def _loralib_reason(m, merged_linear: bool):
-    if m.r <= 0:
-        return "r == 0 (no adapter)"
-    if merged_linear and not any(m.enable_lora):
-        return "enable_lora enables no slice"
-    _, why = _dropout_p(m.lora_dropout)
-    return why
-
-
 def _classify(m):
     """(kind, reason) for a module fastlora knows about; (None, None) for one it ignores. A LoRA layer that
     cannot be inspected (a kind newer than this code) is reported as not served, never an error."""
@@ -235,10 +109,9 @@ def _classify_known(m):
     if peft_lin is not None and isinstance(m, peft_lin) and type(m) is peft_lin:
         return "peft.Linear", _peft_reason(m)
     if peft_layer is not None and isinstance(m, peft_layer):
-        from . import qlora                             # lazy: qlora imports this module
-        kind = qlora.peft_kind(m)
+        kind = peft_qlora.peft_kind(m)
         if kind is not None:                            # PEFT's bitsandbytes lora.Linear4bit / Linear8bitLt
-            return kind, qlora.peft_reason(m)
+            return kind, peft_qlora.peft_reason(m)
         return f"peft.{type(m).__name__}", f"PEFT {type(m).__name__} layers are not served (only lora.Linear)"
     if ll is not None:
         if type(m) is ll.Linear:
@@ -250,81 +123,8 @@ def _classify_known(m):
     return None, None
 
 
-# ---------------------------------------------------------------------------- fused forwards
 
-def amp_reason(amp, *tensors) -> str:
-    """Why a call inside torch.autocast(``amp``) cannot run fused with autocast's semantics."""
-    if amp not in _amp._HALF:
-        return f"inside torch.autocast with dtype {amp} (fastlora serves float16 / bfloat16 autocast)"
-    bad = sorted({str(t.dtype) for t in tensors if t is not None and t.dtype not in _amp._CASTABLE})
-    return f"{', '.join(bad)} tensors inside torch.autocast (autocast leaves them uncast)"
-
-
-def runtime_reason(x, w, lora_A, lora_B, dropout, amp=None):
-    """Why this call cannot run the fused op as the library would compute it (None: it can), judged on what
-    can change after patching. Under autocast (``amp``: its dtype) every operand is cast to ``amp`` first, as
-    F.linear would."""
-    if not isinstance(x, torch.Tensor):
-        return f"x is a {type(x).__name__}, not a tensor"
-    p, why = _dropout_p(dropout)
-    if why is not None:
-        return why
-    if p >= 1.0 and getattr(dropout, "training", False):
-        return DROPOUT_1
-    if amp is not None:
-        return None if _amp.servable(amp, x, w, lora_A, lora_B) else amp_reason(amp, x, w, lora_A, lora_B)
-    if x.dtype != w.dtype:
-        return f"x is {x.dtype}, the base weight {w.dtype} (cast x, or run inside torch.autocast)"
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (w.dtype, torch.float32):
-        return f"adapter dtypes lora_A {lora_A.dtype}, lora_B {lora_B.dtype} on a {w.dtype} base"
-    return None
-
-
-def peft_call_reason(m, args, kwargs, dora_ok: bool = True):
-    """(reason, adapter): why a call of a patched PEFT layer goes to PEFT's forward, judged from the call's extra
-    arguments and the layer's state (reason None: ``adapter``, the one active adapter, may run fused)."""
-    if getattr(m, "disable_adapters", False):
-        return DISABLED, None
-    if args or kwargs:
-        if kwargs.get("adapter_names") is not None:
-            return ADAPTER_NAMES, None
-        extra = [k for k, v in kwargs.items() if v is not None]
-        if args or extra:
-            return f"extra forward arguments ({len(args)} positional, keywords {extra})", None
-    if getattr(m, "merged", False):
-        return MERGED, None
-    a = _peft_single_active(m)
-    if a is None:
-        active = _peft_active(m)
-        return f"{len(active)} active adapters {active} in this layer (fastlora serves exactly one)", None
-    if a in getattr(m, "lora_variant", {}) and not (dora_ok and _dora.is_peft_dora(m, a)):
-        return f"adapter {a!r} is a LoRA variant ({type(m.lora_variant[a]).__name__})", None
-    return None, a
-
-
-def hand_back(m, reason: str, x, args=(), kwargs=None, library: str = "PEFT"):
-    """Run the layer's own forward for this call, saying so (a warning once per layer and reason; the trace)."""
-    st = getattr(m, _ATTR)
-    _tracing.fall_back(m, st.name, st.warned, reason, library)
-    return type(m).forward(m, x, *args, **(kwargs or {}))
-
-
-def _fused(x, w, lora_A):
-    """The fused op for this call: without lora_linear's checks (the layer's tensors were checked at patch time,
-    their dtypes by runtime_reason) when x fits the layer, else lora_linear itself, whose error names what is wrong."""
-    if x.ndim and x.shape[-1] == lora_A.shape[1] and x.device == w.device:
-        return _lora_linear
-    return lora_linear
-
-
-def _peft_single_active(m):
-    """The one active adapter with weights in this PEFT layer (PEFT's forward skips the others), else None."""
-    act, here = m.active_adapter, m._modules["lora_A"]._modules
-    if type(act) is str:
-        return act if act in here else None
-    act = [a for a in act if a in here]
-    return act[0] if len(act) == 1 else None
-
+# ---------------------------------------------------------------------------- patched forwards
 
 def _peft_forward(self, x, *args, **kwargs):
     st = getattr(self, _ATTR)
@@ -338,8 +138,8 @@ def _peft_forward(self, x, *args, **kwargs):
     if why is not None:
         return hand_back(self, why, x, args, kwargs)
     p = _dropout_p(drop)[0] if drop.training else 0.0
-    if _dora.is_peft_dora(self, a):
-        y = _dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device), p, amp)
+    if peft_dora.is_peft_dora(self, a):
+        y = peft_dora.peft_dora_forward(self, x, a, st.scale(self.scaling[a], x.device), p, amp)
         if y is None:
             return hand_back(self, "DoRA tensors' dtypes (weight, lora_A, lora_B, magnitude) not served", x, args,
                              kwargs)
@@ -379,8 +179,7 @@ def _predicted_fallbacks(m, kind) -> str | None:
     if _dropout_p(drop)[0] >= 1.0:
         whens.append("training calls: " + DROPOUT_1)
     if kind.startswith("peft.bnb."):
-        from . import qlora                             # lazy: qlora imports this module
-        whens += qlora.predicted_fallbacks(m)
+        whens += peft_qlora.predicted_fallbacks(m)
     return "; ".join(whens) or None
 
 
@@ -400,7 +199,7 @@ def _fingerprint(model: nn.Module):
 
 def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> PatchReport:
     """Give every PEFT lora.Linear (and DoRA, QLoRA layers, and LoRA on MoE experts: the outermost
-    ParamWrapper of each experts module, fastlora.moe_peft) and loralib Linear / MergedLinear in ``model`` the
+    ParamWrapper of each experts module, fastlora.integrations.moe_peft) and loralib Linear / MergedLinear in ``model`` the
     fused forward.
 
     Returns a PatchReport; warns once (FallbackWarning) if some LoRA layers could not be patched. A layer kind
@@ -433,7 +232,7 @@ def patch(model: nn.Module, *, strict: bool = False, warn: bool = True) -> Patch
         for path, m, kind in todo:
             state = _State(kind)
             if kind.startswith("peft.bnb."):
-                from .qlora import peft_forward as fn
+                fn = peft_qlora.peft_forward
             elif kind.startswith(moe_peft.KIND):
                 fn, state = moe_peft.peft_experts_forward, moe_peft.ChainState(m)
             else:

@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import pattern_value, read_adapter
 
 BANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # what a bank stores (inputs: any float, cast)
 BASE = "__base__"   # PEFT's name for "no adapter" in mixed batches
@@ -390,45 +388,4 @@ def _cumsum(xs: Iterable[int]):
         yield t
 
 
-def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """(adapter_config.json as a dict, tensors of adapter_model.safetensors) of a PEFT LoRA adapter folder."""
-    config, tensors = read_adapter(os.fspath(path))
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
-    if config.get("use_dora"):
-        raise ValueError(f"{path}: a DoRA adapter (use_dora=True); the multi-adapter bank computes plain LoRA only "
-                         f"(load it with fastlora.load_peft_adapter, which builds DoraLinear layers)")
-    return config, tensors
-
-
-def load_peft_adapter_into_banks(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
-                      prefix: str = "base_model.model.") -> None:
-    """Add the PEFT adapter saved at ``path`` as ``name`` to every bank; banks maps module path -> bank.
-
-    Module path as in the base model (e.g. "model.layers.0.self_attn.q_proj"); the checkpoint's keys are
-    ``{prefix}{module}.lora_A.weight`` / ``.lora_B.weight``. Rank and alpha come from the config (with
-    rank_pattern / alpha_pattern, use_rslora); a tensor whose rank differs from the config is an error.
-    All banks are checked before any is changed: on error, none is modified.
-    """
-    config, tensors = read_peft_checkpoint(path)
-    staged = []
-    for module, bank in banks.items():
-        keys = [f"{prefix}{module}.lora_A.weight", f"{prefix}{module}.lora_B.weight"]
-        for key in keys:
-            if key not in tensors:
-                raise KeyError(f"{path}: no tensor {key!r} for module {module!r}")
-        A, B = tensors[keys[0]], tensors[keys[1]]
-        r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
-        if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[-1] != r:
-            raise ValueError(f"{path}: rank mismatch for module {module!r}: config says r = {r}, tensors have "
-                             f"lora_A {_shape(A)} and lora_B {_shape(B)}")
-        if name in bank:
-            raise ValueError(f"adapter {name!r} already exists in the bank of {module!r}")
-        bank._checked(name, A, B, None, alpha, bool(config.get("use_rslora", False)))
-        staged.append((bank, A, B, alpha))
-    for bank, A, B, alpha in staged:
-        bank.add(name, A, B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))
-
-
-__all__ = ["AdapterBank", "BASE", "BANK_DTYPES", "load_peft_adapter_into_banks", "read_peft_checkpoint"]
+__all__ = ["AdapterBank", "BASE", "BANK_DTYPES"]

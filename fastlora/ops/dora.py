@@ -30,33 +30,20 @@ unmerge divides it back out.
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from . import _amp
-from . import tracing as _tracing
-from .backend import resolve_backend_choice, select_backend
-from .dropout import draw_keep, draw_packed, keep_mask, unpack_mask
-from .functional import _constant, check_inputs, op_scalars
-from .modules import _INT_VIEW, LoraLinear, base_layout
-from .ops import own_output
-from .tracing import ACTIVE as _TRACING
+from torch import Tensor
+
+from ..core.backend import resolve_backend_choice, select_backend
+from ..core.checks import _constant, acc_dtype, check_inputs, op_scalars, weight_nk
+from ..core.dropout import draw_keep, draw_packed, keep_mask, unpack_mask
+from ..core.registration import register_op
+from .lora import own_output
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _weight_nk(weight: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """W0 as (N, K): a transposed view for GPT-2 Conv1D weights stored (K, N)."""
-    return weight.t() if fan_in_fan_out else weight
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +56,7 @@ def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, d
     dtype, the sum cast back to x's); the dropout mask is ``keep`` (boolean, x's shape or (M, K)) if given, else
     the kernels' Philox mask for ``seed`` (dropout_p > 0 means training with dropout; 0 is PEFT's
     reuse-the-base-result path, mathematically the same formula with x̃ = x)."""
-    W = _weight_nk(weight, fan_in_fan_out)
+    W = weight_nk(weight, fan_in_fan_out)
     cdt = lora_A.dtype
     n = torch.linalg.vector_norm(W.to(cdt) + scaling * (lora_B @ lora_A), dim=1).detach()
     c = magnitude / n
@@ -107,9 +94,9 @@ def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
     """(n, w2) as kernels.dora_norm.dora_norm: n = ‖W0 + s·B·A‖ and w2 = ‖W0‖² per row, (N,) fp32 (fp64 for fp64),
     from P = W0·Aᵀ and the Gram A·Aᵀ. An fp32/fp64 W0 is read in place; a half W0 is upcast block by block of
     rows (never all of it), so P is an fp32 product, as PEFT's fp32 path."""
-    W = _weight_nk(weight, fan_in_fan_out)
+    W = weight_nk(weight, fan_in_fan_out)
     N, K = W.shape
-    acc = _acc(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     a = lora_A.detach().to(acc)
     if weight.dtype == acc:
         P = W @ a.t()
@@ -131,7 +118,7 @@ def torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2=None):
 
 def _dropped(x2, cdt, p, seed, keep=None):
     """D = x ⊙ keep / (1 − p) in the adapter dtype (PEFT: x cast to lora_A's dtype, then dropout), and keep
-    (the 1/0 mask in the adapter dtype, drawn from ``seed`` unless given: fastlora.dropout.draw_keep)."""
+    (the 1/0 mask in the adapter dtype, drawn from ``seed`` unless given: fastlora.core.dropout.draw_keep)."""
     keep = draw_keep(seed, x2.shape[0], x2.shape[1], p, x2.device, cdt) if keep is None else keep
     return (x2.to(cdt) * keep).div_(1 - p), keep
 
@@ -156,13 +143,13 @@ def forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, se
     from the GEMM that computes v, with A's r rows stacked under the GEMM's left operand (P = (A·W0ᵀ)ᵀ: r/M more
     work in an efficient GEMM instead of a separate skinny one); else torch_norm. ``w2``: cached ‖W0‖² or None."""
     K = x.shape[-1]
-    W = _weight_nk(weight, fan_in_fan_out)
+    W = weight_nk(weight, fan_in_fan_out)
     N = W.shape[0]
     x2 = x.reshape(-1, K)
     M, r = x2.shape[0], lora_A.shape[0]
     cdt = lora_A.dtype
     s = scale                                                     # 0-d fp32: never rounded to a half dtype
-    fuse = select_backend(x.device, backend) == "torch" and x.dtype == weight.dtype == cdt == _acc(cdt)
+    fuse = select_backend(x.device, backend) == "torch" and x.dtype == weight.dtype == cdt == acc_dtype(cdt)
     if dropout_p > 0:
         keep = draw_keep(seed, M, K, dropout_p, x.device, cdt) if keep is None else keep
         Dx = x2.new_empty((M + r if fuse else M, K), dtype=cdt)  # D = x ⊙ keep / (1 − p), PEFT's x̃ in cdt
@@ -209,7 +196,7 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
     """(dx, dA, dB, dm, dbias, dW); entries not needed are None. See the module docstring for the formulas.
     ``keep``: the forward's dropout mask if it was kept (eager CPU), else it is drawn again from ``seed``."""
     K = x.shape[-1]
-    W = _weight_nk(weight, fan_in_fan_out)
+    W = weight_nk(weight, fan_in_fan_out)
     N = W.shape[0]
     dy2 = dy.reshape(-1, N)
     x2 = x.reshape(-1, K)
@@ -245,11 +232,11 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
         if needs_dW and dropout_p > 0:
             h = (dy2 * (c - 1)).to(x.dtype)
             gw = dy2.t() @ x2 + (h.to(cdt).t() @ D).to(x.dtype)
-            dW = (gw.t() if fan_in_fan_out else gw).to(weight.dtype)
+            dW = weight_nk(gw, fan_in_fan_out).to(weight.dtype)
         del D
     if needs_dW and dropout_p == 0:
         gw = g.to(x.dtype).t() @ x2
-        dW = (gw.t() if fan_in_fan_out else gw).to(weight.dtype)
+        dW = weight_nk(gw, fan_in_fan_out).to(weight.dtype)
     if needs_dx:
         low = dS @ lora_A                                         # (M, K) adapter dtype
         if dropout_p > 0:
@@ -269,16 +256,14 @@ def torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, 
 def norm_forward(weight, lora_A, lora_B, scale, fan_in_fan_out, w2, backend):
     """(n, w2) on the selected backend (the Triton kernel, or the pure-torch row blocks)."""
     if select_backend(weight.device, backend) == "triton":
-        from .kernels.dora_norm import dora_norm
+        from ..kernels.dora_norm import dora_norm
         return dora_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2)
     return torch_norm(weight, lora_A, lora_B, scale, fan_in_fan_out, w2)
 
 
-@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
-def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                    magnitude: Tensor, w2: Optional[Tensor], scale: Tensor, dropout_p: float, seed: Tensor,
-                    fan_in_fan_out: bool, save_v: bool, save_s: bool, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _op_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                w2: Optional[Tensor], scale: Tensor, dropout_p: float, seed: Tensor, fan_in_fan_out: bool,
+                save_v: bool, save_s: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, v, S, n, new w2 — (0,) when ``w2`` was given); the GEMMs are torch's on every backend, ``backend``
     chooses the norm's pass (see ``forward``)."""
     y, v, S, n, new_w2 = forward(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed,
@@ -286,40 +271,33 @@ def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     return y, v, S, n, (new_w2 if new_w2 is not None else n.new_empty(0))
 
 
-@dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
-      backend):
+def _op_forward_fake(x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v,
+                     save_s, backend):
     N = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     M = math.prod(x.shape[:-1])
     vdt = lora_A.dtype if dropout_p > 0 else x.dtype
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty(*x.shape[:-1], N), x.new_empty((M if save_v else 0, N), dtype=vdt),
             x.new_empty((M if save_s else 0, lora_A.shape[0]), dtype=lora_A.dtype), x.new_empty(N, dtype=acc),
             x.new_empty(N if w2 is None else 0, dtype=acc))
 
 
-@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
-def dora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-                    norm: Tensor, v: Tensor, S: Tensor, scale: Tensor, dropout_p: float, seed: Tensor,
-                    fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dm: bool,
-                    needs_dbias: bool, needs_dW: bool, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed,
-                         fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW)
-    # a custom op's outputs may not alias each other: one fresh empty tensor per missing gradient
-    return tuple(t.contiguous() if t is not None else x.new_empty(0) for t in out)
+def _op_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 norm: Tensor, v: Tensor, S: Tensor, scale: Tensor, dropout_p: float, seed: Tensor,
+                 fan_in_fan_out: bool, needs_dx: bool, needs_dA: bool, needs_dB: bool, needs_dm: bool,
+                 needs_dbias: bool, needs_dW: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return torch_backward(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed,
+                          fan_in_fan_out, needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW)
 
 
-@dora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out, needs_dx,
-      needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW, backend):
-    e = lambda: x.new_empty(0)  # noqa: E731
-    like = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else e()  # noqa: E731
+def _op_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, dropout_p, seed, fan_in_fan_out,
+                      needs_dx, needs_dA, needs_dB, needs_dm, needs_dbias, needs_dW, backend):
+    like = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else None  # noqa: E731
     return (like(x, needs_dx), like(lora_A, needs_dA), like(lora_B, needs_dB), like(magnitude, needs_dm),
-            x.new_empty(dy.shape[-1], dtype=norm.dtype) if needs_dbias else e(), like(weight, needs_dW))
+            x.new_empty(dy.shape[-1], dtype=norm.dtype) if needs_dbias else None, like(weight, needs_dW))
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, magnitude, w2, scale, dropout_p, seed, fan_in_fan_out, save_v, save_s,
      backend) = inputs
     _, v, S, n, new_w2 = output
@@ -329,17 +307,17 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dy, _dv, _dS, _dn, _dw2):
+def _grads(ctx, bwd, dy, _dv, _dS, _dn, _dw2):
     x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, seed = ctx.saved_tensors
-    nx, nw, nb, na, nbb, nm = (ctx.needs_input_grad[i] for i in range(6))
-    dx, dA, dB, dm, dbias, dW = dora_linear_bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale,
-                                                ctx.dropout_p, seed, ctx.fan_in_fan_out, nx, na, nbb, nm, nb, nw,
-                                                ctx.backend)
+    nx, nw, nb, na, nbb, nm = ctx.needs_input_grad[:6]
+    dx, dA, dB, dm, dbias, dW = bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, v, S, scale, ctx.dropout_p, seed,
+                                    ctx.fan_in_fan_out, nx, na, nbb, nm, nb, nw, ctx.backend)
     return (dx if nx else None, dW if nw else None, dbias.to(ctx.bias_dtype) if nb else None, dA if na else None,
             dB if nbb else None, dm if nm else None) + (None,) * 8
 
 
-torch.library.register_autograd("fastlora::dora_linear_fwd", _backward, setup_context=_setup_context)
+dora_linear_fwd, dora_linear_bwd = register_op("dora_linear", _op_forward, _op_forward_fake, _op_backward,
+                                               _op_backward_fake, save=_save, grads=_grads)
 
 
 class DoraFunction(torch.autograd.Function):
@@ -425,7 +403,7 @@ def check_magnitude(magnitude, x, N) -> None:
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling, fan_in_fan_out: bool = False, *,
                 backend: str | None = None) -> Tensor:
     """‖W0 + s·B·A‖ per output row, (N,) float32 (float64 for float64), detached — without the N×K matrix."""
-    sdt = _acc(weight.dtype)
+    sdt = acc_dtype(weight.dtype)
     scale = scaling.detach().reshape(()).to(weight.device, sdt) if isinstance(scaling, Tensor) else \
         _constant(float(scaling), sdt, weight.device)
     with torch.no_grad():
@@ -452,7 +430,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     compiling = torch.compiler.is_compiling()
     # the mask is drawn by torch code (the GEMMs are torch's on every backend): on the CPU, eagerly, torch's
     # default generator draws it when no seed is given
-    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, scale_dtype=_acc(x.dtype),
+    p, scale, seed_t = op_scalars(x, scaling, dropout_p, training, seed, scale_dtype=acc_dtype(x.dtype),
                                   host_rng=x.device.type == "cpu" and not compiling)
     cache = not compiling and not weight.requires_grad
     w2 = _cached_w2(weight, fan_in_fan_out) if cache else None
@@ -476,145 +454,5 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     return y
 
 
-# ---------------------------------------------------------------------------
-# module
-# ---------------------------------------------------------------------------
-
-class DoraLinear(LoraLinear):
-    """Linear layer with a DoRA adapter (PEFT ``use_dora=True``), forward through ``dora_linear``.
-
-    Parameters as ``LoraLinear`` (weight, bias, lora_A, lora_B) plus ``lora_magnitude_vector`` (N,) — PEFT's
-    name — initialised as PEFT does to ‖W0 + s·B·A‖ per output row (= ‖W0‖ with B = 0), in the adapter dtype.
-    ``merge()`` writes W0 ← (m/n)⊙(W0 + s·B·A) with n = ‖W0 + s·B·A‖ of the unmerged W0 (PEFT's merge); ``unmerge()``
-    divides m/n back out and subtracts s·B·A, then restores the elements whose rounding did not come back, so W0
-    is bit-exact after any number of cycles (as long as W0, A, B and m are not modified while merged).
-    """
-
-    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, bias: bool = True, fan_in_fan_out: bool = False,
-                 use_rslora: bool = False, merge_weights: bool = True, init: str = "kaiming",
-                 adapter_dtype: torch.dtype | None = None, device=None, dtype=None):
-        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, bias, fan_in_fan_out,
-                         use_rslora, merge_weights, init, adapter_dtype, device, dtype)
-        self.reset_magnitude()
-
-    @classmethod
-    def from_linear(cls, layer: nn.Module, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, merge_weights: bool = True, init: str = "kaiming",
-                    adapter_dtype: torch.dtype | None = None) -> "DoraLinear":
-        """Wrap an nn.Linear or transformers Conv1D, sharing (never copying) its weight and bias."""
-        base_layout(layer, "DoraLinear.from_linear")       # quantized bases are not served by DoRA here
-        self = super().from_linear(layer, r, lora_alpha, lora_dropout, use_rslora, merge_weights, init,
-                                   adapter_dtype)
-        self.reset_magnitude()
-        return self
-
-    @torch.no_grad()
-    def reset_magnitude(self) -> None:
-        """m ← ‖W0 + s·B·A‖ per output row (PEFT's DoRA initialisation), in lora_A's dtype."""
-        n = weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.fan_in_fan_out)
-        m = n.to(self.lora_A.dtype)
-        if "lora_magnitude_vector" in self._parameters:
-            self.lora_magnitude_vector.copy_(m)
-        else:
-            self.lora_magnitude_vector = nn.Parameter(m)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if _TRACING:
-            _tracing.record(self, _tracing.MERGED if self.merged else None)
-        if self.merged:
-            return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
-        return _amp.call(dora_linear, _amp.autocast_dtype(x), x, self.weight, self.bias, self.lora_A, self.lora_B,
-                         self.lora_magnitude_vector, self.scale_arg(), self.lora_dropout, self.training,
-                         self.fan_in_fan_out)
-
-    def _versions(self):
-        return super()._versions() + (self.lora_magnitude_vector._version,)
-
-    def _factor(self, hi, norm):
-        """m/n shaped to multiply W0's rows (its columns when fan_in_fan_out)."""
-        f = self.lora_magnitude_vector.detach().to(hi) / norm
-        return f[None, :] if self.fan_in_fan_out else f[:, None]
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """W0 ← (m/n)⊙(W0 + s·B·A), formed in float32 (float64 for a float32 W0), rounded once. ``safe_merge``:
-        a non-finite result raises ValueError and W0 is left unchanged."""
-        if self.merged:
-            warnings.warn("DoraLinear: already merged, nothing to do")
-            return
-        w = self.weight
-        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
-        delta = self.delta_weight(hi)
-        full = w.to(hi) + delta
-        norm = torch.linalg.vector_norm(full, dim=0 if self.fan_in_fan_out else 1)   # of the unmerged W0
-        new = (self._factor(hi, norm) * full).to(w.dtype)
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError("DoraLinear: merging the adapter gives non-finite weights (the adapter seems "
-                             "broken); the base weight was left unchanged")
-        back = (new.to(hi) / self._factor(hi, norm) - delta).to(w.dtype)
-        iv = _INT_VIEW[w.dtype]
-        idx = (back.view(iv) != w.view(iv)).flatten().nonzero().squeeze(1)
-        vals = w.flatten()[idx].clone()
-        w.copy_(new)
-        self._merge_fix = (idx, vals, self._versions(), norm)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W0 ← W/(m/n) − s·B·A with the n kept at merge (PEFT's unmerge), then the exact bytes restored."""
-        if not self.merged:
-            warnings.warn("DoraLinear: already unmerged, nothing to do")
-            return
-        w = self.weight
-        hi = torch.float64 if w.dtype in (torch.float32, torch.float64) else torch.float32
-        idx, vals, versions, norm = self._merge_fix
-        back = (w.to(hi) / self._factor(hi, norm) - self.delta_weight(hi)).to(w.dtype)
-        if versions == self._versions():
-            back.view(-1)[idx] = vals
-        w.copy_(back)
-        self._merge_fix, self.merged = None, False
-
-
-# ---------------------------------------------------------------------------
-# PEFT integration (fastlora.patch hands PEFT DoRA layers here)
-# ---------------------------------------------------------------------------
-
-def is_peft_dora(layer, adapter: str) -> bool:
-    """True when ``adapter`` of a PEFT lora.Linear is a DoRA adapter (PEFT's DoraLinearVariant)."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    return variant is not None and type(variant).__name__ == "DoraLinearVariant" \
-        and adapter in getattr(layer, "lora_magnitude_vector", {})
-
-
-def peft_dora_args(layer, adapter: str):
-    """(weight, bias, lora_A, lora_B, magnitude) of a PEFT DoRA lora.Linear's adapter, or None when the tensors'
-    dtypes are ones dora_linear refuses (the caller then hands the call to PEFT's own forward)."""
-    base = layer.get_base_layer()
-    w, A, B = base.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    m = layer.lora_magnitude_vector[adapter].weight
-    ok = (w.dtype,) + ((torch.float32,) if w.dtype in _HALF else ())
-    if A.dtype != B.dtype or A.dtype not in ok or m.dtype not in ok:
-        return None
-    return w, base.bias, A, B, m
-
-
-def peft_dora_forward(layer, x: Tensor, adapter: str, scale, dropout_p: float, amp=None) -> Tensor | None:
-    """PEFT's lora.Linear forward for one active DoRA adapter, through ``dora_linear``; None if it cannot serve.
-    ``amp``: the dtype of the torch.autocast region the call runs in (None outside): x, W0, bias, A and B are cast
-    to it as F.linear and PEFT's lora_A / lora_B would be (fastlora._amp); the magnitude stays as it is (PEFT
-    divides it by the norm elementwise, which autocast does not cast).
-
-    Dropout as PEFT's DoraLinearVariant: applied only when the layer and its dropout module are training."""
-    args = peft_dora_args(layer, adapter)
-    if args is None or not isinstance(x, Tensor) or (amp is None and x.dtype != args[0].dtype):
-        return None
-    w, bias, A, B, m = args
-    drop = layer.lora_dropout[adapter]
-    training = bool(layer.training and getattr(drop, "training", False))
-    return _amp.call(dora_linear, amp, x, w, bias, A, B, m, scale, dropout_p if training else 0.0, training,
-                     layer.fan_in_fan_out)
-
-
-__all__ = ["dora_linear", "dora_linear_reference", "DoraLinear", "weight_norm", "clear_norm_cache",
-           "torch_norm", "forward", "torch_backward", "is_peft_dora", "peft_dora_forward"]
+__all__ = ["dora_linear", "dora_linear_reference", "weight_norm", "clear_norm_cache", "torch_norm", "forward",
+           "torch_backward"]

@@ -13,6 +13,7 @@ not a PeftModel) and loads the adapter into it. Everything is read and checked f
 fields, key names, shapes, ranks, module types — and the model is changed only once all checks
 pass, so a failed load leaves it exactly as it was. ``save_peft_adapter(model, path)`` writes the
 LoraLinear modules of ``model`` in the same format, loadable by ``PeftModel.from_pretrained``.
+``load_peft_adapter_into_banks(banks, path, name)`` adds such an adapter to multi-adapter AdapterBanks.
 """
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ import os
 import re
 from collections import Counter
 
-import torch
-from torch import nn
+from typing import Mapping
 
-from .dora import DoraLinear
-from .modules import LoraLinear, MergedLoraLinear, base_layout, check_rank
+import torch
+from torch import Tensor, nn
+
+from ..core.checks import is_conv1d
+from ..nn.dora import DoraLinear
+from ..nn.lora import LoraLinear, MergedLoraLinear, base_layout, check_rank
+from ..ops.bank import AdapterBank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,7 +111,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict):
     plan = []
     for path in sorted(targeted):
         mod = modules[path]
-        servable = isinstance(mod, (LoraLinear, nn.Linear)) or type(mod).__name__ == "Conv1D"
+        servable = isinstance(mod, (LoraLinear, nn.Linear)) or is_conv1d(mod)
         if not servable or isinstance(mod, MergedLoraLinear):
             raise AdapterLoadError(f"module {path!r} matched target_modules but is a {type(mod).__name__}; "
                                    f"fastlora loads LoRA into nn.Linear / transformers Conv1D only")
@@ -240,3 +245,46 @@ def save_peft_adapter(model: nn.Module, path: str, *, base_model_name_or_path: s
     with open(os.path.join(path, CONFIG_NAME), "w") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
     return config
+
+
+# ---------------------------------------------------------------------------- into multi-adapter banks
+
+def read_peft_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(adapter_config.json as a dict, tensors of adapter_model.safetensors) of a PEFT LoRA adapter folder."""
+    config, tensors = read_adapter(os.fspath(path))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    if config.get("use_dora"):
+        raise ValueError(f"{path}: a DoRA adapter (use_dora=True); the multi-adapter bank computes plain LoRA only "
+                         f"(load it with fastlora.load_peft_adapter, which builds DoraLinear layers)")
+    return config, tensors
+
+
+def load_peft_adapter_into_banks(banks: Mapping[str, AdapterBank], path: str | os.PathLike, name: str, *,
+                      prefix: str = "base_model.model.") -> None:
+    """Add the PEFT adapter saved at ``path`` as ``name`` to every bank; banks maps module path -> bank.
+
+    Module path as in the base model (e.g. "model.layers.0.self_attn.q_proj"); the checkpoint's keys are
+    ``{prefix}{module}.lora_A.weight`` / ``.lora_B.weight``. Rank and alpha come from the config (with
+    rank_pattern / alpha_pattern, use_rslora); a tensor whose rank differs from the config is an error.
+    All banks are checked before any is changed: on error, none is modified.
+    """
+    config, tensors = read_peft_checkpoint(path)
+    staged = []
+    for module, bank in banks.items():
+        keys = [f"{prefix}{module}.lora_A.weight", f"{prefix}{module}.lora_B.weight"]
+        for key in keys:
+            if key not in tensors:
+                raise KeyError(f"{path}: no tensor {key!r} for module {module!r}")
+        A, B = tensors[keys[0]], tensors[keys[1]]
+        r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+        if A.dim() != 2 or A.shape[0] != r or B.dim() != 2 or B.shape[-1] != r:
+            raise ValueError(f"{path}: rank mismatch for module {module!r}: config says r = {r}, tensors have "
+                             f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}")
+        if name in bank:
+            raise ValueError(f"adapter {name!r} already exists in the bank of {module!r}")
+        bank._checked(name, A, B, None, alpha, bool(config.get("use_rslora", False)))
+        staged.append((bank, A, B, alpha))
+    for bank, A, B, alpha in staged:
+        bank.add(name, A, B, alpha=alpha, use_rslora=bool(config.get("use_rslora", False)))

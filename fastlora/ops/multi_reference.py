@@ -1,5 +1,5 @@
 """The multi-adapter op's maths in plain torch: the CPU backend of fastlora::multi_lora_fwd / _bwd (same
-contract as fastlora.kernels.multi_lora.multi_lora_fwd / _bwd), as fastlora.reference is the single-adapter
+contract as fastlora.kernels.multi_lora.multi_lora_fwd / _bwd), as fastlora.ops.lora is the single-adapter
 op's.
 
 Dense and masked: S_all = drop(x)·A_packedᵀ (M, R_tot), columns of other adapters zeroed, times s_k, then
@@ -22,7 +22,8 @@ import weakref
 
 import torch
 
-from .dropout import draw_keep
+from ..core.checks import weight_nk
+from ..core.dropout import draw_keep
 
 
 def _column_masks(offsets, scalings, ids, R_tot):
@@ -49,7 +50,7 @@ def _segments(plan, x, M, K, N, R_tot, offsets):
 
 def _keep_scale(seed, M, K, plan, pk, dropout, device):
     """None (no dropout) or the (M, K) float32 keep/(1−p_k) of each token's adapter k; the mask is drawn from
-    ``seed`` (fastlora.dropout.draw_keep: on the CPU a generator seeded with it), again in backward."""
+    ``seed`` (fastlora.core.dropout.draw_keep: on the CPU a generator seeded with it), again in backward."""
     if not dropout:
         return None
     k = plan.ids.long().clamp(min=0)                  # base-only tokens: any row (their LoRA term is unused)
@@ -62,7 +63,7 @@ def multi_torch_forward(x, weight, bias, lora_A, lora_B, offsets, scalings, plan
     K, R_tot = x.shape[-1], lora_A.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    w = weight.t() if fan_in_fan_out else weight
+    w = weight_nk(weight, fan_in_fan_out)
     y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else x2 @ w.t()
     ks = _keep_scale(seed, M, K, plan, pk, dropout, x.device)
     d = x2.to(lora_A.dtype) if ks is None else x2.to(lora_A.dtype) * ks.to(lora_A.dtype)
@@ -108,7 +109,7 @@ def multi_torch_backward(dy, x, weight, lora_A, lora_B, offsets, scalings, plan,
     """(dx, dA (R_tot, K), dB (N, R_tot)); None where not needed. Dense-masked like multi_torch_forward."""
     K, N, R_tot, ad = x.shape[-1], dy.shape[-1], lora_A.shape[0], lora_A.dtype
     x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
-    w = weight.t() if fan_in_fan_out else weight
+    w = weight_nk(weight, fan_in_fan_out)
     ks = _keep_scale(seed, x2.shape[0], K, plan, pk, dropout, x.device)
     segs = _segments(plan, x, x2.shape[0], K, N, R_tot, offsets)
     if segs is not None:

@@ -1,0 +1,3 @@
+"""The nn.Modules over the ops: LoraLinear / MergedLoraLinear / QLoraLinear, DoraLinear, MultiLoraLinear,
+LoraExperts.
+"""
