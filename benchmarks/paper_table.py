@@ -301,9 +301,9 @@ def check_row(row: str, out: torch.Tensor, peft_out: torch.Tensor, peft_fp32) ->
 
     ``peft_fp32``: a callable giving that float32 output (called only for half-precision tables; a float32
     table is its own reference). A wrong adapter or wiring is an O(1) error; rounding amplified through a
-    deep random model is not, and is large in half precision: PEFT vs its own float32 run after 24 fp16 layers
-    of a random GPT-2 with random LoRA B reaches ~2e-2 even at d 128 (the fixed 2e-2 bound this replaces failed
-    the multi-adapter row on an H200 at 6.9e-2, while that layer alone agreed with float64 to 1.2e-3)."""
+    deep random model is not, and is large in half precision: rounding is amplified through 24 fp16 layers of a
+    random GPT-2 with random LoRA B, for PEFT's own output too (a fixed bound failed the multi-adapter row on the
+    one GPU run: docs/benchmarks.md, "GPU runs", gives the figures)."""
     ref = peft_out.float() if peft_out.dtype == torch.float32 else peft_fp32().float()
     err, base = _agreement(ref, out), _agreement(ref, peft_out)
     if not err <= 2 * base + AGREE_ATOL:

@@ -52,9 +52,9 @@ GPUS = {
 }
 # Assumption (not a datasheet figure): host-side cost of one eager PyTorch kernel launch, µs.
 LAUNCH_US = 4.0
-# Fraction of peak tensor throughput a cuBLAS GEMM reaches: the base GEMM (bf16, 4096 tokens, d 4096) took
-# 0.178 ms = 772 TFLOP/s of 989.5 on the H200 (benchmarks/results/h200_2026-11-26/gpu_probe_output.txt,
-# 'base eager'); applied to every cuBLAS GEMM of every implementation alike ("cuBLAS-equivalent").
+# Fraction of peak tensor throughput a cuBLAS GEMM reaches: what the base GEMM (bf16, 4096 tokens, d 4096) reached
+# on the one GPU run (docs/benchmarks.md, "Traffic / FLOP model", gives the measurement and its source); applied
+# to every cuBLAS GEMM of every implementation alike ("cuBLAS-equivalent").
 GEMM_EFF = 0.78
 # Assumption: fraction of peak HBM bandwidth a streaming kernel reaches (any implementation's).
 BW_EFF = 0.8

@@ -16,8 +16,8 @@ of the expand are kernels/_tiles.py's, shared with the multi-adapter kernels; co
 A half W0 under float32 x (fastlora.ops.qlora: the QLoRA recipe's float32 activations into a bf16/fp16-compute
 layer): the expand writes s·S·Bᵀ in fp32, then torch adds the base GEMM + bias computed in W0's dtype on x cast
 to it (bitsandbytes' maths).
-Why not one fused GEMM: on an H200 our Triton GEMM reached ~490 TFLOP/s where cuBLAS reached ~770
-(benchmarks/results/h200_2026-11-26); the LoRA work is memory-bound and fits around cuBLAS instead.
+Why not one fused GEMM: our own Triton GEMM was slower than cuBLAS on a GPU (docs/benchmarks.md, "GPU: one
+NVIDIA H200"); the LoRA work is memory-bound and fits around cuBLAS instead.
 """
 from __future__ import annotations
 

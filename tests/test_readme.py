@@ -1,9 +1,10 @@
 """The README runs as written, from the repository root, as a CPU user runs it (issue 18).
 
-* Every ```python block of README.md runs, on the pure-torch backend (what a CPU user without TRITON_INTERPRET
-  gets), with tiny random models standing in for the names a block leaves to the reader (``model``, ``batch``,
-  ``x``, ...; CONTEXTS below: one entry per block, found by a line of the block). A new or changed block
-  without a context fails here: give it one, so every snippet stays runnable.
+* Every ```python block of README.md and docs/usage.md runs, on the pure-torch backend (what a CPU user without
+  TRITON_INTERPRET gets), with tiny random models standing in for the names a block leaves to the reader
+  (``model``, ``batch``, ``x``, ...; CONTEXTS below: one entry per block, found by a line of the block). A new or
+  changed block without a context fails here: give it one, so every snippet stays runnable; a context whose block
+  is gone fails too.
 * Every documented ``python -m benchmarks.X`` and ``python -m fastlora.tune`` answers ``--help`` in ONE process
   started in the repository root (the import path users have: the root first on sys.path).
 * No README line installs ``fastlora`` from the package index (the index's fastlora is another project).
@@ -24,7 +25,11 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+# the README's snippets, then those of the usage guide it links to for DoRA, QLoRA and MoE experts
+DOCS_WITH_SNIPPETS = ("README.md", "docs/usage.md")
+SOURCES = [(doc, block) for doc in DOCS_WITH_SNIPPETS
+           for block in re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)]
+BLOCKS = [block for _, block in SOURCES]
 VOCAB = 128
 
 
@@ -121,7 +126,7 @@ CONTEXTS = [
 
 def context_of(block: str):
     found = [make for key, make in CONTEXTS if key in block]
-    assert len(found) == 1, (f"README block without exactly one context in tests/test_readme.py "
+    assert len(found) == 1, (f"README / usage block without exactly one context in tests/test_readme.py "
                              f"({len(found)} found); its first lines:\n{block[:300]}")
     return found[0]
 
@@ -134,9 +139,9 @@ def torch_backend(monkeypatch):
 
 
 def test_every_block_has_a_context():
-    assert len(BLOCKS) >= 6, "README lost its python blocks?"
-    for block in BLOCKS:
-        context_of(block)
+    used = [context_of(block) for block in BLOCKS]
+    unused = [key for key, make in CONTEXTS if make not in used]
+    assert unused == [], f"README / docs/usage.md lost the python blocks of these contexts: {unused}"
 
 
 @pytest.mark.usefixtures("torch_backend", "one_thread")
@@ -148,7 +153,7 @@ def test_readme_block_runs(i, tmp_path, monkeypatch):
     ns = context_of(BLOCKS[i])(tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*CUDA is not available.*")      # autocast("cuda") on a CPU
-        exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), ns)
+        exec(compile(BLOCKS[i], f"{SOURCES[i][0]} block {i}", "exec"), ns)
 
 
 # ---------------------------------------------------------------------------- documented commands
