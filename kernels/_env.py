@@ -14,8 +14,8 @@ _POSIX = os.name == "posix"
 
 def env(name: str, default: str) -> str:
     """os.environ.get(name, default), read at every call. On POSIX from the mapping's own dict of bytes:
-    os.environ.get of an unset variable raises and catches KeyError twice (0.7 µs alone, several times that
-    measured inside a layer call)."""
+    os.environ.get of an unset variable raises and catches KeyError twice, a host cost paid on every layer call
+    (figures: docs/benchmarks.md)."""
     data = getattr(os.environ, "_data", None)
     if not _POSIX or type(data) is not dict or torch.compiler.is_compiling():
         return os.environ.get(name, default)

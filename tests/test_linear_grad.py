@@ -272,7 +272,7 @@ def _all_grads(pb, f, dtype=None):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_trainable_base_weight_gradient(backend, dtype, fan_in_fan_out):
-    """weight.requires_grad=True (the README: a trainable W0 gets its gradient): dW in W0's layout ((K, N) with
+    """weight.requires_grad=True (docs/usage.md: a trainable W0 gets its gradient): dW in W0's layout ((K, N) with
     fan_in_fan_out), K != N, and every other gradient next to it, vs float64 autograd through the reference;
     the baseline is the same autograd in the case's dtype."""
     pb = make_problem(Case(dtype=dtype, M=13, KN=(20, 12), r=4, layout="3d", p=0.1, fan_in_fan_out=fan_in_fan_out))

@@ -386,7 +386,7 @@ def test_under_cpu_autocast(peft_spy):
 
 def test_multi_adapter_model_refuses_expert_lora():
     """MultiAdapterModel swaps lora.Linear layers for banks; expert LoRA would silently run PEFT's active adapter
-    for every sequence, so it refuses (README: per-sequence adapters do not compose with experts yet)."""
+    for every sequence, so it refuses (docs/status.md, Not served: per-sequence adapters do not compose with experts yet)."""
     pm = build("qwen3_moe")
     with pytest.raises(ValueError, match="LoRA on MoE experts"):
         fastlora.MultiAdapterModel(pm)

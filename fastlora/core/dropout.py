@@ -107,8 +107,8 @@ def _threshold(p: float) -> int:
 
 
 # Counters per slab of rows, per intra-op thread: the ~120 int64 tensor ops of Philox's ten rounds then work on
-# cache-sized tensors. 512 x 2048 mask on a 2-core EPYC (medians of 7): 1 thread 86.8 ms in one pass, 18.3 ms in
-# slabs of 32k; 2 threads 13.0 ms at 32k, 8.4 at 64k (torch.rand: 4.2). The GPU kernels draw in registers.
+# cache-sized tensors (several times faster than one pass on a CPU; figures in docs/benchmarks.md). The GPU kernels
+# draw in registers.
 _SLAB_COUNTERS = 1 << 15
 
 
@@ -191,8 +191,8 @@ def draw_keep(seed: torch.Tensor | None, M: int, K: int, p: float | torch.Tensor
 
 
 # Bits for backward, on the CPU: numpy's packbits / unpackbits (torch has no bit-packing op; a CPU tensor and a numpy
-# array share memory). Measured, 1 thread, against torch ops (a bit-weight matrix-vector product to pack, a (256, 8)
-# table lookup to unpack): 512 x 2048 mask 0.22 / 0.22 ms vs 0.87 / 0.35 ms; 2 x 8: 1.7 / 0.9 µs vs 9.5 / 4.6 µs.
+# array share memory); faster than torch ops (a bit-weight matrix-vector product to pack, a (256, 8) table lookup to
+# unpack) at every size measured (docs/benchmarks.md).
 _NP_FLOAT = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 

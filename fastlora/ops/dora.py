@@ -20,7 +20,7 @@ torch backend W0·Aᵀ rides along the v GEMM (A's rows stacked under x), or row
 ‖W0_i‖² is cached per frozen W0 (keyed by its version counter and storage; see ``clear_norm_cache``).
 Saved for backward: x, S (M, r), n (N,), v (M, N; only when m needs a gradient) — no N×K tensor; the dropout
 mask is drawn again from its seed (eager CPU: kept bit-packed, 1/32 of an fp32 x). The GEMMs are torch matmuls
-(cuBLAS on a GPU, as for the LoRA op: README, How it works); Triton only does the memory-bound norm pass.
+(cuBLAS on a GPU, as for the LoRA op: docs/usage.md); Triton only does the memory-bound norm pass.
 
 PEFT correspondences (peft.tuners.lora.dora.DoraLinearLayer, variants.DoraLinearVariant, PEFT 0.21): x is cast
 to the adapter dtype before the DoRA branch (so D, S, v are in the adapter dtype); m/n multiplies output columns;
