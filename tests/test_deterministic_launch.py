@@ -12,9 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastlora
+
 from fastlora.ops.bank import AdapterBank
 from fastlora.ops.multi import multi_lora_linear
 from tests._launches import launches  # noqa: F401  (the fixture)
+from tests._tolerance import assert_close
 from tests.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
 
 
@@ -85,3 +88,45 @@ def test_multi_adapter_kernels_never_use_atomics(launches, regime):
     _assert_atomic_free(launches, f"multi-adapter ({regime})")
     kernels = {r.kernel for r in launches}
     assert len(kernels) >= 3, kernels          # shrink, expand and the segment-gradient kernel all ran
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compiled_training_step_keeps_deterministic(launches, deterministic):
+    """torch.compile traces the registered op (fastlora::lora_linear_fwd / _bwd): deterministic=True must reach
+    the compiled graph's backward launches too, and the default must still reach the atomic ones."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r = 37, 20, 36, 5
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g, requires_grad=True)
+    A = torch.randn(r, K, generator=g, requires_grad=True)
+    B = torch.randn(N, r, generator=g, requires_grad=True)
+
+    def step(x, A, B, bias):
+        return fastlora.lora_linear(x, W, bias, A, B, 0.5, 0.1, True, seed=3, backend="triton",
+                                    deterministic=deterministic)
+    torch._dynamo.reset()
+    y = torch.compile(step, backend="eager", fullgraph=True)(x, A, B, bias)
+    launches.clear()                                              # the backward's launches only
+    y.backward(torch.randn(y.shape, generator=g))
+    if deterministic:
+        _assert_atomic_free(launches, "torch.compile with deterministic=True")
+    else:
+        assert any(r.meta.get("ATOMIC") is True for r in launches), [(r.kernel, r.meta.get("ATOMIC")) for r in launches]
+    # and the compiled step is right: every gradient vs the float64 oracle (the kernels' mask for the seed),
+    # with the fp32 plain-torch reference as the baseline of the error bound
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, bias, A, B)]
+        out = fastlora.lora_linear_reference(leaves[0], W.to(dtype), leaves[1], leaves[2], leaves[3], 0.5, 0.1, seed=3)
+        out.backward(dy.to(dtype))
+        if dtype == torch.float64:
+            oracle = [out.detach()] + [t.grad for t in leaves]
+        else:
+            base = [out.detach()] + [t.grad for t in leaves]
+    for t in (x, A, B, bias):
+        t.grad = None
+    y = torch.compile(step, backend="eager", fullgraph=True)(x, A, B, bias)
+    y.backward(dy)
+    for name, got, ref, bl in zip(("y", "dx", "dbias", "dA", "dB"), [y.detach(), x.grad, bias.grad, A.grad, B.grad],
+                                  oracle, base):
+        assert_close(name, got, ref, bl)

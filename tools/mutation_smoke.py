@@ -66,6 +66,7 @@ class Mutant:
 
 
 T_DET = ("tests/test_deterministic_launch.py", "-k", "test_deterministic_reaches_every_atomic_launch and 0.1-False")
+T_DET_COMPILE = ("tests/test_deterministic_launch.py", "-k", "test_compiled_training_step_keeps_deterministic and True")
 T_SPLIT = ("tests/test_linear_grad.py", "-k", "test_split_n_dsdb_pass and 3-False")
 T_DW = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-torch")
 T_BWD_FIFO = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
@@ -99,6 +100,10 @@ T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---
+    Mutant("det-compile", "fastlora/ops/lora.py",
+           "    ctx.cfg = (dropout_p, fan_in_fan_out, deterministic, backend)\n",
+           "    ctx.cfg = (dropout_p, fan_in_fan_out, False, backend)\n", T_DET_COMPILE,
+           "deterministic=True dropped on the torch.compile path (the registered op's backward launches atomics)"),
     Mutant("det-atomic", "kernels/linear_bwd.py",
            "    atomic = not deterministic\n", "    atomic = True\n", T_DET,
            "deterministic=True never reaches the kernels (atomics always on)"),
