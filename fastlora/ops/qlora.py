@@ -181,6 +181,12 @@ def _qlora(x, base_layer, bias, lora_A, lora_B, scaling, dropout_p, training, se
                                   and x.device.type == "cpu" and not torch.compiler.is_compiling())
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if torch.compiler.is_compiling():
+        # torch.compile traces the registered LoRA op on the dequantized weight (which it then saves for backward:
+        # a source cannot cross the op's schema); bitsandbytes' dequantize runs where torch.compile puts it
+        y, _ = lora.lora_linear_fwd(x, dequantize(base_layer, cd), bias, lora_A, lora_B, scale, p, seed_t, False,
+                                    torch.is_grad_enabled(), bool(deterministic), backend)
+        return y
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         # the LoRA op itself, its weight a source: dequantized in forward and again in backward, never saved
         return lora.LoraFunction.apply(x, functools.partial(dequantize, base_layer, cd), bias, lora_A, lora_B,

@@ -1,0 +1,203 @@
+"""The op grid: every op family × entry point × backend, one cell each, the output and every gradient against its
+float64 oracle (the plain-torch maths of the same dtype as the error baseline: tests/_tolerance.py).
+
+    ops        lora (lora_linear), multi (multi_lora_linear), dora (dora_linear), qlora (qlora_linear on a
+               bitsandbytes 4-bit base), moe (lora_experts)
+    entries    eager-inference (no grad: the op's forward, no autograd), eager-training (forward + backward: the
+               op's autograd.Function), compile (torch.compile, aot_eager, forward + backward: the registered ops,
+               their fake kernels and autograd)
+    backends   triton (the kernels, interpreted here: TRITON_INTERPRET=1), torch (the pure-torch path)
+
+A cell the library does not serve is a skip with its reason (pytest -ra lists it), never a silent hole:
+``NOT_SERVED`` names them, and ``test_grid_declares_every_cell`` checks the table covers the grid. Tiny shapes,
+no dropout (the masks have their own tests: tests/test_dropout.py); the depth is in each op's own test file.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.ops.dora import dora_linear_reference
+from fastlora.ops.moe import ExpertLora
+from tests._tolerance import assert_close
+
+OPS = ("lora", "multi", "dora", "qlora", "moe")
+ENTRIES = ("eager-inference", "eager-training", "compile")
+BACKENDS = ("triton", "torch")
+# (op, entry) -> why that cell is not served (every backend); empty when the whole grid runs
+NOT_SERVED: dict[tuple[str, str], str] = {}
+
+
+def _rnd(g, *shape, std=1.0):
+    return (torch.randn(*shape, generator=g) * std)
+
+
+class Lora:
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.W = _rnd(g, 10, 12, std=0.3)
+        self.tensors = [_rnd(g, 2, 7, 12), _rnd(g, 10, std=0.1), _rnd(g, 3, 12, std=0.3), _rnd(g, 10, 3, std=0.3)]
+
+    def leaves(self):
+        return [t.clone().requires_grad_(True) for t in self.tensors]
+
+    def inputs(self, leaves):
+        return leaves
+
+    def call(self, backend):
+        return lambda x, b, A, B: fastlora.lora_linear(x, self.W, b, A, B, 0.5, backend=backend)
+
+    def oracle(self, dtype):
+        x, b, A, B = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        return fastlora.lora_linear_reference(x, self.W.to(dtype), b, A, B, 0.5), leaves
+
+
+class Multi:
+    """Two adapters of ranks 2 and 3 and base-only tokens (−1), ids per token."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.W = _rnd(g, 10, 12, std=0.3)
+        self.tensors = [_rnd(g, 9, 12), _rnd(g, 10, std=0.1), _rnd(g, 2, 12, std=0.3), _rnd(g, 10, 2, std=0.3),
+                        _rnd(g, 3, 12, std=0.3), _rnd(g, 10, 3, std=0.3)]
+        self.ids = torch.tensor([0, 1, -1, 1, 0, 0, -1, 1, 1])
+        self.alphas = (1.0, 1.5)
+        self.bank = None
+
+    def leaves(self):
+        bank = self.bank = fastlora.AdapterBank(12, 10, requires_grad=True)
+        for i, (A, B) in enumerate(zip(self.tensors[2::2], self.tensors[3::2])):
+            bank.add(f"a{i}", A, B, alpha=self.alphas[i])
+        return [self.tensors[0].clone().requires_grad_(True), self.tensors[1].clone().requires_grad_(True)] + \
+            [p for i in range(2) for p in (bank.lora_A_params[f"a{i}"], bank.lora_B_params[f"a{i}"])]
+
+    def inputs(self, leaves):
+        return leaves[:2]                   # the adapters travel in the bank
+
+    def call(self, backend):
+        return lambda x, b: fastlora.multi_lora_linear(x, self.W, b, self.bank, self.ids, backend=backend)
+
+    def oracle(self, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        x, b = leaves[:2]
+        y = x @ self.W.to(x.dtype).t() + b
+        rows = []
+        for m in range(x.shape[0]):
+            k = int(self.ids[m])
+            if k < 0:
+                rows.append(y[m])
+                continue
+            A, B = leaves[2 + 2 * k], leaves[3 + 2 * k]
+            rows.append(y[m] + self.alphas[k] / A.shape[0] * (x[m] @ A.t()) @ B.t())
+        return torch.stack(rows), leaves
+
+
+class Dora(Lora):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.tensors.append(torch.rand(10, generator=g) + 0.5)      # the magnitude m
+
+    def call(self, backend):
+        return lambda x, b, A, B, m: fastlora.dora_linear(x, self.W, b, A, B, m, 0.5, backend=backend)
+
+    def oracle(self, dtype):
+        x, b, A, B, m = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        return dora_linear_reference(x, self.W.to(dtype), b, A, B, m, 0.5), leaves
+
+
+class QLora:
+    """A bitsandbytes NF4 Linear4bit base (float32 compute), float32 adapters: the oracle is the same maths on
+    bitsandbytes' own dequantized weight."""
+
+    def __init__(self):
+        bnb = pytest.importorskip("bitsandbytes")
+        g = torch.Generator().manual_seed(3)
+        base = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(_rnd(g, 48, 64, std=0.1), requires_grad=False, quant_type="nf4")
+        base.bias = torch.nn.Parameter(_rnd(g, 48, std=0.1), requires_grad=False)
+        self.base = base.to("cpu")                       # bnb quantizes on the move to a device
+        from fastlora.ops.qlora import dequantize
+        self.W = dequantize(self.base, torch.float32)
+        self.tensors = [_rnd(g, 5, 64), _rnd(g, 4, 64, std=0.2), _rnd(g, 48, 4, std=0.2)]
+
+    def leaves(self):
+        return [t.clone().requires_grad_(True) for t in self.tensors]
+
+    def inputs(self, leaves):
+        return leaves
+
+    def call(self, backend):
+        return lambda x, A, B: fastlora.qlora_linear(x, self.base, A, B, 2.0, backend=backend)
+
+    def oracle(self, dtype):
+        x, A, B = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        return fastlora.lora_linear_reference(x, self.W.to(dtype), self.base.bias.to(dtype), A, B, 2.0), leaves
+
+
+class Moe:
+    def __init__(self):
+        from tests.test_moe import Problem, swiglu
+        self.prob, self.gate = Problem(T=6, H=12, I=8, E=3, K=2, r=2), swiglu
+
+    def leaves(self):
+        return self.prob.leaves()
+
+    def inputs(self, leaves):
+        return leaves
+
+    def call(self, backend):
+        p = self.prob
+        return lambda x, w, A1, B1, A2, B2: fastlora.lora_experts(
+            x, p.idx, w, p.W1, p.W2, self.gate, gate_up_lora=ExpertLora(A1, B1, p.s1),
+            down_lora=ExpertLora(A2, B2, p.s2), backend=backend)
+
+    def oracle(self, dtype):
+        return self.prob.reference(dtype)                   # the per-slot oracle (tests/test_moe.py)
+
+
+CASES = {"lora": Lora, "multi": Multi, "dora": Dora, "qlora": QLora, "moe": Moe}
+
+
+def _oracle(case, dtype, dy):
+    """(y, gradients) of the oracle in ``dtype`` (float64: the reference; float32: the error baseline)."""
+    y, leaves = case.oracle(dtype)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("op", OPS)
+def test_cell(op, entry, backend):
+    if (op, entry) in NOT_SERVED:
+        pytest.skip(f"{op} × {entry}: not served: {NOT_SERVED[op, entry]}")
+    case = CASES[op]()
+    leaves = case.leaves()
+    fn = case.call(backend)
+    if entry == "compile":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    if entry == "eager-inference":
+        with torch.no_grad():
+            y = fn(*case.inputs(leaves))
+        got = [y]
+    else:
+        y = fn(*case.inputs(leaves))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref, base = _oracle(case, torch.float64, dy), _oracle(case, torch.float32, dy)
+    if entry != "eager-inference":
+        y.backward(dy.to(y.dtype))
+        got = [y.detach()] + [t.grad for t in leaves]
+        assert all(t is not None for t in got), f"{op}: a gradient is missing"
+    for i, (a, r, b) in enumerate(zip(got, ref, base)):
+        assert_close(f"{op} {entry} {backend} " + ("y" if i == 0 else f"grad {i - 1}"), a, r, b)
+
+
+def test_grid_declares_every_cell():
+    """The grid is the product of the three axes, every op has a case, and a not-served cell names a real op and
+    entry with a reason (a stale entry would hide a cell that now works)."""
+    assert set(CASES) == set(OPS)
+    for (op, entry), why in NOT_SERVED.items():
+        assert op in OPS and entry in ENTRIES and why.strip(), (op, entry, why)
