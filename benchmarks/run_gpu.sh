@@ -15,7 +15,7 @@
 # Steps, in this order (each with its own limit; a failing step is reported and the next one runs):
 #   1 probe   python -m benchmarks.gpu_probe: forward / base GEMM, the cuBLAS composite, forward+backward vs PEFT
 #             and vs the two base GEMMs, d 4096 and 8192, bf16, eager and CUDA-graph replay (gpu_probe_*.csv)
-#   2 tests   the GPU parity tests (tests/test_gpu.py: compiled kernels vs float64 and PEFT, fp32 adapters on a
+#   2 tests   the GPU parity tests (tests/kernels/test_gpu.py: compiled kernels vs float64 and PEFT, fp32 adapters on a
 #             half base; autocast; CUDA-graph capture), a line per test in gpu_tests_live.txt as it ends
 #   3 train   benchmarks.train_step at Llama-3.2-1B dimensions, then its 4-bit variant (--qlora)
 #   4 multi   bench_multi: multi-adapter decode / prefill layer, eager and CUDA-graph replay, whole-model decode;
@@ -95,11 +95,11 @@ else
     TUNE=(python3 -m fastlora.tune --tokens 128 4096 --dims 4096 8192 --ranks 16)
 fi
 # the GPU tests (on a CPU every one of them skips: the dry run checks that they collect)
-TESTS=(tests/test_gpu.py tests/test_autocast.py::test_patched_peft_under_cuda_autocast
-       tests/test_multi_kernels.py::test_cuda_graph_capture
-       tests/test_multi_kernels.py::test_cuda_graph_capture_with_a_plan_refilled_in_place
-       tests/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step
-       tests/test_moe.py::test_gpu_parity_bf16 tests/test_moe.py::test_gpu_cuda_graph_capture)
+TESTS=(tests/kernels/test_gpu.py tests/ops/test_autocast.py::test_patched_peft_under_cuda_autocast
+       tests/kernels/test_multi_kernels.py::test_cuda_graph_capture
+       tests/kernels/test_multi_kernels.py::test_cuda_graph_capture_with_a_plan_refilled_in_place
+       tests/kernels/test_multi_kernels.py::test_cuda_graph_captures_a_whole_model_decode_shaped_step
+       tests/ops/test_moe.py::test_gpu_parity_bf16 tests/ops/test_moe.py::test_gpu_cuda_graph_capture)
 par=$([ $DRY = 0 ] && python3 -c "import xdist" 2>/dev/null && echo "-n ${JOBS:-12}")
 export FASTLORA_LIVE_REPORT="$OUT_DIR/gpu_tests_live.txt"
 

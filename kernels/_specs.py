@@ -18,7 +18,7 @@ from . import policy
 
 # (x dtype, adapter dtype, fp32 dot precision (policy.fp32_precision), precision of the gradient-feeding dots
 # (policy.lora_precision)): half bases with half or fp32 adapters (tf32x3 there), fp32 with torch's default (ieee)
-# and with tf32 allowed. tests/test_launch_choices.py checks these are the policy's answers.
+# and with tf32 allowed. tests/kernels/test_launch_choices.py checks these are the policy's answers.
 SPEC_DTYPES = (("bf16", "bf16", "tf32", "tf32"), ("bf16", "fp32", "tf32", "tf32x3"), ("fp16", "fp16", "tf32", "tf32"),
                ("fp16", "fp32", "tf32", "tf32x3"), ("fp32", "fp32", "ieee", "ieee"), ("fp32", "fp32", "tf32", "tf32"))
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -26,7 +26,7 @@ Precision (``input_precision`` of tl.dot on fp32 operands):
   fp32 / fp64 base  torch's CUDA matmul setting: "tf32" when it allows tf32, else "ieee" (torch's default);
   half base         "tf32" for dots rounded to half at the end; "tf32x3" (≈ fp32, three tf32 products) for the
                     dots that produce or feed fp32 adapter gradients (S saved for dB, dS, dB, dA) — plain tf32
-                    there leaves dA far less accurate than PEFT's fp32 matmuls (tests/test_gpu.py; the GPU
+                    there leaves dA far less accurate than PEFT's fp32 matmuls (tests/kernels/test_gpu.py; the GPU
                     figures: docs/benchmarks.md).
 """
 from __future__ import annotations

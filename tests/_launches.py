@@ -3,7 +3,7 @@ arguments (the meta-parameters: FP32_PRECISION, ATOMIC, BLOCK_*, ...) and whethe
 
 It wraps the ``run`` method of every Triton kernel class (``KernelInterface`` and its subclasses: JIT, interpreted,
 autotuned), so it holds whatever the kernels and launchers are called and however a launcher reaches them.
-Used by tests/test_deterministic_launch.py (which launches use atomics) and tests/test_launch_choices.py (which
+Used by tests/ops/test_deterministic_launch.py (which launches use atomics) and tests/kernels/test_launch_choices.py (which
 precision each launch receives).
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ units of the *result dtype's* epsilon times a *scale*:
 
     fp16 / bf16: 1 ulp    the op rounds once from fp32 (<= 0.5 ulp of the result);
     fp32:        4 ulps   accumulation order (blocked tl.dot vs MKL) differs by a few ulps.
-    Measured on the parity grid (tests/test_linear_parity.py), in ulps of the Σ|terms| scale:
+    Measured on the parity grid (tests/ops/test_linear_parity.py), in ulps of the Σ|terms| scale:
     fastlora <= 0.6 (fp32) / 0.35 (halves), PEFT <= 0.65 / 0.4; a real bug is orders larger
     (a 0.1% error in one gradient's scale fails every fp32 case).
 

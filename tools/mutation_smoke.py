@@ -14,7 +14,7 @@ the mutant "killed" (the tests failed) or "survived" (they passed: a hole in the
 
 Exit status 0 when the unmutated selections pass and every mutant is killed; 1 on a survivor, on a
 stale mutant (its old text is not in its file exactly once: the code moved, update the list with it)
-or when the unmutated copy already fails its selections. tests/test_mutation_smoke.py checks the list
+or when the unmutated copy already fails its selections. tests/repo/test_mutation_smoke.py checks the list
 (cheap, in every test run); the full run takes a few minutes on 2 cores and is documented in
 docs/ARCHITECTURE.md.
 
@@ -65,38 +65,38 @@ class Mutant:
         return args[:k], args[k + 1]
 
 
-T_DET = ("tests/test_deterministic_launch.py", "-k", "test_deterministic_reaches_every_atomic_launch and 0.1-False")
-T_DET_COMPILE = ("tests/test_deterministic_launch.py", "-k", "test_compiled_training_step_keeps_deterministic and True")
-T_SPLIT = ("tests/test_linear_grad.py", "-k", "test_split_n_dsdb_pass and 3-False")
-T_DW = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-torch")
-T_BWD_FIFO = ("tests/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
-T_MULTI_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-triton")
-T_MULTI_TORCH_FIFO = ("tests/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-torch")
-T_MULTI_DW = ("tests/test_multi_parity.py", "-k",
+T_DET = ("tests/ops/test_deterministic_launch.py", "-k", "test_deterministic_reaches_every_atomic_launch and 0.1-False")
+T_DET_COMPILE = ("tests/ops/test_deterministic_launch.py", "-k", "test_compiled_training_step_keeps_deterministic and True")
+T_SPLIT = ("tests/ops/test_linear_grad.py", "-k", "test_split_n_dsdb_pass and 3-False")
+T_DW = ("tests/ops/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-torch")
+T_BWD_FIFO = ("tests/ops/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
+T_MULTI_FIFO = ("tests/ops/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-triton")
+T_MULTI_TORCH_FIFO = ("tests/ops/test_multi_parity.py", "-k", "test_conv1d_base_grads and fp32-decode-torch")
+T_MULTI_DW = ("tests/ops/test_multi_parity.py", "-k",
               "test_trainable_base_weight_gradient_multi and fp32-drop-grouped-True-torch")
-T_MULTI_FWD = ("tests/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
-T_MULTI_P = ("tests/test_multi_peft.py", "-k", "test_per_adapter_dropout_matches_peft_adapter_by_adapter and triton")
-T_MULTI_FROZEN = ("tests/test_multi_peft.py", "-k", "test_adamw_leaves_adapters_peft_froze_bitwise_unchanged and torch")
-T_RSLORA_LOAD = ("tests/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
-T_RSLORA_SAVE = ("tests/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
-T_RSLORA_MIXED = ("tests/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
-T_PARITY = ("tests/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
-T_MERGE = ("tests/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
-T_MOE = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-torch")
-T_MOE_TRITON = ("tests/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-triton")
-T_MOE_MODEL = ("tests/test_moe_peft.py", "-k", "test_qwen3_moe_matches_peft_and_float64 and torch")
-T_MOE_DROP = ("tests/test_moe.py", "-k", "test_dropout_matches_the_oracle_with_the_same_mask and torch")
-T_RECIPE = ("tests/test_qlora.py", "-k", "test_recipe_layer_float32_x_into_half_compute and 0.0-compute0-torch")
-T_INPLACE = ("tests/test_outputs_inplace.py", "-k", "lora-3d-torch")
-T_MHA = ("tests/test_patch_kinds.py", "-k", "test_multihead_attention_is_skipped")
-T_TUNER = ("tests/test_patch_kinds.py", "-k", "test_lora_on_a_tuner_layer_is_not_served and loha")
-T_WARN_ONCE = ("tests/test_trace.py", "-k", "test_mixed_batch_adapter_names_are_fallbacks")
-T_PRECISION = ("tests/test_launch_choices.py", "-k", "test_each_launch_receives_its_precision_tier and bfloat16-float32")
-T_SM_CAP = ("tests/test_launch_choices.py", "-k", "test_rule_caps_program_counts_at_the_sm_count")
-T_REREAD = ("tests/test_launch_choices.py", "-k", "test_tune_cache_is_read_again_after_each_write")
-T_TIE = ("tests/test_dropout.py", "-k", "test_kernels_keep_the_element_whose_uniform_equals_p and single")
-T_TORCH_MASK = ("tests/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
-T_PACKED = ("tests/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
+T_MULTI_FWD = ("tests/ops/test_multi_parity.py", "-k", "test_forward_parity and fp32-mixed-decode")
+T_MULTI_P = ("tests/integrations/test_multi_peft.py", "-k", "test_per_adapter_dropout_matches_peft_adapter_by_adapter and triton")
+T_MULTI_FROZEN = ("tests/integrations/test_multi_peft.py", "-k", "test_adamw_leaves_adapters_peft_froze_bitwise_unchanged and torch")
+T_RSLORA_LOAD = ("tests/integrations/test_checkpoint.py", "-k", "test_rslora_peft_save_fastlora_load")
+T_RSLORA_SAVE = ("tests/integrations/test_checkpoint.py", "-k", "test_rslora_fastlora_save_peft_load")
+T_RSLORA_MIXED = ("tests/integrations/test_checkpoint.py", "-k", "test_save_refuses_mixed_rslora")
+T_PARITY = ("tests/ops/test_linear_parity.py", "-k", "test_parity_sweep and fp32-r8-M33-K33N17-3d-bias-p0.1-triton")
+T_MERGE = ("tests/nn/test_merge.py", "-k", "test_merge_is_w_plus_delta_rounded_once")
+T_MOE = ("tests/ops/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-torch")
+T_MOE_TRITON = ("tests/ops/test_moe.py", "-k", "test_parity_with_oracle_and_peft_like_baseline and fp32-standard-triton")
+T_MOE_MODEL = ("tests/integrations/test_moe_peft.py", "-k", "test_qwen3_moe_matches_peft_and_float64 and torch")
+T_MOE_DROP = ("tests/ops/test_moe.py", "-k", "test_dropout_matches_the_oracle_with_the_same_mask and torch")
+T_RECIPE = ("tests/ops/test_qlora.py", "-k", "test_recipe_layer_float32_x_into_half_compute and 0.0-compute0-torch")
+T_INPLACE = ("tests/ops/test_outputs_inplace.py", "-k", "lora-3d-torch")
+T_MHA = ("tests/integrations/test_patch_kinds.py", "-k", "test_multihead_attention_is_skipped")
+T_TUNER = ("tests/integrations/test_patch_kinds.py", "-k", "test_lora_on_a_tuner_layer_is_not_served and loha")
+T_WARN_ONCE = ("tests/integrations/test_trace.py", "-k", "test_mixed_batch_adapter_names_are_fallbacks")
+T_PRECISION = ("tests/kernels/test_launch_choices.py", "-k", "test_each_launch_receives_its_precision_tier and bfloat16-float32")
+T_SM_CAP = ("tests/kernels/test_launch_choices.py", "-k", "test_rule_caps_program_counts_at_the_sm_count")
+T_REREAD = ("tests/kernels/test_launch_choices.py", "-k", "test_tune_cache_is_read_again_after_each_write")
+T_TIE = ("tests/ops/test_dropout.py", "-k", "test_kernels_keep_the_element_whose_uniform_equals_p and single")
+T_TORCH_MASK = ("tests/ops/test_dropout.py", "-k", "test_op_drops_exactly_its_backends_mask and torch")
+T_PACKED = ("tests/ops/test_dropout.py", "-k", "test_packed_mask_round_trip and 0.1-13")
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- the five that survived the audit of issue 14 (each has its own test since) ---

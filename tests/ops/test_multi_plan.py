@@ -12,7 +12,7 @@ from fastlora.ops.bank import AdapterBank
 from fastlora.nn.multi import MultiLoraLinear
 from fastlora.ops.multi import multi_lora_linear
 from fastlora.ops.multi_plan import TILE_M, BatchPlan, n_tiles, plan_batch
-from tests.test_multi_parity import make_bank, packed_grads, setup
+from tests.ops.test_multi_parity import make_bank, packed_grads, setup
 
 
 def _bank(n, K=8, N=6, ranks=None):
@@ -167,7 +167,7 @@ def test_a_model_call_builds_one_plan_per_bank_layout(monkeypatch):
     """MultiAdapterModel over a 2-layer Llama (4 LoRA layers, all holding "math" and "code"): one plan per call;
     over the tests' two-layer model whose adapter "r64" targets only q: two layouts, two plans."""
     import fastlora.nn.multi as fm                  # where a model call builds its plans
-    from tests.test_multi_peft import peft_model, tiny_llama
+    from tests.integrations.test_multi_peft import peft_model, tiny_llama
     built = []
     orig = fm.plan_batch
     monkeypatch.setattr(fm, "plan_batch", lambda *a, **k: built.append(a[0].names) or orig(*a, **k))
@@ -184,7 +184,7 @@ def test_a_model_call_builds_one_plan_per_bank_layout(monkeypatch):
 
 def test_model_adapter_ids_match_names():
     """adapter_ids= (an int tensor indexing mm.adapter_names: the capture-friendly form) = adapter_names=."""
-    from tests.test_multi_peft import peft_model
+    from tests.integrations.test_multi_peft import peft_model
     model = peft_model(torch.float32)
     names = ["r8", "__base__", "r1", "r64"]
     x = torch.randn(4, 3, 48)

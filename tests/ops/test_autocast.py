@@ -22,8 +22,8 @@ import fastlora.integrations.peft_layers as fpl
 from fastlora.core.backend import interpreting
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close, atol_for
-from tests.test_patch_loralib import make as make_loralib
-from tests.test_patch_peft import tiny_peft
+from tests.integrations.test_patch_loralib import make as make_loralib
+from tests.integrations.test_patch_peft import tiny_peft
 
 BF16 = torch.bfloat16
 
@@ -200,7 +200,7 @@ def test_amp_training_step_of_a_patched_tiny_llama(spy):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
-                    reason="needs CUDA with TRITON_INTERPRET unset or 0 (compiled kernels), as tests/test_gpu.py")
+                    reason="needs CUDA with TRITON_INTERPRET unset or 0 (compiled kernels), as tests/kernels/test_gpu.py")
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
 def test_patched_peft_under_cuda_autocast(spy, amp):
     pm = tiny_peft(0.1).cuda()

@@ -32,7 +32,7 @@ from fastlora.core.dropout import torch_keep_mask
 from fastlora.integrations.checkpoint import AdapterLoadError, load_peft_adapter, save_peft_adapter
 from tests._replay import replay_dropout
 from tests._tolerance import assert_baseline_sane, assert_close
-from tests.test_patch_peft import run
+from tests.integrations.test_patch_peft import run
 
 BACKENDS = ("torch", "triton")
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -546,11 +546,11 @@ def test_patch_keys_fallbacks_and_unpatch(spy):
 def test_patched_dora_under_cpu_autocast_runs_fused(monkeypatch, spy, backend, dropout):
     """DoRA inside torch.autocast(bf16) runs fused with autocast's semantics (x, W0, bias, A, B cast to bf16; the
     magnitude as it is): the loss, output, dx and every gradient within 2x PEFT's own error under the same
-    autocast, against the float64 model whose autocast-read weights are rounded to bf16 (tests/test_autocast.py).
+    autocast, against the float64 model whose autocast-read weights are rounded to bf16 (tests/ops/test_autocast.py).
     atol: 1 bf16 ulp (the idiom's half-precision atol): the gradients come back in fp32 but are bf16 GEMM results,
     and with dropout the fused op drops x after autocast's cast where PEFT drops it before (one more rounding of
     x̃ = x⊙keep/(1 − p), within that ulp)."""
-    from tests.test_autocast import BF16 as AMP, compare, oracle, step
+    from tests.ops.test_autocast import BF16 as AMP, compare, oracle, step
     monkeypatch.setenv("FASTLORA_BACKEND", backend)
     pm = tiny_dora(dropout=dropout)
     ref, o64 = replay_dropout(copy.deepcopy(pm), "dora"), replay_dropout(oracle(pm, AMP), "dora")

@@ -14,8 +14,8 @@ import fastlora
 import fastlora.integrations.peft_layers as fpl
 import fastlora.core.tracing as ft
 from fastlora.ops.bank import AdapterBank
-from tests.test_autocast import tiny_llama
-from tests.test_patch_peft import tiny_peft
+from tests.ops.test_autocast import tiny_llama
+from tests.integrations.test_patch_peft import tiny_peft
 
 
 def fallback_warnings(record):

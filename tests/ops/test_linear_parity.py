@@ -227,7 +227,7 @@ def build_peft(pb: Problem, backend: str, dropout: nn.Module | None = None) -> n
         mod.weight.data.copy_(w.detach())
         mod.weight.requires_grad_(w.requires_grad)
     layer.lora_dropout["default"] = dropout if dropout is not None else MaskDropout(problem_mask(pb, backend), c.p)
-    return layer.to(pb.x.device).train()          # the problem's device (tests/test_gpu.py: CUDA)
+    return layer.to(pb.x.device).train()          # the problem's device (tests/kernels/test_gpu.py: CUDA)
 
 
 def run_peft(pb: Problem, backend: str) -> dict:

@@ -13,7 +13,7 @@ import pytest
 import fastlora
 from fastlora._moved import MOVED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _graph():

@@ -1,4 +1,4 @@
-"""Multi-adapter kernels: no host synchronisation in the launch path (plans: tests/test_multi_plan.py), CUDA-graph
+"""Multi-adapter kernels: no host synchronisation in the launch path (plans: tests/ops/test_multi_plan.py), CUDA-graph
 capture, compile-for-GPU (sm_80, sm_90, zero spills) of every shipped config, torch.compile."""
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_no_host_sync_in_a_whole_model_call_with_adapter_ids(monkeypatch):
     lookup tables, nothing in fastlora reads a device value on the host — what a CUDA-graph capture of the whole
     step needs (transformers' own mask code reads the host outside a capture and skips it inside one)."""
     from fastlora.integrations.multi_peft import MultiAdapterModel
-    from tests.test_multi_peft import tiny_llama
+    from tests.integrations.test_multi_peft import tiny_llama
     mm = MultiAdapterModel(tiny_llama(), backend="triton")
     tok, aid = torch.randint(0, 64, (3, 1)), torch.tensor([0, -1, 1])
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_cuda_graph_captures_a_whole_model_decode_shaped_step():
     cache) captured in ONE CUDA graph through MultiAdapterModel(adapter_ids=...): replays with new tokens and
     adapters equal eager calls with the same names, and PEFT's own mixed batch within bf16 rounding."""
     from fastlora.integrations.multi_peft import MultiAdapterModel
-    from tests.test_multi_peft import tiny_llama
+    from tests.integrations.test_multi_peft import tiny_llama
     model = tiny_llama().cuda().to(torch.bfloat16)
     with torch.no_grad():
         tok = torch.randint(0, 64, (4, 1), device="cuda")
@@ -244,11 +244,11 @@ def test_every_shipped_config_compiles_without_spills():
 def test_torch_compile_fullgraph_matches_oracle(backend):
     """The custom ops trace without graph breaks (Inductor; on "triton" the interpreted kernels run inside the
     compiled graph as opaque custom ops). Compiled and eager forward and gradients are each checked against
-    the float64 oracle of tests/test_multi_parity.py with PEFT's arithmetic as the baseline (compiled vs eager
+    the float64 oracle of tests/ops/test_multi_parity.py with PEFT's arithmetic as the baseline (compiled vs eager
     alone would pass a bug both share); on the torch backend compiled also equals eager bitwise."""
     from tests._tolerance import assert_close
     from tests._replay import mask_of
-    from tests.test_multi_parity import abs_scales, baseline, oracle, packed_grads, split
+    from tests.ops.test_multi_parity import abs_scales, baseline, oracle, packed_grads, split
     K, N, p, seed = 24, 20, 0.1, 3
     layer = MultiLoraLinear(torch.nn.Linear(K, N), _bank(K, N, (1, 8, 16)), dropout_p=p, backend=backend)
     layer.base_layer.requires_grad_(False)

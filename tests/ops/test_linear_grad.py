@@ -14,7 +14,7 @@ from torch import nn
 
 from fastlora import lora_linear, lora_linear_reference
 from tests._tolerance import assert_close
-from tests.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, SEED, Case, abs_problem, build_peft, check_parity,
+from tests.ops.test_linear_parity import (BACKENDS, DTYPES, LAYOUTS, SEED, Case, abs_problem, build_peft, check_parity,
                                       layout_ok, make_problem, problem_mask, run_fastlora, run_oracle,
                                       run_peft)
 
@@ -178,7 +178,7 @@ def test_training_false_ignores_dropout(backend):
 def test_eager_calls_skip_the_custom_op_layers(backend, monkeypatch):
     """Eager calls do not go through the custom op's dispatcher: under no_grad fastlora.ops.lora.forward directly,
     with grad ops.LoraFunction (a plain autograd.Function over the same forward / backward); the results are
-    bitwise the op's. (torch.compile traces the op: tests/test_linear_compile.py.)"""
+    bitwise the op's. (torch.compile traces the op: tests/ops/test_linear_compile.py.)"""
     from fastlora.ops import lora as ops
     pb = make_problem(Case(dtype="bf16+fp32", M=33, KN=(40, 24), r=8, layout="3d", p=0.0))
     args = (pb.x.detach(), pb.weight, pb.bias.detach(), pb.A.detach(), pb.B.detach(), pb.scaling)

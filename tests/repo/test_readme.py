@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 # the README's snippets, then those of the usage guide it links to for DoRA, QLoRA and MoE experts
 DOCS_WITH_SNIPPETS = ("README.md", "docs/usage.md")
@@ -126,7 +126,7 @@ CONTEXTS = [
 
 def context_of(block: str):
     found = [make for key, make in CONTEXTS if key in block]
-    assert len(found) == 1, (f"README / usage block without exactly one context in tests/test_readme.py "
+    assert len(found) == 1, (f"README / usage block without exactly one context in tests/repo/test_readme.py "
                              f"({len(found)} found); its first lines:\n{block[:300]}")
     return found[0]
 

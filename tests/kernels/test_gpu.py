@@ -1,6 +1,6 @@
 """The compiled kernels on a CUDA device: the CPU suite's parity checks, re-run on the GPU.
 
-    TRITON_INTERPRET=0 python -m pytest -q -n 8 tests/test_gpu.py        # on a machine with a GPU
+    TRITON_INTERPRET=0 python -m pytest -q -n 8 tests/kernels/test_gpu.py        # on a machine with a GPU
 
 Skipped without CUDA and under the interpreter (the CPU suite runs the same kernels interpreted).
 Same idiom as everywhere (tests/_tolerance.py): every output and gradient vs a float64 oracle (computed
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from fastlora.core.backend import interpreting
-from tests import test_linear_parity as lp
-from tests import test_multi_parity as mp
+from tests.ops import test_linear_parity as lp
+from tests.ops import test_multi_parity as mp
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or interpreting(),

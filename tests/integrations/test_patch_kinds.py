@@ -14,7 +14,7 @@ import fastlora
 import fastlora.integrations.patching as fp
 from tests._replay import replay_dropout
 from tests._tolerance import assert_close
-from tests.test_patch_peft import run, tiny_peft
+from tests.integrations.test_patch_peft import run, tiny_peft
 
 
 class Attn(nn.Module):

@@ -10,7 +10,7 @@ float64 oracle (the plain-torch maths of the same dtype as the error baseline: t
 
 A cell the library does not serve is a skip with its reason (pytest -ra lists it), never a silent hole:
 ``NOT_SERVED`` names them, and ``test_grid_declares_every_cell`` checks the table covers the grid. Tiny shapes,
-no dropout (the masks have their own tests: tests/test_dropout.py); the depth is in each op's own test file.
+no dropout (the masks have their own tests: tests/ops/test_dropout.py); the depth is in each op's own test file.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class QLora:
 
 class Moe:
     def __init__(self):
-        from tests.test_moe import Problem, swiglu
+        from tests.ops.test_moe import Problem, swiglu
         self.prob, self.gate = Problem(T=6, H=12, I=8, E=3, K=2, r=2), swiglu
 
     def leaves(self):
@@ -154,7 +154,7 @@ class Moe:
             down_lora=ExpertLora(A2, B2, p.s2), backend=backend)
 
     def oracle(self, dtype):
-        return self.prob.reference(dtype)                   # the per-slot oracle (tests/test_moe.py)
+        return self.prob.reference(dtype)                   # the per-slot oracle (tests/ops/test_moe.py)
 
 
 CASES = {"lora": Lora, "multi": Multi, "dora": Dora, "qlora": QLora, "moe": Moe}

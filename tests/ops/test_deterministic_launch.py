@@ -1,7 +1,7 @@
 """deterministic=True must reach the kernels: every Triton launch that could reduce with atomics is
 launched with ATOMIC=False.
 
-Bitwise-repeat tests (tests/test_linear_grad.py) cannot show this on a CPU: the interpreter runs atomic
+Bitwise-repeat tests (tests/ops/test_linear_grad.py) cannot show this on a CPU: the interpreter runs atomic
 adds in a fixed order, so they are repeatable there even when deterministic mode never reaches the
 kernels. These tests spy on the launches instead (tests/_launches.py: every Triton kernel class's ``run``),
 so they hold whatever the kernels and launchers are called. A launch is recorded with its kernel's name,
@@ -18,7 +18,7 @@ from fastlora.ops.bank import AdapterBank
 from fastlora.ops.multi import multi_lora_linear
 from tests._launches import launches  # noqa: F401  (the fixture)
 from tests._tolerance import assert_close
-from tests.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
+from tests.ops.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
 
 
 def _backward(deterministic, p, fan_in_fan_out=False):

@@ -312,7 +312,7 @@ def test_tune_writes_what_it_timed(tmp_path):
 
 
 def test_tune_refuses_without_a_gpu(monkeypatch):
-    """(On a CPU only the interpreter's smoke run is allowed: tests/test_benchmarks.py.)"""
+    """(On a CPU only the interpreter's smoke run is allowed: tests/repo/test_benchmarks.py.)"""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA device"):
         fastlora.tune([16], [(16, 16)], device="cpu")

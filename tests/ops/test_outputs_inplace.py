@@ -1,7 +1,7 @@
 """Every fused op returns an ordinary tensor in training (issue 19): never a view of its input, of a saved tensor
 or of a tensor made inside the autograd Function, so a training step may modify it in place (model code that adds in
 place, PEFT's AdaLoRA / mixed adapters on top of a fused layer). Checked for lora_linear, dora_linear and
-multi_lora_linear on both backends, 1-D to 3-D x, with dropout (qlora_linear: tests/test_qlora.py): y += 1 and
+multi_lora_linear on both backends, 1-D to 3-D x, with dropout (qlora_linear: tests/ops/test_qlora.py): y += 1 and
 y *= 2 then backward give exactly the gradients of the same step written out of place (same seed, same mask)."""
 import pytest
 import torch

@@ -11,7 +11,7 @@ from torch import nn
 import fastlora
 import fastlora.integrations.patching as fp
 import fastlora.integrations.peft_layers as fpl
-from tests.test_patch_peft import run, tiny_peft
+from tests.integrations.test_patch_peft import run, tiny_peft
 
 PEFT_LAYERS = sorted(f"base_model.model.{n}" for n in ("up", "conv", "down"))
 
