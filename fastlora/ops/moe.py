@@ -24,7 +24,7 @@ Per experts call (sections below, in this order):
                  into y, then the multi-adapter gather shrink S = drop(x)·A_eᵀ and expand y += s·S·B_eᵀ
                  (ACCUMULATE: onto the grouped GEMM's output, rounded once); backward likewise (dx =
                  grouped dY·W_e, += dS·A_e; dA, dB by the per-expert gradient kernel). "torch": the maths.
-  registration   custom ops fastlora::moe_linear_fwd / _bwd + register_fake + register_autograd (eager
+  registration   custom ops fastlora::moe_linear_fwd / _bwd by core.registration.register_op (eager
                  and torch.compile alike).
   functional     lora_experts(x, top_k_index, top_k_weights, W_gate_up, W_down, gate, ...): plan, gather,
                  projection, the model's own activation (autograd), projection, routing weights (applied to

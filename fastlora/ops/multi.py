@@ -2,27 +2,26 @@
 
     y[m] = x[m]·W0ᵀ + bias + s_k·(drop(x)[m]·A_kᵀ)·B_kᵀ        k = ids[m] (−1: base model only)
 
-Layers, top to bottom:
-    MultiLoraLinear(base_layer, bank).forward(x, adapter_ids | plan=)  the module
-    multi_lora_linear(x, weight, bias, bank, adapter_ids | plan=, …)   validated functional, differentiable
+Layers, top to bottom (the module and the PEFT wrapper live above this file):
+    fastlora.integrations.multi_peft.MultiAdapterModel(peft_model)  a PEFT model's adapters, mixed batches
+    fastlora.nn.multi.MultiLoraLinear(base_layer, bank)             the module (adapter names per call: using_adapters)
+    multi_lora_linear(x, weight, bias, bank, adapter_ids | plan=, …)   this file: validated functional, differentiable
     plan_batch(bank, adapter_ids, x) -> BatchPlan                     the batch plan, once per model forward
                                                                     (fastlora.ops.multi_plan), shared by layers
     _forward / MultiLoraFunction / fastlora::multi_lora_fwd, _bwd     eager inference / eager training /
-                                                                    torch.library custom ops (torch.compile)
+                                                                    registered ops (torch.compile)
       -> "triton": fastlora.kernels.multi_lora (gather kernels; CUDA, or CPU with TRITON_INTERPRET=1)
       -> "torch":  fastlora.ops.multi_reference.multi_torch_forward / _backward (CPU otherwise; the readable maths)
-    fastlora.integrations.multi_peft.MultiAdapterModel(peft_model)               runs a PEFT model with several loaded
-                                                                    adapters in mixed batches through it
 
 Shapes: x (..., K); ids int32/int64 of shape x.shape[:-1] (per token) or x.shape[:1] (per sequence, x at
 least 3-D); bank tensors: A (R_tot, K), B (N, R_tot), offsets (n+1,) int32, scalings (n,) float32 — see
-fastlora.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). Per-adapter dropout
+fastlora.ops.bank. S (M, r_max) float32 is saved for backward (S[m, :r_k] = drop(x)[m]·A_kᵀ). Per-adapter dropout
 p is a cached (n, 2) device table (one launch whatever the p's). The launch path reads no device value on
 the host: ids are range-checked with torch._assert_async (immediate on CPU, asynchronous on CUDA) and the plan
 is built with fixed-size device ops, so a fixed bank is CUDA-graph capturable (``BatchPlan.update_`` refills a
 captured plan). Only the CPU torch path reads the plan on the host (once per plan), where that costs nothing.
 
-The pure-torch path (dense masking, or per-adapter segments on CPU) is described in fastlora.multi_reference.
+The pure-torch path (dense masking, or per-adapter segments on CPU) is described in fastlora.ops.multi_reference.
 Adapter names given per call (MultiAdapterModel, ``using_adapters``) live in a ContextVar, not on the layers.
 """
 from __future__ import annotations
