@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from tests._grid import pytest_runtest_logreport, pytest_terminal_summary  # noqa: E402, F401  (the op grid's table)
+
 # CI (CI=true) replays a fixed set of hypothesis examples: a landing is never decided by a random draw.
 # Locally the fuzzing stays random, so new examples keep being tried.
 settings.register_profile("ci", derandomize=True, deadline=None)

@@ -9,8 +9,11 @@ float64 oracle (the plain-torch maths of the same dtype as the error baseline: t
     backends   triton (the kernels, interpreted here: TRITON_INTERPRET=1), torch (the pure-torch path)
 
 A cell the library does not serve is a skip with its reason (pytest -ra lists it), never a silent hole:
-``NOT_SERVED`` names them, and ``test_grid_declares_every_cell`` checks the table covers the grid. Tiny shapes,
-no dropout (the masks have their own tests: tests/ops/test_dropout.py); the depth is in each op's own test file.
+``NOT_SERVED`` (tests/_grid.py) names them, ``test_grid_declares_every_cell`` checks the table covers the grid,
+and the session's summary prints the grid, one pass / skip / FAIL per cell. A backend is what ran: a triton cell
+must launch Triton kernels in its forward and (but for ``NO_BACKWARD_KERNEL``) its backward, a torch cell none
+(the launch spy: tests/_launches.py). Tiny shapes, no dropout (the masks have their own tests:
+tests/ops/test_dropout.py); the depth is in each op's own test file.
 """
 from __future__ import annotations
 
@@ -20,13 +23,9 @@ import torch
 import fastlora
 from fastlora.ops.dora import dora_linear_reference
 from fastlora.ops.moe import ExpertLora
+from tests._grid import BACKENDS, ENTRIES, NO_BACKWARD_KERNEL, NOT_SERVED, OPS, grid_table
+from tests._launches import launches  # noqa: F401  (the fixture)
 from tests._tolerance import assert_close
-
-OPS = ("lora", "multi", "dora", "qlora", "moe")
-ENTRIES = ("eager-inference", "eager-training", "compile")
-BACKENDS = ("triton", "torch")
-# (op, entry) -> why that cell is not served (every backend); empty when the whole grid runs
-NOT_SERVED: dict[tuple[str, str], str] = {}
 
 
 def _rnd(g, *shape, std=1.0):
@@ -170,7 +169,7 @@ def _oracle(case, dtype, dy):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("op", OPS)
-def test_cell(op, entry, backend):
+def test_cell(op, entry, backend, launches):
     if (op, entry) in NOT_SERVED:
         pytest.skip(f"{op} × {entry}: not served: {NOT_SERVED[op, entry]}")
     case = CASES[op]()
@@ -179,18 +178,27 @@ def test_cell(op, entry, backend):
     if entry == "compile":
         torch._dynamo.reset()
         fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    launches.clear()
     if entry == "eager-inference":
         with torch.no_grad():
             y = fn(*case.inputs(leaves))
         got = [y]
     else:
         y = fn(*case.inputs(leaves))
+    n_forward = len(launches)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref, base = _oracle(case, torch.float64, dy), _oracle(case, torch.float32, dy)
     if entry != "eager-inference":
         y.backward(dy.to(y.dtype))
         got = [y.detach()] + [t.grad for t in leaves]
         assert all(t is not None for t in got), f"{op}: a gradient is missing"
+    n_backward = len(launches) - n_forward
+    if backend == "torch":
+        assert not launches, f"{op} {entry} torch: Triton launches {[r.kernel for r in launches]}"
+    else:
+        assert n_forward, f"{op} {entry} triton: the forward launched no Triton kernel"
+        if entry != "eager-inference" and op not in NO_BACKWARD_KERNEL:
+            assert n_backward, f"{op} {entry} triton: the backward launched no Triton kernel"
     for i, (a, r, b) in enumerate(zip(got, ref, base)):
         assert_close(f"{op} {entry} {backend} " + ("y" if i == 0 else f"grad {i - 1}"), a, r, b)
 
@@ -201,3 +209,17 @@ def test_grid_declares_every_cell():
     assert set(CASES) == set(OPS)
     for (op, entry), why in NOT_SERVED.items():
         assert op in OPS and entry in ENTRIES and why.strip(), (op, entry, why)
+    assert set(NO_BACKWARD_KERNEL) <= set(OPS) and all(why.strip() for why in NO_BACKWARD_KERNEL.values())
+
+
+def test_grid_table_shows_every_cell():
+    """The session's grid (tests/_grid.py): a row per op, a column per (entry, backend), each cell's outcome in
+    its place, a cell that did not run as '-'."""
+    table = grid_table({("lora", "eager-inference", "triton"): "pass", ("qlora", "compile", "torch"): "skip",
+                        ("moe", "eager-training", "torch"): "FAIL"}).splitlines()
+    assert len(table) == 2 + len(OPS)
+    assert all(e in table[0] for e in ENTRIES) and table[1].split() == list(BACKENDS) * len(ENTRIES)
+    rows = {ln.split()[0]: ln.split()[1:] for ln in table[2:]}
+    assert list(rows) == list(OPS) and all(len(r) == len(ENTRIES) * len(BACKENDS) for r in rows.values())
+    assert rows["lora"][0] == "pass" and rows["qlora"][5] == "skip" and rows["moe"][3] == "FAIL"
+    assert sum(c != "-" for r in rows.values() for c in r) == 3
