@@ -67,6 +67,9 @@ class Mutant:
 
 T_DET = ("tests/ops/test_deterministic_launch.py", "-k", "test_deterministic_reaches_every_atomic_launch and 0.1-False")
 T_DET_COMPILE = ("tests/ops/test_deterministic_launch.py", "-k", "test_compiled_training_step_keeps_deterministic and True")
+T_DET_QLORA = ("tests/ops/test_deterministic_launch.py", "-k", "test_qlora_keeps_deterministic and eager")
+T_DET_QLORA_COMPILE = ("tests/ops/test_deterministic_launch.py", "-k",
+                       "test_qlora_keeps_deterministic and compile")
 T_SPLIT = ("tests/ops/test_linear_grad.py", "-k", "test_split_n_dsdb_pass and 3-False")
 T_DW = ("tests/ops/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-torch")
 T_BWD_FIFO = ("tests/ops/test_linear_grad.py", "-k", "test_trainable_base_weight_gradient and True-fp32-triton")
@@ -104,6 +107,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "    ctx.cfg = (dropout_p, fan_in_fan_out, deterministic, backend)\n",
            "    ctx.cfg = (dropout_p, fan_in_fan_out, False, backend)\n", T_DET_COMPILE,
            "deterministic=True dropped on the torch.compile path (the registered op's backward launches atomics)"),
+    Mutant("det-compile-qlora", "fastlora/ops/qlora.py",
+           "                                    torch.is_grad_enabled(), bool(deterministic), backend)\n",
+           "                                    torch.is_grad_enabled(), False, backend)\n", T_DET_QLORA_COMPILE,
+           "QLoRA under torch.compile drops deterministic=True (the traced LoRA op's backward launches atomics)"),
+    Mutant("det-qlora", "fastlora/ops/qlora.py",
+           "                                       (scale, p, seed_t, False, bool(deterministic), backend))\n",
+           "                                       (scale, p, seed_t, False, False, backend))\n", T_DET_QLORA,
+           "QLoRA's eager training drops deterministic=True (its backward launches atomics)"),
     Mutant("det-atomic", "kernels/linear_bwd.py",
            "    atomic = not deterministic\n", "    atomic = True\n", T_DET,
            "deterministic=True never reaches the kernels (atomics always on)"),

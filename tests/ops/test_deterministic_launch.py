@@ -17,7 +17,8 @@ import fastlora
 from fastlora.ops.bank import AdapterBank
 from fastlora.ops.multi import multi_lora_linear
 from tests._launches import launches  # noqa: F401  (the fixture)
-from tests._tolerance import assert_close
+from tests._tolerance import assert_baseline_sane, assert_close
+from tests.ops.test_grid import QLora, _oracle
 from tests.ops.test_linear_parity import SEED, Case, check_parity, make_problem, run_fastlora
 
 
@@ -130,3 +131,33 @@ def test_compiled_training_step_keeps_deterministic(launches, deterministic):
     for name, got, ref, bl in zip(("y", "dx", "dbias", "dA", "dB"), [y.detach(), x.grad, bias.grad, A.grad, B.grad],
                                   oracle, base):
         assert_close(name, got, ref, bl)
+
+
+@pytest.mark.parametrize("entry", ["eager", "compile"])
+def test_qlora_keeps_deterministic(launches, entry):
+    """QLoRA is the LoRA op on a dequantizing weight: deterministic=True reaches its backward launches in eager
+    training and under torch.compile (which traces the registered op on the dequantized weight); by default
+    they reduce with atomics. Both runs: the output and every gradient vs the float64 oracle (tests/ops/test_grid.py's
+    4-bit case)."""
+    case = QLora()
+    dy = torch.randn(5, 48, generator=torch.Generator().manual_seed(1))
+    oracle, base = _oracle(case, torch.float64, dy), _oracle(case, torch.float32, dy)
+    for name, bl, ref in zip(("y", "dx", "dA", "dB"), base, oracle):
+        assert_baseline_sane(f"QLoRA float32 baseline {name}", bl, ref)
+    for deterministic in (False, True):
+        def step(x, A, B):
+            return fastlora.qlora_linear(x, case.base, A, B, 2.0, backend="triton", deterministic=deterministic)
+        if entry == "compile":
+            torch._dynamo.reset()
+            step = torch.compile(step, backend="aot_eager", fullgraph=True)
+        leaves = case.leaves()
+        y = step(*leaves)
+        launches.clear()                                           # the backward's launches only
+        y.backward(dy)
+        if deterministic:
+            _assert_atomic_free(launches, f"QLoRA {entry} with deterministic=True")
+        else:
+            assert any(r.meta.get("ATOMIC") is True for r in launches), [(r.kernel, r.meta.get("ATOMIC"))
+                                                                       for r in launches]
+        for name, got, ref, bl in zip(("y", "dx", "dA", "dB"), [y.detach()] + [t.grad for t in leaves], oracle, base):
+            assert_close(f"QLoRA {entry} deterministic={deterministic} {name}", got, ref, bl)

@@ -25,7 +25,7 @@ from fastlora.ops.dora import dora_linear_reference
 from fastlora.ops.moe import ExpertLora
 from tests._grid import BACKENDS, ENTRIES, NO_BACKWARD_KERNEL, NOT_SERVED, OPS, grid_table
 from tests._launches import launches  # noqa: F401  (the fixture)
-from tests._tolerance import assert_close
+from tests._tolerance import assert_baseline_sane, assert_close
 
 
 def _rnd(g, *shape, std=1.0):
@@ -48,7 +48,7 @@ class Lora:
         return lambda x, b, A, B: fastlora.lora_linear(x, self.W, b, A, B, 0.5, backend=backend)
 
     def oracle(self, dtype):
-        x, b, A, B = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        x, b, A, B = leaves = [t.detach().to(dtype).requires_grad_(True) for t in self.tensors]
         return fastlora.lora_linear_reference(x, self.W.to(dtype), b, A, B, 0.5), leaves
 
 
@@ -78,7 +78,7 @@ class Multi:
         return lambda x, b: fastlora.multi_lora_linear(x, self.W, b, self.bank, self.ids, backend=backend)
 
     def oracle(self, dtype):
-        leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in self.tensors]
         x, b = leaves[:2]
         y = x @ self.W.to(x.dtype).t() + b
         rows = []
@@ -102,7 +102,7 @@ class Dora(Lora):
         return lambda x, b, A, B, m: fastlora.dora_linear(x, self.W, b, A, B, m, 0.5, backend=backend)
 
     def oracle(self, dtype):
-        x, b, A, B, m = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        x, b, A, B, m = leaves = [t.detach().to(dtype).requires_grad_(True) for t in self.tensors]
         return dora_linear_reference(x, self.W.to(dtype), b, A, B, m, 0.5), leaves
 
 
@@ -131,7 +131,7 @@ class QLora:
         return lambda x, A, B: fastlora.qlora_linear(x, self.base, A, B, 2.0, backend=backend)
 
     def oracle(self, dtype):
-        x, A, B = leaves = [t.to(dtype).requires_grad_(True) for t in self.tensors]
+        x, A, B = leaves = [t.detach().to(dtype).requires_grad_(True) for t in self.tensors]
         return fastlora.lora_linear_reference(x, self.W.to(dtype), self.base.bias.to(dtype), A, B, 2.0), leaves
 
 
@@ -200,7 +200,9 @@ def test_cell(op, entry, backend, launches):
         if entry != "eager-inference" and op not in NO_BACKWARD_KERNEL:
             assert n_backward, f"{op} {entry} triton: the backward launched no Triton kernel"
     for i, (a, r, b) in enumerate(zip(got, ref, base)):
-        assert_close(f"{op} {entry} {backend} " + ("y" if i == 0 else f"grad {i - 1}"), a, r, b)
+        name = f"{op} {entry} {backend} " + ("y" if i == 0 else f"grad {i - 1}")
+        assert_baseline_sane(name, b, r)                    # the baseline is the oracle's maths, so the bound bites
+        assert_close(name, a, r, b)
 
 
 def test_grid_declares_every_cell():
