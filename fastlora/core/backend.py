@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels._env import env as _env, interpreting  # noqa: F401 - interpreting: part of this module's API
+from ..kernels._env import env as _env, interpreting     # the one reader of the environment (kernels/_env.py)
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -26,6 +26,7 @@ from fastlora.ops.moe import ExpertLora
 from tests._grid import BACKENDS, ENTRIES, NO_BACKWARD_KERNEL, NOT_SERVED, OPS, grid_table
 from tests._launches import launches  # noqa: F401  (the fixture)
 from tests._tolerance import assert_baseline_sane, assert_close
+from tests.ops.test_multi_parity import oracle as multi_oracle
 
 
 def _rnd(g, *shape, std=1.0):
@@ -79,17 +80,9 @@ class Multi:
 
     def oracle(self, dtype):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in self.tensors]
-        x, b = leaves[:2]
-        y = x @ self.W.to(x.dtype).t() + b
-        rows = []
-        for m in range(x.shape[0]):
-            k = int(self.ids[m])
-            if k < 0:
-                rows.append(y[m])
-                continue
-            A, B = leaves[2 + 2 * k], leaves[3 + 2 * k]
-            rows.append(y[m] + self.alphas[k] / A.shape[0] * (x[m] @ A.t()) @ B.t())
-        return torch.stack(rows), leaves
+        adapters = [(leaves[2 + 2 * k], leaves[3 + 2 * k], self.alphas[k] / leaves[2 + 2 * k].shape[0])
+                    for k in range(2)]
+        return multi_oracle(leaves[0], self.W.to(dtype), leaves[1], adapters, self.ids, 0.0, None), leaves
 
 
 class Dora(Lora):
