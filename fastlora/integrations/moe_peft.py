@@ -33,17 +33,13 @@ from torch import nn
 
 from ..core import tracing
 from ..ops.moe import ExpertLora, experts_forward, experts_layout
-from .peft_layers import _ATTR
+from .peft_layers import _ATTR, _optional
 
 KIND = "peft.ParamWrapper(experts)"
 
 
 def param_wrapper_cls():
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except Exception:  # noqa: BLE001 - PEFT absent, or too old for target_parameters
-        return None
-    return ParamWrapper
+    return _optional("peft.tuners.lora.layer", "ParamWrapper")     # None: PEFT absent, or too old for target_parameters
 
 
 def chain(outer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
